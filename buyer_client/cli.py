@@ -1,0 +1,147 @@
+"""gimme-buyer: test a seller's model on your encrypted data, buy it, verify it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from buyer_client.client import SellerClient
+from buyer_client.purchase import buy
+from buyer_client.trial import run_trial, seller_key
+from buyer_client.verify import verify_delivery
+from buyer_client.workspace import Workspace
+from common.errors import GimmeError
+from common.rpc import TlsFiles
+from common.signing import fingerprint
+
+console = Console()
+
+
+def _client(args: argparse.Namespace) -> SellerClient:
+    tls = None if args.insecure else TlsFiles.in_dir(args.tls_dir, args.identity)
+    return SellerClient(args.seller, tls, buyer_name=args.identity)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    client = _client(args)
+    listings, key = client.list_models()
+    Workspace(args.home).pin_key(client.address, key)
+    table = Table("model", "price", "trial rows left", "inputs", "classes", "HE", "tolerance",
+                  "activations", title=f"models at {args.seller} (seller key "
+                                       f"{fingerprint(key)})")
+    for m in listings:
+        table.add_row(m.model_id, f"{m.price_cents / 100:.2f}",
+                      f"{m.trial_rows_remaining}/{m.trial_budget_rows}",
+                      str(len(m.input_columns)), ", ".join(m.class_labels) or "-",
+                      f"N={m.ring_dimension} depth {m.multiplicative_depth}",
+                      f"{m.tolerance:.2g}", m.approximation)
+    console.print(table)
+    for m in listings:
+        if m.description:
+            console.print(f"[bold]{m.model_id}[/bold]: {m.description}")
+
+
+def cmd_trial(args: argparse.Namespace) -> None:
+    run_trial(_client(args), Workspace(args.home), console, model_id=args.model,
+              data=args.data, label_column=args.label_column, max_rows=args.rows,
+              min_security=args.min_security)
+
+
+def cmd_buy(args: argparse.Namespace) -> None:
+    buy(_client(args), Workspace(args.home), console, args.model, args.trial)
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    verdict = verify_delivery(Workspace(args.home), console, args.model, args.trial,
+                              args.bundle, args.include_model)
+    if not verdict.passed:
+        sys.exit(1)
+
+
+def cmd_pin(args: argparse.Namespace) -> None:
+    client = _client(args)
+    key = seller_key(client, Workspace(args.home), console)
+    console.print(f"seller at {client.address}: key {fingerprint(key)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--seller", default=os.environ.get("GIMME_SELLER", "localhost:50051"),
+                        help="seller address host:port (env GIMME_SELLER)")
+    common.add_argument("--home", type=Path,
+                        default=Path(os.environ.get("GIMME_HOME", Path.home() / ".gimme-buyer")),
+                        help="where trials, keys and models are kept (env GIMME_HOME)")
+    common.add_argument("--identity", default=os.environ.get("GIMME_IDENTITY", "buyer"),
+                        help="your buyer identity: the name of your TLS certificate "
+                             "(env GIMME_IDENTITY)")
+    common.add_argument("--tls-dir", type=Path,
+                        default=Path(os.environ.get("GIMME_TLS_DIR", "gimme-tls")),
+                        help="directory with ca.pem, IDENTITY.pem, IDENTITY.key "
+                             "(env GIMME_TLS_DIR)")
+    common.add_argument("--insecure", action="store_true",
+                        default=os.environ.get("GIMME_INSECURE") == "1",
+                        help="connect without TLS (local experiments only)")
+    common.add_argument("-v", "--verbose", action="store_true")
+
+    parser = argparse.ArgumentParser(
+        prog="gimme-buyer",
+        description="Test a model on your data under encryption before you buy it; then buy "
+                    "it and verify that you got what you tested.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", parents=[common], help="list the seller's models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("trial", parents=[common],
+                       help="test MODEL on your rows, encrypted (protocol steps 2-6)")
+    p.add_argument("model")
+    p.add_argument("--data", type=Path, required=True,
+                   help="test rows: CSV with a header naming the model's columns, or .npz "
+                        "with X (and y)")
+    p.add_argument("--label-column", help="CSV column with the true labels (for scoring)")
+    p.add_argument("--rows", type=int, help="test only the first N rows")
+    p.add_argument("--min-security", type=int, default=128, choices=(0, 128, 192, 256),
+                   help="refuse offers below this many bits of security (0: accept "
+                        "anything, tests only)")
+    p.set_defaults(func=cmd_trial)
+
+    p = sub.add_parser("buy", parents=[common],
+                       help="pay for MODEL from your prepaid balance and download it")
+    p.add_argument("model")
+    p.add_argument("--trial", help="trial id (default: your latest trial of MODEL)")
+    p.set_defaults(func=cmd_buy)
+
+    p = sub.add_parser("verify", parents=[common],
+                       help="check the delivered MODEL against the commitment and the trial")
+    p.add_argument("model")
+    p.add_argument("--trial", help="trial id (default: your latest trial of MODEL)")
+    p.add_argument("--bundle", type=Path, help="where to write the evidence bundle (.zip)")
+    p.add_argument("--include-model", action="store_true",
+                   help="put the delivered model itself in the evidence bundle")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("pin", parents=[common],
+                       help="record the seller's identity key (trust on first use)")
+    p.set_defaults(func=cmd_pin)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(message)s",
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
+    try:
+        args.func(args)
+    except GimmeError as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,149 @@
+"""gRPC edge of the buyer: calls, framing, caps, and status codes mapped back to errors."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from common import errors, wire
+from common.protocol import ModelListing, Progress, Signed
+from common.rpc import TlsFiles, make_channel
+from common.transfer import receive_object, send_object
+from gimme.v1 import gimme_pb2 as pb
+from gimme.v1 import gimme_pb2_grpc as pb_grpc
+
+BUYER_HEADER = "x-gimme-buyer"
+T = TypeVar("T")
+BytesFn = Callable[[int], None]
+
+_ERRORS: dict[grpc.StatusCode, type[errors.GimmeError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.BadInput,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.WrongState,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.Exhausted,
+    grpc.StatusCode.PERMISSION_DENIED: errors.Refused,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+}
+
+
+def _seller_errors(method: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(method)
+    def wrapper(self: SellerClient, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            if code == grpc.StatusCode.UNAVAILABLE and "loading" not in details:
+                raise errors.Unavailable(
+                    f"cannot reach the seller at {self.address}: {details}. Is "
+                    f"'gimme-seller serve' running there, with matching TLS settings?") from None
+            raise _ERRORS.get(code, errors.GimmeError)(
+                f"seller refused ({code.name}): {details}") from None
+
+    return wrapper
+
+
+class SellerClient:
+    def __init__(self, address: str, tls: TlsFiles | None, buyer_name: str | None = None,
+                 timeout: float = 3600.0) -> None:
+        self.address = address
+        self.channel = make_channel(address, tls)
+        self.stub = pb_grpc.SellerStub(self.channel)
+        self.metadata = [(BUYER_HEADER, buyer_name)] if buyer_name else []
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    @_seller_errors
+    def list_models(self) -> tuple[list[ModelListing], bytes]:
+        response = self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata,
+                                        timeout=60)
+        return [wire.listing_from_pb(m) for m in response.models], response.seller_public_key
+
+    @_seller_errors
+    def open_trial(self, model_id: str) -> Signed:
+        response = self.stub.OpenTrial(pb.OpenTrialRequest(model_id=model_id),
+                                       metadata=self.metadata, timeout=60)
+        return wire.envelope_from_pb(response.offer)
+
+    @_seller_errors
+    def upload_keys(self, trial_id: str, relin_key: bytes, on_bytes: BytesFn) -> bytes:
+        def requests() -> Iterator[pb.UploadKeysRequest]:
+            yield pb.UploadKeysRequest(trial=pb.TrialRef(trial_id=trial_id))
+            for frame in send_object("relin_key", relin_key, on_bytes):
+                yield pb.UploadKeysRequest(frame=frame)
+
+        response = self.stub.UploadKeys(requests(), metadata=self.metadata,
+                                        timeout=self.timeout)
+        return bytes(response.relin_key_sha256)
+
+    @_seller_errors
+    def evaluate(
+        self, trial_id: str, batch_index: int, rows: int, ciphertexts: Sequence[bytes], *,
+        result_count: int, max_result_bytes: int, on_upload: BytesFn,
+        on_progress: Callable[[Progress], None], on_download: BytesFn,
+    ) -> tuple[list[bytes], Signed]:
+        def requests() -> Iterator[pb.EvaluateRequest]:
+            yield pb.EvaluateRequest(header=pb.EvaluateHeader(
+                trial_id=trial_id, batch_index=batch_index, rows=rows))
+            for index, blob in enumerate(ciphertexts):
+                for frame in send_object(f"ct-{index}", blob, on_upload):
+                    yield pb.EvaluateRequest(frame=frame)
+
+        receipts: list[Signed] = []
+
+        def frames() -> Iterator[pb.Frame]:
+            for event in self.stub.Evaluate(requests(), metadata=self.metadata,
+                                            timeout=self.timeout):
+                if event.HasField("progress"):
+                    on_progress(wire.progress_from_pb(event.progress))
+                elif event.HasField("frame"):
+                    if event.frame.HasField("chunk"):
+                        on_download(len(event.frame.chunk))
+                    yield event.frame
+                else:
+                    receipts.append(wire.envelope_from_pb(event.receipt))
+
+        stream = frames()
+        results = [receive_object(stream, expected_name=f"score-{i}", max_size=max_result_bytes,
+                                  what="seller results").data for i in range(result_count)]
+        for _extra in stream:
+            raise errors.BadInput("the seller sent more results than the offer announces")
+        if len(receipts) != 1:
+            raise errors.BadInput("the seller's results came without a signed receipt")
+        return results, receipts[0]
+
+    @_seller_errors
+    def purchase(self, trial_id: str, request_id: str) -> Signed:
+        response = self.stub.Purchase(pb.PurchaseRequest(trial_id=trial_id,
+                                                         request_id=request_id),
+                                      metadata=self.metadata, timeout=60)
+        return wire.envelope_from_pb(response.payment)
+
+    @_seller_errors
+    def deliver(self, trial_id: str, model_size: int, on_bytes: BytesFn
+                ) -> tuple[bytes, Signed]:
+        records: list[Signed] = []
+
+        def frames() -> Iterator[pb.Frame]:
+            for event in self.stub.Deliver(pb.DeliverRequest(trial_id=trial_id),
+                                           metadata=self.metadata, timeout=self.timeout):
+                if event.HasField("frame"):
+                    if event.frame.HasField("chunk"):
+                        on_bytes(len(event.frame.chunk))
+                    yield event.frame
+                else:
+                    records.append(wire.envelope_from_pb(event.record))
+
+        stream = frames()
+        model = receive_object(stream, expected_name="model", max_size=model_size,
+                               what="model delivery").data
+        for _extra in stream:
+            raise errors.BadInput("the seller sent more than one model")
+        if len(records) != 1:
+            raise errors.BadInput("the model came without a signed delivery record")
+        return model, records[0]

@@ -1,0 +1,215 @@
+"""The buyer's side of steps 2-6: check the offer, encrypt, upload, decrypt, score."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from rich.console import Console
+
+from buyer_client.client import SellerClient
+from buyer_client.decryptor import UNTRUSTED_STAGES
+from buyer_client.report import classification_metrics, render_metrics
+from buyer_client.trust import check_security, open_offer, open_receipt
+from buyer_client.ui import Bars
+from buyer_client.workspace import TrialFolder, Workspace
+from common.errors import BadInput, Exhausted
+from common.guarded import Limits, run_guarded
+from common.he import engine
+from common.protocol import Offer, Signed
+from common.signing import fingerprint, sha256
+from common.tabular import load_table
+from common.tail import apply_tail, predicted_labels
+
+log = logging.getLogger(__name__)
+FloatArray = npt.NDArray[np.float64]
+DECRYPT_LIMITS = Limits(memory_bytes=4 << 30, timeout_s=600)
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    folder: TrialFolder
+    offer: Offer
+    report: dict[str, Any]
+
+
+def seller_key(client: SellerClient, workspace: Workspace, console: Console) -> bytes:
+    """The seller's pinned identity key; pinned on first contact (trust on first use)."""
+    pinned = workspace.pinned_key(client.address)
+    _listings, presented = client.list_models()
+    workspace.pin_key(client.address, presented)
+    if pinned is None:
+        console.print(f"pinned seller key {fingerprint(presented)} for {client.address} "
+                      f"(first contact)")
+    return presented
+
+
+def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, model_id: str,
+              data: Path, label_column: str | None, max_rows: int | None,
+              min_security: int) -> TrialResult:
+    key = seller_key(client, workspace, console)
+    signed_offer = client.open_trial(model_id)
+    offer = open_offer(signed_offer, key, model_id)
+    derived = check_security(offer.params, min_security)
+    console.print(f"offer {offer.trial_id}: {offer.params.describe()} -> {derived}-bit "
+                  f"security (re-derived); price {offer.price_cents / 100:.2f}; tolerance "
+                  f"{offer.tolerance:.2g}; {offer.trial_rows_remaining} trial rows left")
+
+    table = load_table(data, offer.encoding.input_columns, label_column)
+    rows, labels = table.rows, table.labels
+    if max_rows is not None:
+        rows, labels = rows[:max_rows], labels[:max_rows] if labels else labels
+    if len(rows) > offer.trial_rows_remaining:
+        raise Exhausted(f"{data} has {len(rows)} rows but only {offer.trial_rows_remaining} "
+                        f"trial rows are left for {model_id!r}; pass --rows "
+                        f"{offer.trial_rows_remaining} to test a subset")
+    rows, clipped = _clip(rows, offer)
+    if clipped:
+        console.print(f"[yellow]note:[/yellow] {clipped} value(s) outside the seller's "
+                      f"calibrated input ranges were clipped to them (the approximation holds "
+                      f"there); the same clipped rows are used at verification")
+
+    folder = workspace.new_trial(model_id, offer.trial_id)
+    folder.save_signed("offer", signed_offer)
+    folder.save_rows(rows, labels or ())
+    measures: dict[str, Any] = {"rows": len(rows)}
+    started = time.perf_counter()
+
+    cc = engine.build_context(offer.params, offer.params.claimed_security_bits)
+    tick = time.perf_counter()
+    secret, public = engine.generate_keys(cc, offer.key_tag)
+    relin_key = engine.serialize_relin_key(offer.key_tag)
+    measures["keygen_s"] = time.perf_counter() - tick
+    folder.save_secret_key(engine.serialize(secret))
+
+    slots = offer.encoding.rows_per_ciphertext
+    batches = [rows[i:i + slots] for i in range(0, len(rows), slots)]
+    result_paths: list[list[str]] = []
+    with Bars(console) as bars:
+        relin_digest = client.upload_keys(offer.trial_id, relin_key,
+                                          bars.transfer("upload evaluation key", len(relin_key)))
+        if relin_digest != sha256(relin_key):
+            raise BadInput("the seller acknowledged a different evaluation key than was sent")
+        measures.update(relin_key_bytes=len(relin_key), upload_bytes=len(relin_key),
+                        download_bytes=0, encrypt_s=0.0, evaluate_s=0.0)
+        for index, batch in enumerate(batches):
+            tick = time.perf_counter()
+            encrypt_bar = bars.count(f"encrypt batch {index + 1}/{len(batches)}", batch.shape[1])
+            inputs = []
+            for column in batch.T:
+                inputs.append(engine.ciphertext_bytes(engine.encrypt_vector(cc, public, column)))
+                encrypt_bar(len(inputs))
+            measures["encrypt_s"] += time.perf_counter() - tick
+            upload = sum(len(b) for b in inputs)
+            tick = time.perf_counter()
+            results, receipt = client.evaluate(
+                offer.trial_id, index, len(batch), inputs,
+                result_count=offer.output.score_count,
+                max_result_bytes=_max_result_bytes(offer),
+                on_upload=bars.transfer(f"upload batch {index + 1} ({len(batch)} rows)", upload),
+                on_progress=bars.steps(f"seller evaluates batch {index + 1}"),
+                on_download=bars.transfer(f"download results {index + 1}",
+                                          offer.output.score_count * _result_bytes_hint(offer)),
+            )
+            measures["evaluate_s"] += time.perf_counter() - tick
+            open_receipt(receipt, key, offer, signed_offer.payload, index, len(batch),
+                         relin_digest, inputs, results)
+            folder.save_signed(f"receipt-{index}", receipt)
+            result_paths.append([str(folder.write(f"results/batch-{index}/score-{i}.bin", r))
+                                 for i, r in enumerate(results)])
+            measures["upload_bytes"] += upload
+            measures["download_bytes"] += sum(len(r) for r in results)
+            measures.setdefault("ciphertext_bytes", len(inputs[0]))
+            measures.setdefault("result_bytes", len(results[0]))
+
+    tick = time.perf_counter()
+    scores = np.concatenate([
+        decrypt_batch(offer, engine.serialize(secret), paths, len(batch))
+        for paths, batch in zip(result_paths, batches, strict=True)])
+    measures["decrypt_s"] = time.perf_counter() - tick
+    measures["total_s"] = time.perf_counter() - started
+    np.save(folder.path / "scores.npy", scores)
+    report = _report(offer, scores, labels, measures)
+    folder.save_json("report.json", report)
+    _show(console, offer, report, folder)
+    return TrialResult(folder, offer, report)
+
+
+def decrypt_batch(offer: Offer, secret_key: bytes, result_paths: list[str], rows: int
+                  ) -> FloatArray:
+    """Decrypt one batch of the seller's results in a guarded child process."""
+    with tempfile.TemporaryDirectory(prefix="gimme-decrypt-") as tmp:
+        out = Path(tmp) / "scores.npy"
+        run_guarded("buyer_client.decryptor:decrypt_results", {
+            "params": offer.params.to_dict(),
+            "security_bits": offer.params.claimed_security_bits,
+            "secret_key": base64.b64encode(secret_key).decode(),
+            "key_tag": offer.key_tag, "level": offer.output.result_level,
+            "result_paths": result_paths, "rows": rows, "out_path": str(out),
+        }, limits=DECRYPT_LIMITS, untrusted_phase=lambda p: p.get("stage") in UNTRUSTED_STAGES)
+        scores: FloatArray = np.load(out)
+        return scores
+
+
+def _clip(rows: FloatArray, offer: Offer) -> tuple[FloatArray, int]:
+    """Clip to the seller's calibrated ranges (none are given for exact models)."""
+    if not offer.encoding.input_min:
+        return rows, 0
+    low = np.array(offer.encoding.input_min)
+    high = np.array(offer.encoding.input_max)
+    clipped = np.clip(rows, low, high)
+    return clipped, int(np.count_nonzero(clipped != rows))
+
+
+def _result_bytes_hint(offer: Offer) -> int:
+    towers = offer.params.multiplicative_depth + 1 - offer.output.result_level
+    return 2 * towers * offer.params.ring_dimension * 8
+
+
+def _max_result_bytes(offer: Offer) -> int:
+    """A cap on one result ciphertext; the decryptor checks its exact layout."""
+    return _result_bytes_hint(offer) + (64 << 10)
+
+
+def _report(offer: Offer, scores: FloatArray, labels: tuple[str, ...] | None,
+            measures: dict[str, Any]) -> dict[str, Any]:
+    outputs = apply_tail(scores, offer.output.tail)
+    predicted = predicted_labels(outputs, offer.output.class_labels)
+    report: dict[str, Any] = {
+        "model_id": offer.model_id,
+        "trial_id": offer.trial_id,
+        "model_commitment": offer.model_commitment.hex(),
+        "tolerance": offer.tolerance,
+        "params": offer.params.to_dict(),
+        "measurements": measures,
+        "predictions": predicted,
+    }
+    if labels and predicted:
+        report["metrics"] = classification_metrics(labels, predicted, offer.output.class_labels)
+    return report
+
+
+def _show(console: Console, offer: Offer, report: dict[str, Any], folder: TrialFolder) -> None:
+    m = report["measurements"]
+    console.print(
+        f"trial {offer.trial_id}: {m['rows']} rows; keygen {m['keygen_s']:.2f}s, encrypt "
+        f"{m['encrypt_s']:.2f}s, upload {m['upload_bytes'] / 1e6:.1f} MB (key "
+        f"{m['relin_key_bytes'] / 1e6:.1f} MB), seller {m['evaluate_s']:.2f}s, download "
+        f"{m['download_bytes'] / 1e6:.1f} MB, decrypt {m['decrypt_s']:.2f}s, total "
+        f"{m['total_s']:.2f}s")
+    if "metrics" in report:
+        render_metrics(console, report["metrics"], f"{offer.model_id} on your data (encrypted)")
+    else:
+        console.print("no labels given: predictions are in the report")
+    console.print(f"report: {folder.path / 'report.json'}")
+
+
+def signed_offer(folder: TrialFolder) -> Signed:
+    return folder.load_signed("offer")

@@ -1,0 +1,96 @@
+"""The buyer's trust checks: signature first, then parse, then compare with what it knows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from common.errors import Refused
+from common.he import engine
+from common.he.params import CkksParams
+from common.protocol import (
+    DELIVERY,
+    OFFER,
+    PAYMENT,
+    RECEIPT,
+    DeliveryRecord,
+    Offer,
+    PaymentReceipt,
+    Receipt,
+    Signed,
+)
+from common.signing import sha256, verify
+from common.wire import (
+    delivery_from_payload,
+    offer_from_payload,
+    payment_from_payload,
+    receipt_from_payload,
+)
+
+
+def _verified(signed: Signed, kind: str, seller_key: bytes) -> bytes:
+    if signed.kind != kind:
+        raise Refused(f"expected a signed {kind}, got {signed.kind!r}")
+    verify(seller_key, kind, signed.payload, signed.signature)
+    return signed.payload
+
+
+def open_offer(signed: Signed, seller_key: bytes, model_id: str) -> Offer:
+    offer = offer_from_payload(_verified(signed, OFFER, seller_key))
+    if offer.seller_public_key != seller_key:
+        raise Refused("the offer names a different seller key than the one that signed it")
+    if offer.model_id != model_id:
+        raise Refused(f"asked for {model_id!r} but the offer is for {offer.model_id!r}")
+    if len(offer.model_commitment) != 32 or offer.tolerance <= 0:
+        raise Refused("the offer has no usable model commitment or tolerance")
+    return offer
+
+
+def check_security(params: CkksParams, policy_bits: int) -> int:
+    """Re-derive the security level from the parameters; refuse below policy or claim."""
+    params.check_shape()
+    derived = engine.derive_security_bits(params)
+    if derived < policy_bits:
+        raise Refused(
+            f"the seller's CKKS parameters ({params.describe()}, log2 Q = "
+            f"{engine.log2_modulus(params):.0f}) give "
+            f"{f'{derived}-bit' if derived else 'no standard'} security by the HE standard "
+            f"(re-derived here, not taken from the offer); your policy requires "
+            f"{policy_bits}-bit. Refusing the trial: nothing was encrypted or sent")
+    if params.claimed_security_bits > derived:
+        raise Refused(f"the offer claims {params.claimed_security_bits}-bit security but its "
+                      f"parameters give {derived}-bit; refusing a seller that misstates it")
+    return derived
+
+
+def open_receipt(signed: Signed, seller_key: bytes, offer: Offer, offer_payload: bytes,
+                 batch_index: int, rows: int, relin_key_sha256: bytes,
+                 inputs: Sequence[bytes], results: Sequence[bytes]) -> Receipt:
+    """A receipt must bind exactly this offer, batch, upload and these results."""
+    receipt = receipt_from_payload(_verified(signed, RECEIPT, seller_key))
+    expected = Receipt(
+        trial_id=offer.trial_id, batch_index=batch_index, rows=rows,
+        offer_sha256=sha256(offer_payload), model_commitment=offer.model_commitment,
+        relin_key_sha256=relin_key_sha256, input_sha256=tuple(sha256(b) for b in inputs),
+        result_sha256=tuple(sha256(r) for r in results), evaluated_at=receipt.evaluated_at)
+    if receipt != expected:
+        wrong = [f for f in expected.__dataclass_fields__
+                 if getattr(receipt, f) != getattr(expected, f)]
+        raise Refused(f"the seller's receipt does not match this trial ({', '.join(wrong)})")
+    return receipt
+
+
+def open_payment(signed: Signed, seller_key: bytes, offer: Offer) -> PaymentReceipt:
+    payment = payment_from_payload(_verified(signed, PAYMENT, seller_key))
+    if (payment.trial_id, payment.model_commitment) != (offer.trial_id, offer.model_commitment):
+        raise Refused("the payment receipt is for another trial or model")
+    if payment.amount_cents != offer.price_cents:
+        raise Refused(f"charged {payment.amount_cents / 100:.2f}, but the offer's price was "
+                      f"{offer.price_cents / 100:.2f}")
+    return payment
+
+
+def open_delivery(signed: Signed, seller_key: bytes, offer: Offer) -> DeliveryRecord:
+    record = delivery_from_payload(_verified(signed, DELIVERY, seller_key))
+    if record.trial_id != offer.trial_id:
+        raise Refused("the delivery record is for another trial")
+    return record

@@ -1,0 +1,188 @@
+"""The HE plan: what the seller's evaluator computes on slot-per-sample ciphertexts.
+
+A plan is a sequence of polynomial stages and one output stage, all over a growing
+*basis* of ciphertexts. The basis starts as the input columns (ciphertext j = column j
+of every packed row). A `PolyStage` forms `u = W @ basis + b` for each unit (one
+scalar-weighted sum per unit) and appends the Chebyshev polynomials T_1(u) .. T_D(u)
+to the basis; the activation itself, sum_k c_k T_k(u), is folded by the compiler into
+the weights of the next stage, so it costs no level of its own. The `OutputStage`
+forms the scores the same way.
+
+Everything here is plain numpy: the gateway, the compiler and the buyer use it
+without touching OpenFHE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from common.errors import BadInput
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class PolyStage:
+    """u = weights @ basis + bias per unit; then T_1(u)..T_degree(u) join the basis."""
+
+    weights: FloatArray  # (units, basis size before this stage)
+    bias: FloatArray  # (units,)
+    degree: int
+    label: str = ""  # e.g. "Tanh 'hidden' (Chebyshev degree 15)"
+
+    @property
+    def units(self) -> int:
+        return int(self.weights.shape[0])
+
+
+@dataclass(frozen=True)
+class OutputStage:
+    weights: FloatArray  # (scores, basis size)
+    bias: FloatArray  # (scores,)
+
+
+@dataclass(frozen=True)
+class HEPlan:
+    input_count: int
+    stages: tuple[PolyStage, ...]
+    output: OutputStage
+    notes: tuple[str, ...] = field(default=())
+
+    # ----- shape -----
+
+    def basis_size(self, stage_count: int | None = None) -> int:
+        stages = self.stages if stage_count is None else self.stages[:stage_count]
+        return self.input_count + sum(s.units * s.degree for s in stages)
+
+    @property
+    def score_count(self) -> int:
+        return int(self.output.weights.shape[0])
+
+    def check(self) -> None:
+        """Refuse plans whose shapes do not chain (e.g. a corrupted cache file)."""
+        size = self.input_count
+        for stage in self.stages:
+            if stage.weights.shape != (stage.units, size) or stage.bias.shape != (stage.units,):
+                raise BadInput(f"plan stage '{stage.label}' has weights {stage.weights.shape}, "
+                               f"expected ({stage.units}, {size})")
+            if stage.degree < 1:
+                raise BadInput(f"plan stage '{stage.label}' has degree {stage.degree}")
+            size += stage.units * stage.degree
+        if self.output.weights.shape[1] != size:
+            raise BadInput(f"plan output uses {self.output.weights.shape[1]} basis entries, "
+                           f"expected {size}")
+
+    # ----- depth -----
+
+    def basis_depths(self) -> list[int]:
+        """Multiplicative depth at which each basis ciphertext becomes available."""
+        depths = [0] * self.input_count
+        for stage in self.stages:
+            for unit in range(stage.units):
+                u_depth = _combination_depth(stage.weights[unit], depths)
+                depths.extend(u_depth + chebyshev_depth(k) for k in range(1, stage.degree + 1))
+        return depths
+
+    def depth(self) -> int:
+        """Levels the whole evaluation consumes (the CKKS multiplicative depth it needs)."""
+        depths = self.basis_depths()
+        return max(_combination_depth(row, depths) for row in self.output.weights)
+
+    def ciphertext_multiplications(self) -> int:
+        return sum(stage.units * max(stage.degree - 1, 0) for stage in self.stages)
+
+    def scalar_multiplications(self) -> int:
+        count = sum(int(np.count_nonzero(s.weights)) for s in self.stages)
+        return count + int(np.count_nonzero(self.output.weights))
+
+    # ----- plaintext reference -----
+
+    def simulate(self, rows: FloatArray) -> FloatArray:
+        """What the encrypted evaluation computes, in float64 (rows: (n, input_count))."""
+        basis = np.asarray(rows, dtype=np.float64)
+        if basis.ndim != 2 or basis.shape[1] != self.input_count:
+            raise BadInput(f"plan expects rows with {self.input_count} columns, got {basis.shape}")
+        for stage in self.stages:
+            u = basis @ stage.weights.T + stage.bias
+            basis = np.concatenate([basis, chebyshev_basis(u, stage.degree)], axis=1)
+        result: FloatArray = basis @ self.output.weights.T + self.output.bias
+        return result
+
+    # ----- storage -----
+
+    def to_bytes(self) -> bytes:
+        arrays: dict[str, FloatArray] = {
+            "output_weights": self.output.weights,
+            "output_bias": self.output.bias,
+        }
+        meta = {"input_count": self.input_count, "notes": list(self.notes), "stages": []}
+        for i, stage in enumerate(self.stages):
+            arrays[f"stage{i}_weights"] = stage.weights
+            arrays[f"stage{i}_bias"] = stage.bias
+            meta["stages"].append({"degree": stage.degree, "label": stage.label})  # type: ignore[attr-defined]
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> HEPlan:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                meta = json.loads(bytes(npz["meta"]).decode())
+                stages = tuple(
+                    PolyStage(
+                        weights=np.asarray(npz[f"stage{i}_weights"], dtype=np.float64),
+                        bias=np.asarray(npz[f"stage{i}_bias"], dtype=np.float64),
+                        degree=int(s["degree"]),
+                        label=str(s["label"]),
+                    )
+                    for i, s in enumerate(meta["stages"])
+                )
+                output = OutputStage(
+                    weights=np.asarray(npz["output_weights"], dtype=np.float64),
+                    bias=np.asarray(npz["output_bias"], dtype=np.float64),
+                )
+        except (OSError, ValueError, KeyError) as exc:
+            raise BadInput(f"unreadable HE plan: {exc}") from exc
+        plan = cls(int(meta["input_count"]), stages, output, tuple(meta["notes"]))
+        plan.check()
+        return plan
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+
+def chebyshev_depth(k: int) -> int:
+    """Depth of T_k from T_1 by the doubling recurrences: ceil(log2 k)."""
+    return math.ceil(math.log2(k)) if k > 1 else 0
+
+
+def chebyshev_split(k: int) -> tuple[int, int]:
+    """T_k = 2 T_a T_b - T_(a-b) with a the largest power of two below k (b = k - a)."""
+    a = 1 << (k - 1).bit_length() - 1
+    return a, k - a
+
+
+def chebyshev_basis(u: FloatArray, degree: int) -> FloatArray:
+    """[T_1(u_i)..T_degree(u_i) for each unit i] laid out unit-major, as the evaluator does."""
+    n, units = u.shape
+    t = np.empty((degree + 1, n, units))
+    t[0] = 1.0
+    t[1] = u
+    for k in range(2, degree + 1):
+        a, b = chebyshev_split(k)
+        t[k] = 2.0 * t[a] * t[b] - t[a - b]
+    # (n, units, degree) -> unit-major columns
+    return np.ascontiguousarray(np.transpose(t[1:], (1, 2, 0)).reshape(n, units * degree))
+
+
+def _combination_depth(row: FloatArray, depths: list[int]) -> int:
+    used = np.flatnonzero(row)
+    return (max(depths[j] for j in used) if used.size else 0) + 1

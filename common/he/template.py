@@ -1,0 +1,73 @@
+"""Byte templates: the check every untrusted OpenFHE object passes before OpenFHE sees it.
+
+The receiving party serializes a few objects of its own that have exactly the shape
+it expects (same context, level, scale, key tag). Bytes that differ between those
+samples are random polynomial coefficients; every other byte (headers, lengths,
+parameters, level, key tag) must be identical in an upload. Bit flips and edited
+length fields outside coefficient data are what crash OpenFHE, so this rejects them
+before deserialization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from common.errors import BadInput
+
+WORD = 8  # coefficients are 64-bit words
+
+
+@dataclass(frozen=True)
+class ByteTemplate:
+    reference: bytes
+    fixed: npt.NDArray[np.bool_]  # True where an upload must equal `reference`
+
+    @property
+    def size(self) -> int:
+        return len(self.reference)
+
+    def check(self, data: bytes, what: str) -> None:
+        """Raise BadInput naming the first byte that cannot be right."""
+        if len(data) != len(self.reference):
+            raise BadInput(f"{what}: expected exactly {len(self.reference)} bytes for these "
+                           f"parameters, got {len(data)}; it was made for other parameters "
+                           f"or truncated")
+        got = np.frombuffer(data, dtype=np.uint8)
+        want = np.frombuffer(self.reference, dtype=np.uint8)
+        bad = np.flatnonzero((got != want) & self.fixed)
+        if bad.size:
+            raise BadInput(f"{what}: byte {int(bad[0])} (and {bad.size - 1} more) outside the "
+                           f"coefficient data differs from the expected layout (wrong context, "
+                           f"level, key tag, or a corrupted upload); re-create it from the offer")
+
+
+def learn_template(samples: list[bytes], block_bytes: int) -> ByteTemplate:
+    """Build a template from >= 3 same-shaped serializations of the receiver's own objects.
+
+    Coefficient data comes in blocks of `block_bytes` (ring dimension x 8). Each block
+    starts at the first differing byte; everything outside the blocks is fixed.
+    """
+    if len(samples) < 3 or len({len(s) for s in samples}) != 1:
+        raise RuntimeError("template learning needs >= 3 samples of equal length")
+    arrays = [np.frombuffer(s, dtype=np.uint8) for s in samples]
+    differs = np.zeros(arrays[0].size, dtype=bool)
+    for other in arrays[1:]:
+        differs |= other != arrays[0]
+    fixed = np.ones(arrays[0].size, dtype=bool)
+    positions = np.flatnonzero(differs)
+    cursor = 0
+    while True:
+        ahead = positions[positions >= cursor]
+        if ahead.size == 0:
+            break
+        start = int(ahead[0])
+        end = start + block_bytes
+        if end > fixed.size:
+            raise RuntimeError(f"template learning: random bytes at {start} do not form a "
+                               f"{block_bytes}-byte coefficient block")
+        fixed[start:end] = False
+        cursor = end
+    return ByteTemplate(reference=samples[0], fixed=fixed)

@@ -1,0 +1,77 @@
+"""Loading, saving and running ONNX models the same way on both sides."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+
+from common.errors import BadInput
+
+FloatArray = npt.NDArray[np.float64]
+# onnxruntime 1.23 refuses the IR version onnx 1.23 writes by default.
+MAX_IR_VERSION = 10
+
+
+def parse_model(data: bytes, what: str) -> onnx.ModelProto:
+    try:
+        model = onnx.load_model_from_string(data)
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx raises several unrelated types
+        raise BadInput(f"{what} is not a valid ONNX model: {exc}") from exc
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> bytes:
+    """Write `model` with an IR version onnxruntime accepts; returns the bytes written."""
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    data = model.SerializeToString()
+    path.write_bytes(data)
+    return data
+
+
+def session(model_bytes: bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise BadInput(f"onnxruntime cannot load the model: {exc}") from exc
+
+
+def run_model(
+    model_bytes: bytes,
+    rows: FloatArray,
+    probability_output: str,
+    class_labels: Sequence[str],
+) -> FloatArray:
+    """The compared output of the model on `rows`, as a (rows, outputs) float array."""
+    sess = session(model_bytes)
+    input_name = sess.get_inputs()[0].name
+    names = [o.name for o in sess.get_outputs()]
+    if probability_output not in names:
+        raise BadInput(f"the model has no output named {probability_output!r} (it has {names})")
+    (value,) = sess.run([probability_output], {input_name: rows.astype(np.float32)})
+    return _as_matrix(value, class_labels)
+
+
+def _as_matrix(value: Any, class_labels: Sequence[str]) -> FloatArray:
+    if isinstance(value, list):  # ZipMap: one {label: probability} dict per row
+        order = list(class_labels)
+        return np.array([[float(row_map[_key(row_map, label)]) for label in order]
+                         for row_map in value], dtype=np.float64)
+    matrix = np.asarray(value, dtype=np.float64)
+    return matrix.reshape(matrix.shape[0], -1)
+
+
+def _key(row_map: dict[Any, float], label: str) -> Any:
+    for key in row_map:
+        if str(key) == label:
+            return key
+    raise BadInput(f"model output has no class {label!r} (has {list(row_map)})")

@@ -1,0 +1,122 @@
+"""Domain records of the trading protocol (what is offered, signed and delivered).
+
+Plain dataclasses: business logic uses these, never protobuf messages
+(common.wire converts at the edge).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.he.params import CkksParams
+
+OFFER = "gimme.v1.Offer"
+RECEIPT = "gimme.v1.Receipt"
+PAYMENT = "gimme.v1.PaymentReceipt"
+DELIVERY = "gimme.v1.DeliveryRecord"
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A payload (serialized record of `kind`) with the seller's Ed25519 signature."""
+
+    kind: str
+    payload: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class EncodingSpec:
+    input_columns: tuple[str, ...]
+    rows_per_ciphertext: int
+    input_min: tuple[float, ...]
+    input_max: tuple[float, ...]
+    packing: str = "slot-per-sample"
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    score_count: int
+    tail: tuple[str, ...]
+    class_labels: tuple[str, ...]
+    result_level: int
+    probability_output: str
+    label_output: str
+
+
+@dataclass(frozen=True)
+class Offer:
+    trial_id: str
+    model_id: str
+    model_name: str
+    model_commitment: bytes
+    model_size: int
+    params: CkksParams
+    encoding: EncodingSpec
+    output: OutputSpec
+    tolerance: float
+    price_cents: int
+    trial_rows_remaining: int
+    key_tag: str
+    buyer_id: str
+    issued_at: int
+    seller_public_key: bytes
+
+
+@dataclass(frozen=True)
+class Receipt:
+    trial_id: str
+    batch_index: int
+    rows: int
+    offer_sha256: bytes
+    model_commitment: bytes
+    relin_key_sha256: bytes
+    input_sha256: tuple[bytes, ...]
+    result_sha256: tuple[bytes, ...]
+    evaluated_at: int
+
+
+@dataclass(frozen=True)
+class PaymentReceipt:
+    request_id: str
+    trial_id: str
+    model_id: str
+    buyer_id: str
+    amount_cents: int
+    balance_after_cents: int
+    ledger_txn_id: str
+    model_commitment: bytes
+    paid_at: int
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    trial_id: str
+    model_id: str
+    model_sha256: bytes
+    model_size: int
+    delivered_at: int
+
+
+@dataclass(frozen=True)
+class ModelListing:
+    model_id: str
+    name: str
+    description: str
+    price_cents: int
+    trial_budget_rows: int
+    trial_rows_remaining: int
+    input_columns: tuple[str, ...]
+    class_labels: tuple[str, ...]
+    model_commitment: bytes
+    ring_dimension: int
+    multiplicative_depth: int
+    tolerance: float
+    approximation: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: str
+    done: int
+    total: int

@@ -1,0 +1,94 @@
+"""gRPC channel and server construction: the one place transport settings live."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "gimme.v1.Seller"
+# Everything big is chunked (common.transfer); keep gRPC's default 4 MiB receive limit.
+MAX_MESSAGE_BYTES = 4 << 20
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA certificate plus this party's certificate and key (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def in_dir(cls, directory: Path, name: str) -> TlsFiles:
+        files = cls(directory / "ca.pem", directory / f"{name}.pem", directory / f"{name}.key")
+        missing = [str(p) for p in (files.ca, files.cert, files.key) if not p.exists()]
+        if missing:
+            raise BadInput(f"TLS files missing: {', '.join(missing)}. Create them with "
+                           f"'gimme-seller certs --out {directory}', or pass --insecure to "
+                           f"run without TLS (not for real trades)")
+        return files
+
+
+def make_server(
+    address: str, tls: TlsFiles | None, max_workers: int = 16
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A server bound to `address` (port 0 picks a free one); health starts NOT_SERVING."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if tls is None:
+        log.warning("serving WITHOUT TLS on %s (--insecure): anyone on the path can read "
+                    "and alter trades", address)
+        port = server.add_insecure_port(address)
+    else:
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key.read_bytes(), tls.cert.read_bytes())],
+            root_certificates=tls.ca.read_bytes(),
+            require_client_auth=True,
+        )
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise BadInput(f"cannot listen on {address}: address in use or not available")
+    return server, port, health_servicer
+
+
+def make_channel(address: str, tls: TlsFiles | None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address, options=_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca.read_bytes(),
+        private_key=tls.key.read_bytes(),
+        certificate_chain=tls.cert.read_bytes(),
+    )
+    return grpc.secure_channel(address, credentials, options=_OPTIONS)
+
+
+def peer_identity(context: grpc.ServicerContext) -> str | None:
+    """The TLS client certificate's common name, when the peer presented one."""
+    names = context.auth_context().get("x509_common_name")
+    return names[0].decode() if names else None
+
+
+def check_health(address: str, tls: TlsFiles | None, timeout: float = 5.0) -> str:
+    """The seller's health status name (SERVING, NOT_SERVING, ...)."""
+    with make_channel(address, tls) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                              timeout=timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))

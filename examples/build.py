@@ -1,0 +1,101 @@
+"""Build the example catalog from datasets shipped inside scikit-learn (no downloads).
+
+    python examples/build.py --out DIR
+
+writes DIR/catalog/ (ONNX models, listing files, the seller's calibration rows) and
+DIR/data/ (held-out test rows for the buyer, with a label column `y`):
+  * breast-cancer-lr: StandardScaler + LogisticRegression on breast_cancer (exact under HE)
+  * digits-mlp: MinMaxScaler + MLPClassifier (64-32-10, tanh) on digits (tanh approximated
+    by Chebyshev polynomials on calibrated ranges)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import MinMaxScaler, StandardScaler
+from skl2onnx import to_onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common.onnx_io import save_model  # noqa: E402
+from common.tabular import write_csv  # noqa: E402
+
+SEED = 0
+OPSETS = {"": 17, "ai.onnx.ml": 3}
+
+
+def _export(pipeline: Pipeline, sample: np.ndarray, zipmap: bool) -> object:
+    options = None if zipmap else {id(pipeline.steps[-1][1]): {"zipmap": False}}
+    return to_onnx(pipeline, sample[:1].astype(np.float32), options=options,
+                   target_opset=OPSETS)
+
+
+def _publish(out: Path, name: str, description: str, price: str, budget: int,
+             pipeline: Pipeline, columns: list[str], x_train: np.ndarray, x_test: np.ndarray,
+             y_test: np.ndarray, zipmap: bool) -> None:
+    catalog, data = out / "catalog", out / "data"
+    catalog.mkdir(parents=True, exist_ok=True)
+    data.mkdir(parents=True, exist_ok=True)
+    stem = name.replace("-", "_")
+    save_model(_export(pipeline, x_train, zipmap), catalog / f"{stem}.onnx")  # type: ignore[arg-type]
+    write_csv(catalog / f"{stem}_calibration.csv", columns, x_train)
+    write_csv(data / f"{stem}_test.csv", columns, x_test, "y", list(y_test))
+    np.savez(data / f"{stem}_test.npz", X=x_test, y=y_test)
+    listing = {
+        "name": name,
+        "description": description,
+        "model": f"{stem}.onnx",
+        "calibration": f"{stem}_calibration.csv",
+        "input_columns": columns,
+        "price": price,
+        "trial_budget_rows": budget,
+    }
+    (catalog / f"{stem}.json").write_text(json.dumps(listing, indent=2) + "\n")
+    accuracy = pipeline.score(x_test, y_test)
+    print(f"{name}: plaintext test accuracy {accuracy:.4f} on {len(y_test)} rows")
+
+
+def build(out: Path) -> None:
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)
+    cancer = load_breast_cancer()
+    x_train, x_test, y_train, y_test = train_test_split(
+        cancer.data, cancer.target, test_size=0.3, random_state=SEED, stratify=cancer.target)
+    lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, y_train)
+    _publish(out, "breast-cancer-lr",
+             "Breast cancer diagnosis (0 = malignant, 1 = benign) from 30 cell-nucleus "
+             "measurements; scaler + logistic regression.",
+             "25.00", 1000, lr, [str(c) for c in cancer.feature_names], x_train, x_test,
+             y_test, zipmap=True)
+
+    digits = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        digits.data, digits.target, test_size=0.3, random_state=SEED, stratify=digits.target)
+    mlp = make_pipeline(MinMaxScaler(), MLPClassifier(
+        (32,), activation="tanh", alpha=0.1, max_iter=1500, random_state=SEED)
+    ).fit(x_train, y_train)
+    _publish(out, "digits-mlp",
+             "Handwritten digit recognition from 8x8 images (64 pixel intensities 0-16); "
+             "min-max scaler + MLP 64-32-10 with tanh.",
+             "40.00", 2000, mlp, [str(c) for c in digits.feature_names], x_train, x_test,
+             y_test, zipmap=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "build")
+    build(parser.parse_args().out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run every check: lint, types, tests. Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+echo "== ruff"; .venv/bin/ruff check .
+echo "== mypy"; .venv/bin/mypy
+echo "== pytest"; .venv/bin/pytest "$@"

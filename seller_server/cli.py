@@ -1,0 +1,163 @@
+"""gimme-seller: run the seller daemon and manage its ledger and certificates."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import uuid
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from common.certs import create_certificates
+from common.errors import BadInput, GimmeError
+from common.guarded import Limits
+from common.rpc import TlsFiles, check_health
+from seller_server.daemon import ServeOptions, serve
+from seller_server.store import Store
+
+console = Console(stderr=True)
+DEFAULT_STATE = Path(os.environ.get("GIMME_SELLER_STATE", "gimme-seller-data"))
+DEFAULT_LISTEN = os.environ.get("GIMME_LISTEN", "0.0.0.0:50051")
+
+
+def _tls(args: argparse.Namespace) -> TlsFiles | None:
+    if args.insecure:
+        return None
+    return TlsFiles.in_dir(args.tls_dir, "seller")
+
+
+def _add_tls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-dir", type=Path,
+                        default=Path(os.environ.get("GIMME_TLS_DIR", "gimme-tls")),
+                        help="directory with ca.pem, seller.pem, seller.key (env GIMME_TLS_DIR)")
+    parser.add_argument("--insecure", action="store_true",
+                        default=os.environ.get("GIMME_INSECURE") == "1",
+                        help="no TLS (logged loudly; for local experiments only)")
+
+
+def _cents(text: str) -> int:
+    try:
+        amount = Decimal(text)
+    except InvalidOperation:
+        raise BadInput(f"{text!r} is not an amount (e.g. 100 or 25.50)") from None
+    if amount != amount.quantize(Decimal("0.01")):
+        raise BadInput(f"{text!r} has more than 2 decimals")
+    return int(amount * 100)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    security = 0 if args.insecure_he_params else 128
+    serve(ServeOptions(
+        catalog=args.catalog, state=args.state, listen=args.listen, tls=_tls(args),
+        security_bits=security, insecure_ring=args.insecure_he_params or 0,
+        limits=Limits(memory_bytes=args.worker_memory_mb << 20,
+                      timeout_s=args.worker_timeout),
+        max_concurrent_evaluations=args.max_evaluations, port_file=args.port_file))
+
+
+def cmd_certs(args: argparse.Namespace) -> None:
+    clients = args.client or ["buyer"]
+    if "seller" in clients or "ca" in clients:
+        raise BadInput("client names 'seller' and 'ca' are reserved")
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    for path in create_certificates(args.out, hosts, clients):
+        console.print(f"wrote {path}")
+    console.print(f"seller certificate valid for: {', '.join(hosts)}; buyer identities: "
+                  f"{', '.join(clients)}")
+
+
+def cmd_topup(args: argparse.Namespace) -> None:
+    store = Store(args.state / "gimme.sqlite")
+    applied, balance = store.top_up(args.buyer, _cents(args.amount),
+                                    args.request_id or uuid.uuid4().hex)
+    note = "" if applied else " (request id seen before: nothing added)"
+    console.print(f"{args.buyer}: balance {balance / 100:.2f}{note}")
+
+
+def cmd_balances(args: argparse.Namespace) -> None:
+    table = Table("account", "balance")
+    for account, cents in Store(args.state / "gimme.sqlite").balances():
+        table.add_row(account, f"{cents / 100:.2f}")
+    Console().print(table)
+
+
+def cmd_health(args: argparse.Namespace) -> None:
+    status = check_health(args.address, _tls(args))
+    print(status)
+    if status != "SERVING":
+        raise SystemExit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gimme-seller",
+        description="Sell ML models: buyers test them on encrypted data before paying.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the seller daemon for a catalog of models")
+    p.add_argument("--catalog", type=Path, required=True,
+                   help="directory of listing files (*.json) with their models")
+    p.add_argument("--state", type=Path, default=DEFAULT_STATE,
+                   help="state directory: database, identity key, spool "
+                        "(env GIMME_SELLER_STATE)")
+    p.add_argument("--listen", default=DEFAULT_LISTEN,
+                   help="address to listen on (env GIMME_LISTEN; port 0 picks one)")
+    p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+    p.add_argument("--max-evaluations", type=int, default=2,
+                   help="evaluations run at once (one worker process each)")
+    p.add_argument("--worker-memory-mb", type=int, default=6144,
+                   help="address-space limit of each worker process")
+    p.add_argument("--worker-timeout", type=float, default=900.0,
+                   help="seconds before a worker is killed")
+    p.add_argument("--insecure-he-params", type=int, metavar="RING", default=None,
+                   help="TESTS ONLY: offer CKKS parameters with no security level on this "
+                        "ring dimension; buyers refuse them unless told not to")
+    _add_tls(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("certs", help="create a local CA, a seller and buyer certificates")
+    p.add_argument("--out", type=Path, default=Path("gimme-tls"))
+    p.add_argument("--hosts", default="localhost,127.0.0.1,seller",
+                   help="comma-separated names the seller is reached by (compose: 'seller')")
+    p.add_argument("--client", action="append",
+                   help="buyer identity to issue a client certificate for (repeatable; "
+                        "default 'buyer')")
+    p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("topup", help="credit a buyer's prepaid balance")
+    p.add_argument("buyer", help="buyer identity (its certificate name)")
+    p.add_argument("amount", help="amount, e.g. 100 or 25.50")
+    p.add_argument("--request-id", help="idempotency key: repeating it adds nothing")
+    p.add_argument("--state", type=Path, default=DEFAULT_STATE)
+    p.set_defaults(func=cmd_topup)
+
+    p = sub.add_parser("balances", help="show the ledger's account balances")
+    p.add_argument("--state", type=Path, default=DEFAULT_STATE)
+    p.set_defaults(func=cmd_balances)
+
+    p = sub.add_parser("health", help="exit 0 if a seller daemon is SERVING")
+    p.add_argument("--address", default=os.environ.get("GIMME_SELLER", "localhost:50051"))
+    _add_tls(p)
+    p.set_defaults(func=cmd_health)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=False)])
+    try:
+        args.func(args)
+    except GimmeError as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

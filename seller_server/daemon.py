@@ -1,0 +1,88 @@
+"""`gimme-seller serve`: load the catalog, serve trades, stop cleanly on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpc_health.v1 import health_pb2
+
+from common.errors import BadInput
+from common.guarded import Limits
+from common.rpc import SERVICE_NAME, TlsFiles, make_server
+from common.signing import Signer, fingerprint
+from gimme.v1 import gimme_pb2_grpc as pb_grpc
+from seller_server.catalog import load_catalog
+from seller_server.service import SellerServicer
+from seller_server.store import Store
+from seller_server.trade import Seller
+
+log = logging.getLogger(__name__)
+GRACE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    catalog: Path
+    state: Path
+    listen: str
+    tls: TlsFiles | None
+    security_bits: int = 128
+    insecure_ring: int = 0
+    limits: Limits = Limits()
+    max_concurrent_evaluations: int = 2
+    port_file: Path | None = None
+
+
+def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
+    stop = stop or _stop_on_signals()
+    if not options.catalog.is_dir():
+        raise BadInput(f"catalog {options.catalog} is not a directory")
+    store = Store(options.state / "gimme.sqlite")
+    refunded = store.recover_interrupted()
+    if refunded:
+        log.warning("refunded %d evaluation(s) interrupted by the last shutdown", refunded)
+    signer, created = Signer.load_or_create(options.state / "identity.key")
+    log.info("%s seller identity %s", "created" if created else "loaded",
+             fingerprint(signer.public_key))
+    if options.security_bits < 128:
+        log.warning("INSECURE HE PARAMETERS (security level %d): for tests only; buyers with "
+                    "the default policy will refuse every offer", options.security_bits)
+    server, port, health = make_server(options.listen, options.tls)
+    servicer = SellerServicer(require_tls_identity=options.tls is not None)
+    pb_grpc.add_SellerServicer_to_server(servicer, server)
+    server.start()
+    log.info("listening on port %d (health NOT_SERVING until the catalog is loaded)", port)
+    if options.port_file is not None:
+        options.port_file.write_text(str(port))
+    try:
+        listings, refused = load_catalog(
+            options.catalog, store, security_bits=options.security_bits,
+            insecure_ring=options.insecure_ring, limits=options.limits,
+            on_model=lambda name, i, n: log.info("loading %s (%d/%d)", name, i + 1, n))
+        if not listings:
+            raise BadInput("no model in the catalog could be listed:\n  " + "\n  ".join(refused))
+        servicer.ready(Seller(listings, store, signer, options.state / "spool", options.limits,
+                              options.security_bits, options.max_concurrent_evaluations))
+        for service in ("", SERVICE_NAME):
+            health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("SERVING %d model(s): %s%s", len(listings),
+                 ", ".join(l.model_id for l in listings),
+                 f"; refused {len(refused)}" if refused else "")
+        stop.wait()
+        log.info("shutting down: finishing in-flight calls (up to %.0fs)", GRACE_SECONDS)
+    finally:
+        health.enter_graceful_shutdown()
+        server.stop(GRACE_SECONDS).wait()
+        store.close()
+        log.info("stopped")
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop

@@ -1,0 +1,176 @@
+"""gRPC edge of the seller: identity, framing and status codes around seller_server.trade."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from common import wire
+from common.errors import BadInput, GimmeError, Unavailable
+from common.protocol import Progress
+from common.rpc import peer_identity
+from common.transfer import receive_object, send_object
+from gimme.v1 import gimme_pb2 as pb
+from gimme.v1 import gimme_pb2_grpc as pb_grpc
+from seller_server.trade import Evaluation, Seller
+
+log = logging.getLogger(__name__)
+BUYER_HEADER = "x-gimme-buyer"
+T = TypeVar("T")
+
+
+def _status(error: GimmeError) -> grpc.StatusCode:
+    code: grpc.StatusCode = getattr(grpc.StatusCode, error.status.value)
+    return code
+
+
+def _guard(method: Callable[..., T]) -> Callable[..., T]:
+    """Map GimmeError to its gRPC status with the error's message; log the rest."""
+
+    @functools.wraps(method)
+    def wrapper(self: SellerServicer, request: Any, context: grpc.ServicerContext) -> T:
+        try:
+            return method(self, request, context)
+        except GimmeError as exc:
+            log.warning("%s refused: %s", method.__name__, exc.message)
+            context.abort(_status(exc), exc.message)
+        except Exception:
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the seller's log")
+        raise AssertionError("unreachable")  # context.abort raises
+
+    return wrapper
+
+
+def _guard_stream(method: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
+    @functools.wraps(method)
+    def wrapper(self: SellerServicer, request: Any, context: grpc.ServicerContext
+                ) -> Iterator[T]:
+        try:
+            yield from method(self, request, context)
+        except GimmeError as exc:
+            log.warning("%s refused: %s", method.__name__, exc.message)
+            context.abort(_status(exc), exc.message)
+        except Exception:
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the seller's log")
+
+    return wrapper
+
+
+class SellerServicer(pb_grpc.SellerServicer):
+    def __init__(self, require_tls_identity: bool) -> None:
+        self._seller: Seller | None = None  # set once the catalog is loaded
+        self.require_tls_identity = require_tls_identity
+
+    @property
+    def seller(self) -> Seller:
+        if self._seller is None:
+            raise Unavailable("the seller is still loading its catalog; retry shortly")
+        return self._seller
+
+    def ready(self, seller: Seller) -> None:
+        self._seller = seller
+
+    def _buyer(self, context: grpc.ServicerContext) -> str:
+        """The TLS client certificate's name; without TLS, the declared x-gimme-buyer."""
+        identity = peer_identity(context)
+        if identity is not None:
+            return identity
+        if self.require_tls_identity:
+            raise BadInput("no client certificate: connect with the buyer certificate")
+        declared = dict(context.invocation_metadata()).get(BUYER_HEADER, "anonymous")
+        return str(declared)[:64]
+
+    @_guard
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+                   ) -> pb.ListModelsResponse:
+        buyer = self._buyer(context)
+        return pb.ListModelsResponse(
+            models=[wire.listing_to_pb(m) for m in self.seller.list_models(buyer)],
+            seller_public_key=self.seller.signer.public_key)
+
+    @_guard
+    def OpenTrial(self, request: pb.OpenTrialRequest, context: grpc.ServicerContext
+                  ) -> pb.OpenTrialResponse:
+        signed = self.seller.open_trial(self._buyer(context), request.model_id)
+        return pb.OpenTrialResponse(offer=wire.envelope_to_pb(signed))
+
+    @_guard
+    def UploadKeys(self, request_iterator: Iterator[pb.UploadKeysRequest],
+                   context: grpc.ServicerContext) -> pb.UploadKeysResponse:
+        buyer = self._buyer(context)
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("trial"):
+            raise BadInput("UploadKeys: the first message must name the trial")
+        trial_id = first.trial.trial_id
+        size = self.seller.relin_key_size(buyer, trial_id)
+        key = receive_object(_frames(request_iterator), expected_name="relin_key",
+                             max_size=size, exact_size=size, what="UploadKeys")
+        digest = self.seller.accept_relin_key(buyer, trial_id, key.data)
+        return pb.UploadKeysResponse(relin_key_sha256=digest)
+
+    @_guard_stream
+    def Evaluate(self, request_iterator: Iterator[pb.EvaluateRequest],
+                 context: grpc.ServicerContext) -> Iterator[pb.EvaluateEvent]:
+        buyer = self._buyer(context)
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise BadInput("Evaluate: the first message must be the batch header")
+        header = first.header
+        count, size = self.seller.batch_shape(buyer, header.trial_id, header.batch_index,
+                                              header.rows)
+        frames = _frames(request_iterator)
+        inputs = [receive_object(frames, expected_name=f"ct-{j}", max_size=size,
+                                 exact_size=size, what="Evaluate").data for j in range(count)]
+        if next(frames, None) is not None:
+            raise BadInput(f"Evaluate: more than the {count} ciphertexts this model takes")
+        events: queue.Queue[Progress | Evaluation | GimmeError | Exception] = queue.Queue()
+
+        def work() -> None:
+            try:
+                events.put(self.seller.evaluate(buyer, header.trial_id, header.batch_index,
+                                                header.rows, inputs, events.put))
+            except Exception as exc:  # handed to the stream below
+                events.put(exc)
+
+        threading.Thread(target=work, daemon=True).start()
+        while True:
+            event = events.get()
+            if isinstance(event, Progress):
+                yield pb.EvaluateEvent(progress=wire.progress_to_pb(event))
+            elif isinstance(event, Exception):
+                raise event
+            else:
+                for index, result in enumerate(event.results):
+                    for frame in send_object(f"score-{index}", result):
+                        yield pb.EvaluateEvent(frame=frame)
+                yield pb.EvaluateEvent(receipt=wire.envelope_to_pb(event.receipt))
+                return
+
+    @_guard
+    def Purchase(self, request: pb.PurchaseRequest, context: grpc.ServicerContext
+                 ) -> pb.PurchaseResponse:
+        signed = self.seller.purchase(self._buyer(context), request.trial_id, request.request_id)
+        return pb.PurchaseResponse(payment=wire.envelope_to_pb(signed))
+
+    @_guard_stream
+    def Deliver(self, request: pb.DeliverRequest, context: grpc.ServicerContext
+                ) -> Iterator[pb.DeliverEvent]:
+        model, record = self.seller.deliver(self._buyer(context), request.trial_id)
+        for frame in send_object("model", model):
+            yield pb.DeliverEvent(frame=frame)
+        yield pb.DeliverEvent(record=wire.envelope_to_pb(record))
+
+
+def _frames(requests: Iterator[Any]) -> Iterator[pb.Frame]:
+    for request in requests:
+        if not request.HasField("frame"):
+            raise BadInput("expected a data frame")
+        yield request.frame

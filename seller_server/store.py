@@ -1,0 +1,309 @@
+"""The seller's durable state: one SQLite file (WAL), one transaction per state change.
+
+Tables: compiled listings (cache), trials, trial budgets, evaluations with their signed
+receipts, a double-entry ledger, purchases (idempotent by request id), deliveries.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import BadInput, Exhausted, NotFound, WrongState
+from common.protocol import PAYMENT, Signed
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS compiled (
+  cache_key TEXT PRIMARY KEY,
+  payload BLOB NOT NULL,
+  created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trials (
+  trial_id TEXT PRIMARY KEY,
+  model_id TEXT NOT NULL,
+  buyer_id TEXT NOT NULL,
+  key_tag TEXT NOT NULL UNIQUE,
+  offer_payload BLOB NOT NULL,
+  offer_signature BLOB NOT NULL,
+  relin_key_sha256 BLOB,
+  created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS budgets (
+  buyer_id TEXT NOT NULL,
+  model_id TEXT NOT NULL,
+  rows_used INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (buyer_id, model_id)
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+  trial_id TEXT NOT NULL,
+  batch_index INTEGER NOT NULL,
+  rows INTEGER NOT NULL,
+  status TEXT NOT NULL CHECK (status IN ('running', 'done')),
+  receipt_payload BLOB,
+  receipt_signature BLOB,
+  created_at REAL NOT NULL,
+  PRIMARY KEY (trial_id, batch_index)
+);
+CREATE TABLE IF NOT EXISTS ledger_txns (
+  txn_id TEXT PRIMARY KEY,
+  request_id TEXT NOT NULL UNIQUE,
+  kind TEXT NOT NULL,
+  memo TEXT NOT NULL,
+  created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger_entries (
+  txn_id TEXT NOT NULL REFERENCES ledger_txns(txn_id),
+  account TEXT NOT NULL,
+  amount_cents INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_by_account ON ledger_entries(account);
+CREATE TABLE IF NOT EXISTS purchases (
+  request_id TEXT PRIMARY KEY,
+  trial_id TEXT NOT NULL UNIQUE,
+  txn_id TEXT NOT NULL,
+  receipt_payload BLOB NOT NULL,
+  receipt_signature BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+  trial_id TEXT NOT NULL,
+  delivered_at REAL NOT NULL,
+  record_payload BLOB NOT NULL,
+  record_signature BLOB NOT NULL
+);
+"""
+
+# signs a payment receipt for (ledger txn id, balance after)
+PurchaseSigner = Callable[[str, int], Signed]
+
+REVENUE_ACCOUNT = "seller:revenue"
+TOPUP_ACCOUNT = "external:topups"
+
+
+def buyer_account(buyer_id: str) -> str:
+    return f"buyer:{buyer_id}"
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    trial_id: str
+    model_id: str
+    buyer_id: str
+    key_tag: str
+    offer_payload: bytes
+    offer_signature: bytes
+    relin_key_sha256: bytes | None
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ----- compiled listing cache -----
+
+    def compiled(self, cache_key: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT payload FROM compiled WHERE cache_key = ?",
+                                   (cache_key,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def save_compiled(self, cache_key: str, payload: bytes) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO compiled VALUES (?, ?, ?)",
+                       (cache_key, payload, time.time()))
+
+    # ----- trials and budgets -----
+
+    def add_trial(self, trial: TrialRow) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO trials VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (trial.trial_id, trial.model_id, trial.buyer_id, trial.key_tag,
+                        trial.offer_payload, trial.offer_signature, None, time.time()))
+
+    def trial(self, trial_id: str, buyer_id: str) -> TrialRow:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT trial_id, model_id, buyer_id, key_tag, offer_payload, offer_signature, "
+                "relin_key_sha256 FROM trials WHERE trial_id = ?", (trial_id,)).fetchone()
+        if row is None or row[2] != buyer_id:
+            raise NotFound(f"no trial {trial_id!r} for buyer {buyer_id!r}; open one with "
+                           f"'gimme-buyer trial MODEL'")
+        return TrialRow(row[0], row[1], row[2], row[3], bytes(row[4]), bytes(row[5]),
+                        bytes(row[6]) if row[6] is not None else None)
+
+    def set_relin_key(self, trial_id: str, sha256: bytes) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE trials SET relin_key_sha256 = ? WHERE trial_id = ?",
+                       (sha256, trial_id))
+
+    def rows_used(self, buyer_id: str, model_id: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT rows_used FROM budgets WHERE buyer_id = ? AND model_id = ?",
+                (buyer_id, model_id)).fetchone()
+        return int(row[0]) if row else 0
+
+    def reserve_rows(self, trial: TrialRow, batch_index: int, rows: int, budget: int) -> None:
+        """Charge `rows` to the buyer's trial budget for this model, or refuse."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM evaluations WHERE trial_id = ? AND batch_index = ?",
+                          (trial.trial_id, batch_index)).fetchone():
+                raise WrongState(f"batch {batch_index} of trial {trial.trial_id} was already "
+                                 f"evaluated; open a new trial to test more rows")
+            row = db.execute("SELECT rows_used FROM budgets WHERE buyer_id = ? AND model_id = ?",
+                             (trial.buyer_id, trial.model_id)).fetchone()
+            used = int(row[0]) if row else 0
+            if used + rows > budget:
+                raise Exhausted(f"trial budget exhausted for model {trial.model_id!r}: "
+                                f"{budget - used} of {budget} rows remain and this batch has "
+                                f"{rows}; test fewer rows or buy the model")
+            db.execute("INSERT INTO budgets VALUES (?, ?, ?) ON CONFLICT(buyer_id, model_id) "
+                       "DO UPDATE SET rows_used = rows_used + excluded.rows_used",
+                       (trial.buyer_id, trial.model_id, rows))
+            db.execute("INSERT INTO evaluations VALUES (?, ?, ?, 'running', NULL, NULL, ?)",
+                       (trial.trial_id, batch_index, rows, time.time()))
+
+    def release_rows(self, trial: TrialRow, batch_index: int) -> None:
+        """Give back the rows of an evaluation that did not complete."""
+        with self.transaction() as db:
+            self._refund(db, trial.trial_id, batch_index)
+
+    def _refund(self, db: sqlite3.Connection, trial_id: str, batch_index: int) -> None:
+        row = db.execute(
+            "SELECT e.rows, t.buyer_id, t.model_id FROM evaluations e JOIN trials t "
+            "USING (trial_id) WHERE trial_id = ? AND batch_index = ? AND status = 'running'",
+            (trial_id, batch_index)).fetchone()
+        if row is None:
+            return
+        db.execute("UPDATE budgets SET rows_used = rows_used - ? WHERE buyer_id = ? AND "
+                   "model_id = ?", (row[0], row[1], row[2]))
+        db.execute("DELETE FROM evaluations WHERE trial_id = ? AND batch_index = ?",
+                   (trial_id, batch_index))
+
+    def recover_interrupted(self) -> int:
+        """After a crash: refund evaluations that never produced a receipt."""
+        with self.transaction() as db:
+            pending = db.execute("SELECT trial_id, batch_index FROM evaluations "
+                                 "WHERE status = 'running'").fetchall()
+            for trial_id, batch_index in pending:
+                self._refund(db, trial_id, batch_index)
+        return len(pending)
+
+    def finish_evaluation(self, trial_id: str, batch_index: int, receipt: Signed) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE evaluations SET status = 'done', receipt_payload = ?, "
+                       "receipt_signature = ? WHERE trial_id = ? AND batch_index = ?",
+                       (receipt.payload, receipt.signature, trial_id, batch_index))
+
+    def evaluated_batches(self, trial_id: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM evaluations WHERE trial_id = ? AND "
+                                   "status = 'done'", (trial_id,)).fetchone()
+        return int(row[0])
+
+    # ----- ledger -----
+
+    def balance(self, account: str) -> int:
+        with self._lock:
+            return self._balance(self._db, account)
+
+    @staticmethod
+    def _balance(db: sqlite3.Connection, account: str) -> int:
+        row = db.execute("SELECT COALESCE(SUM(amount_cents), 0) FROM ledger_entries "
+                         "WHERE account = ?", (account,)).fetchone()
+        return int(row[0])
+
+    def _post(self, db: sqlite3.Connection, request_id: str, kind: str, memo: str,
+              entries: list[tuple[str, int]]) -> str:
+        if sum(amount for _account, amount in entries) != 0:
+            raise RuntimeError("unbalanced ledger transaction")
+        txn_id = uuid.uuid4().hex
+        db.execute("INSERT INTO ledger_txns VALUES (?, ?, ?, ?, ?)",
+                   (txn_id, request_id, kind, memo, time.time()))
+        db.executemany("INSERT INTO ledger_entries VALUES (?, ?, ?)",
+                       [(txn_id, account, amount) for account, amount in entries])
+        return txn_id
+
+    def top_up(self, buyer_id: str, amount_cents: int, request_id: str) -> tuple[bool, int]:
+        """Credit a buyer's prepaid balance; (applied now?, balance). Idempotent."""
+        if amount_cents <= 0:
+            raise BadInput("a top-up amount must be positive")
+        with self.transaction() as db:
+            done = db.execute("SELECT 1 FROM ledger_txns WHERE request_id = ?",
+                              (request_id,)).fetchone()
+            if not done:
+                self._post(db, request_id, "topup", f"top-up for {buyer_id}",
+                           [(buyer_account(buyer_id), amount_cents),
+                            (TOPUP_ACCOUNT, -amount_cents)])
+            return not done, self._balance(db, buyer_account(buyer_id))
+
+    def purchase(self, request_id: str, trial: TrialRow, price_cents: int,
+                 sign_receipt: PurchaseSigner) -> Signed:
+        """Move the price from buyer to seller once per request id (and once per trial)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT trial_id, receipt_payload, receipt_signature FROM "
+                             "purchases WHERE request_id = ? OR trial_id = ?",
+                             (request_id, trial.trial_id)).fetchone()
+            if row is not None:
+                if row[0] != trial.trial_id:
+                    raise BadInput(f"request id {request_id!r} was already used for another "
+                                   f"trial; use a fresh request id")
+                return Signed(PAYMENT, bytes(row[1]), bytes(row[2]))  # a retry: same answer
+            account = buyer_account(trial.buyer_id)
+            balance = self._balance(db, account)
+            if balance < price_cents:
+                raise Exhausted(f"insufficient prepaid balance: {balance / 100:.2f} available, "
+                                f"{price_cents / 100:.2f} needed; ask the seller to top up "
+                                f"'{trial.buyer_id}'")
+            txn_id = self._post(db, request_id, "purchase",
+                                f"{trial.model_id} for {trial.buyer_id} (trial "
+                                f"{trial.trial_id})",
+                                [(account, -price_cents), (REVENUE_ACCOUNT, price_cents)])
+            receipt = sign_receipt(txn_id, balance - price_cents)
+            db.execute("INSERT INTO purchases VALUES (?, ?, ?, ?, ?)",
+                       (request_id, trial.trial_id, txn_id, receipt.payload, receipt.signature))
+            return receipt
+
+    def paid(self, trial_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM purchases WHERE trial_id = ?",
+                                    (trial_id,)).fetchone() is not None
+
+    def record_delivery(self, trial_id: str, record: Signed) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO deliveries VALUES (?, ?, ?, ?)",
+                       (trial_id, time.time(), record.payload, record.signature))
+
+    def balances(self) -> list[tuple[str, int]]:
+        with self._lock:
+            rows = self._db.execute("SELECT account, SUM(amount_cents) FROM ledger_entries "
+                                    "GROUP BY account ORDER BY account").fetchall()
+        return [(str(a), int(b)) for a, b in rows]

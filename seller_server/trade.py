@@ -1,0 +1,266 @@
+"""The seller's side of the protocol (steps 2, 4, 5, 7, 8), free of gRPC and OpenFHE.
+
+Uploaded bytes are spooled to disk and handed to a throwaway worker process
+(seller_server.worker); the gateway only checks sizes, digests and state.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import BadInput, Exhausted, NotFound, WrongState
+from common.guarded import Limits, run_guarded
+from common.he.params import new_key_tag
+from common.protocol import (
+    DELIVERY,
+    OFFER,
+    PAYMENT,
+    RECEIPT,
+    DeliveryRecord,
+    ModelListing,
+    Offer,
+    PaymentReceipt,
+    Progress,
+    Receipt,
+    Signed,
+)
+from common.signing import Signer, sha256
+from common.wire import delivery_payload, offer_payload, payment_payload, receipt_payload
+from seller_server.catalog import Listing
+from seller_server.store import Store, TrialRow
+from seller_server.worker import UNTRUSTED_STAGES
+
+log = logging.getLogger(__name__)
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    results: list[bytes]
+    receipt: Signed
+
+
+class Seller:
+    def __init__(self, listings: Sequence[Listing], store: Store, signer: Signer,
+                 spool: Path, limits: Limits, security_bits: int,
+                 max_concurrent_evaluations: int = 2) -> None:
+        self.listings = {listing.model_id: listing for listing in listings}
+        self.store = store
+        self.signer = signer
+        self.spool = spool
+        self.limits = limits
+        self.security_bits = security_bits
+        self._evaluation_slots = threading.BoundedSemaphore(max_concurrent_evaluations)
+
+    def _sign(self, kind: str, payload: bytes) -> Signed:
+        return Signed(kind, payload, self.signer.sign(kind, payload))
+
+    def listing(self, model_id: str) -> Listing:
+        listing = self.listings.get(model_id)
+        if listing is None:
+            raise NotFound(f"no model {model_id!r}; 'gimme-buyer models' lists what is "
+                           f"offered ({', '.join(sorted(self.listings))})")
+        return listing
+
+    # ----- catalog -----
+
+    def list_models(self, buyer_id: str) -> list[ModelListing]:
+        return [
+            ModelListing(
+                model_id=l.model_id,
+                name=l.model_id,
+                description=l.spec.description,
+                price_cents=l.spec.price_cents,
+                trial_budget_rows=l.spec.trial_budget_rows,
+                trial_rows_remaining=self._remaining(buyer_id, l),
+                input_columns=l.spec.input_columns,
+                class_labels=l.tail.class_labels,
+                model_commitment=l.commitment,
+                ring_dimension=l.params.ring_dimension,
+                multiplicative_depth=l.params.multiplicative_depth,
+                tolerance=l.tolerance,
+                approximation=l.approximation,
+            )
+            for l in self.listings.values()
+        ]
+
+    def _remaining(self, buyer_id: str, listing: Listing) -> int:
+        used = self.store.rows_used(buyer_id, listing.model_id)
+        return max(listing.spec.trial_budget_rows - used, 0)
+
+    # ----- step 2: the signed offer -----
+
+    def open_trial(self, buyer_id: str, model_id: str) -> Signed:
+        listing = self.listing(model_id)
+        remaining = self._remaining(buyer_id, listing)
+        if remaining == 0:
+            raise Exhausted(f"trial budget for {model_id!r} is used up "
+                            f"({listing.spec.trial_budget_rows} rows); buy the model for "
+                            f"{listing.spec.price_cents / 100:.2f} or ask the seller for more")
+        offer = Offer(
+            trial_id=secrets.token_hex(12),
+            model_id=model_id,
+            model_name=listing.model_id,
+            model_commitment=listing.commitment,
+            model_size=len(listing.model_bytes),
+            params=listing.params,
+            encoding=listing.encoding(),
+            output=listing.output(),
+            tolerance=listing.tolerance,
+            price_cents=listing.spec.price_cents,
+            trial_rows_remaining=remaining,
+            key_tag=new_key_tag(),
+            buyer_id=buyer_id,
+            issued_at=int(time.time()),
+            seller_public_key=self.signer.public_key,
+        )
+        signed = self._sign(OFFER, offer_payload(offer))
+        self.store.add_trial(TrialRow(offer.trial_id, model_id, buyer_id, offer.key_tag,
+                                      signed.payload, signed.signature, None))
+        log.info("trial %s opened: buyer %s, model %s, %d rows left", offer.trial_id, buyer_id,
+                 model_id, remaining)
+        return signed
+
+    def _trial(self, buyer_id: str, trial_id: str) -> tuple[TrialRow, Listing]:
+        trial = self.store.trial(trial_id, buyer_id)
+        return trial, self.listing(trial.model_id)
+
+    # ----- step 4: keys -----
+
+    def relin_key_size(self, buyer_id: str, trial_id: str) -> int:
+        return self._trial(buyer_id, trial_id)[1].sizes.relin_key_bytes
+
+    def accept_relin_key(self, buyer_id: str, trial_id: str, data: bytes) -> bytes:
+        trial, listing = self._trial(buyer_id, trial_id)
+        directory = self._trial_dir(trial_id)
+        path = directory / "relin.key"
+        path.write_bytes(data)
+        run_guarded("seller_server.worker:check_relin_key", {
+            "params": listing.params.to_dict(), "security_bits": self.security_bits,
+            "plan_path": str(self._plan_file(listing)), "key_tag": trial.key_tag,
+            "relin_key_path": str(path)}, limits=self.limits)
+        digest = sha256(data)
+        self.store.set_relin_key(trial_id, digest)
+        log.info("trial %s: relinearization key accepted (%d bytes)", trial_id, len(data))
+        return digest
+
+    # ----- steps 4-5: evaluation -----
+
+    def batch_shape(self, buyer_id: str, trial_id: str, batch_index: int, rows: int
+                    ) -> tuple[int, int]:
+        """Check a batch before its upload; returns (ciphertext count, exact size of each)."""
+        trial, listing = self._trial(buyer_id, trial_id)
+        if trial.relin_key_sha256 is None:
+            raise WrongState(f"trial {trial_id}: upload the evaluation keys before data")
+        if not 0 < rows <= listing.params.slots:
+            raise BadInput(f"a batch holds 1..{listing.params.slots} rows, not {rows}")
+        if batch_index > 10_000:
+            raise BadInput(f"batch index {batch_index} is out of range")
+        remaining = self._remaining(buyer_id, listing)
+        if rows > remaining:
+            raise Exhausted(f"trial budget exhausted for {listing.model_id!r}: {remaining} of "
+                            f"{listing.spec.trial_budget_rows} rows remain, this batch has "
+                            f"{rows}; price of the model: {listing.spec.price_cents / 100:.2f}")
+        return len(listing.spec.input_columns), listing.sizes.ciphertext_bytes
+
+    def evaluate(self, buyer_id: str, trial_id: str, batch_index: int, rows: int,
+                 inputs: Sequence[bytes], on_progress: ProgressFn) -> Evaluation:
+        trial, listing = self._trial(buyer_id, trial_id)
+        assert trial.relin_key_sha256 is not None
+        self.store.reserve_rows(trial, batch_index, rows, listing.spec.trial_budget_rows)
+        batch_dir = self._trial_dir(trial_id) / f"batch-{batch_index}"
+        try:
+            batch_dir.mkdir(parents=True, exist_ok=True)
+            paths = []
+            for index, blob in enumerate(inputs):
+                path = batch_dir / f"in-{index}.bin"
+                path.write_bytes(blob)
+                paths.append(str(path))
+            on_progress(Progress("queued", 0, 0))
+            with self._evaluation_slots:
+                outcome = run_guarded(
+                    "seller_server.worker:evaluate_batch",
+                    {"params": listing.params.to_dict(), "security_bits": self.security_bits,
+                     "plan_path": str(self._plan_file(listing)), "key_tag": trial.key_tag,
+                     "relin_key_path": str(self._trial_dir(trial_id) / "relin.key"),
+                     "ciphertext_paths": paths, "out_dir": str(batch_dir / "out")},
+                    limits=self.limits,
+                    on_progress=lambda p: on_progress(Progress(
+                        str(p.get("stage", "")), int(p.get("done", 0)), int(p.get("total", 0)))),
+                    untrusted_phase=lambda p: p.get("stage") in UNTRUSTED_STAGES,
+                )
+            results = [Path(r["path"]).read_bytes() for r in outcome["results"]]
+            receipt = Receipt(
+                trial_id=trial_id,
+                batch_index=batch_index,
+                rows=rows,
+                offer_sha256=sha256(trial.offer_payload),
+                model_commitment=listing.commitment,
+                relin_key_sha256=trial.relin_key_sha256,
+                input_sha256=tuple(sha256(b) for b in inputs),
+                result_sha256=tuple(sha256(r) for r in results),
+                evaluated_at=int(time.time()),
+            )
+            signed = self._sign(RECEIPT, receipt_payload(receipt))
+            self.store.finish_evaluation(trial_id, batch_index, signed)
+        except BaseException:
+            self.store.release_rows(trial, batch_index)
+            raise
+        finally:
+            shutil.rmtree(batch_dir, ignore_errors=True)
+        log.info("trial %s batch %d: %d rows evaluated in %.2fs", trial_id, batch_index, rows,
+                 outcome["evaluate_seconds"])
+        return Evaluation(results, signed)
+
+    # ----- steps 7-8: payment and delivery -----
+
+    def purchase(self, buyer_id: str, trial_id: str, request_id: str) -> Signed:
+        if not 8 <= len(request_id) <= 64:
+            raise BadInput("a purchase request id must be 8-64 characters (a fresh UUID works)")
+        trial, listing = self._trial(buyer_id, trial_id)
+
+        def sign_receipt(txn_id: str, balance_after: int) -> Signed:
+            return self._sign(PAYMENT, payment_payload(PaymentReceipt(
+                request_id=request_id, trial_id=trial_id, model_id=listing.model_id,
+                buyer_id=buyer_id, amount_cents=listing.spec.price_cents,
+                balance_after_cents=balance_after, ledger_txn_id=txn_id,
+                model_commitment=listing.commitment, paid_at=int(time.time()))))
+
+        signed = self.store.purchase(request_id, trial, listing.spec.price_cents, sign_receipt)
+        log.info("trial %s paid: %s bought %s", trial_id, buyer_id, listing.model_id)
+        return signed
+
+    def deliver(self, buyer_id: str, trial_id: str) -> tuple[bytes, Signed]:
+        trial, listing = self._trial(buyer_id, trial_id)
+        if not self.store.paid(trial_id):
+            raise WrongState(f"trial {trial_id} is not paid; run 'gimme-buyer buy "
+                             f"{listing.model_id}' first")
+        record = DeliveryRecord(trial_id, listing.model_id, listing.commitment,
+                                len(listing.model_bytes), int(time.time()))
+        signed = self._sign(DELIVERY, delivery_payload(record))
+        self.store.record_delivery(trial_id, signed)
+        log.info("trial %s: model %s delivered", trial_id, listing.model_id)
+        return listing.model_bytes, signed
+
+    # ----- files -----
+
+    def _trial_dir(self, trial_id: str) -> Path:
+        directory = self.spool / "trials" / trial_id
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
+
+    def _plan_file(self, listing: Listing) -> Path:
+        path = self.spool / "plans" / f"{listing.plan.digest()}.plan"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(listing.plan.to_bytes())
+            tmp.replace(path)
+        return path

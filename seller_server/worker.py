@@ -1,0 +1,97 @@
+"""Evaluator jobs. Each runs in its own throwaway process (common.guarded), never in the
+gateway: this is where untrusted OpenFHE bytes are checked and opened."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.guarded import Json, ProgressFn
+from common.he import engine
+from common.he.params import CkksParams, new_key_tag
+from common.he.plan import HEPlan
+
+# Stages during which a crash is the upload's fault (see run_guarded's untrusted_phase).
+UNTRUSTED_STAGES = frozenset({"loading relinearization key", "loading ciphertexts",
+                              "evaluating"})
+
+
+def _setup(request: Json) -> tuple[Any, HEPlan]:
+    params = CkksParams(**request["params"])
+    plan = HEPlan.from_bytes(Path(request["plan_path"]).read_bytes())
+    return engine.build_context(params, int(request["security_bits"])), plan
+
+
+def _evaluation_progress(report: ProgressFn) -> engine.ProgressFn:
+    return lambda done, total: report({"stage": "evaluating", "done": done, "total": total})
+
+
+def self_test(request: Json, report: ProgressFn) -> Json:
+    """Encrypt calibration rows with throwaway keys, evaluate, decrypt: measures the real
+    CKKS error and the exact sizes of every object a trial moves."""
+    cc, plan = _setup(request)
+    rows = np.load(request["rows_path"])["rows"]
+    tag = new_key_tag()
+    report({"stage": "generating keys"})
+    secret, public = engine.generate_keys(cc, tag)
+    report({"stage": "encrypting"})
+    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    start = time.perf_counter()
+    scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report))
+    seconds = time.perf_counter() - start
+    decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
+    np.save(request["out_path"], decrypted)
+    return {
+        "evaluate_seconds": seconds,
+        "ciphertext_bytes": len(engine.ciphertext_bytes(inputs[0])),
+        "relin_key_bytes": len(engine.serialize_relin_key(tag)),
+        "result_bytes": len(engine.ciphertext_bytes(scores[0])),
+    }
+
+
+def check_relin_key(request: Json, report: ProgressFn) -> Json:
+    """Template-check an uploaded relinearization key (bytes only, nothing deserialized)."""
+    cc, _plan = _setup(request)
+    report({"stage": "building templates"})
+    template = engine.relin_key_template(cc, request["key_tag"])
+    report({"stage": "checking uploads"})
+    template.check(Path(request["relin_key_path"]).read_bytes(), "relinearization key")
+    return {}
+
+
+def evaluate_batch(request: Json, report: ProgressFn) -> Json:
+    """Check, open and evaluate one batch of uploaded ciphertexts; write the results."""
+    cc, plan = _setup(request)
+    tag = request["key_tag"]
+    report({"stage": "building templates"})
+    key_template = engine.relin_key_template(cc, tag)
+    gate = engine.CiphertextGate(cc, tag, level=0)
+    report({"stage": "checking uploads"})
+    relin_key = Path(request["relin_key_path"]).read_bytes()
+    key_template.check(relin_key, "relinearization key")
+    blobs = [Path(p).read_bytes() for p in request["ciphertext_paths"]]
+    for index, blob in enumerate(blobs):
+        gate.check(blob, f"ciphertext {index}")
+    report({"stage": "loading relinearization key"})
+    engine.load_relin_key(relin_key, key_template)
+    report({"stage": "loading ciphertexts"})
+    inputs = [gate.load(b, f"ciphertext {i}") for i, b in enumerate(blobs)]
+    del blobs
+    start = time.perf_counter()
+    scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report))
+    seconds = time.perf_counter() - start
+    report({"stage": "writing results"})
+    out_dir = Path(request["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for index, ct in enumerate(scores):
+        data = engine.ciphertext_bytes(ct)
+        path = out_dir / f"score-{index}.bin"
+        path.write_bytes(data)
+        results.append({"path": str(path), "size": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest()})
+    return {"results": results, "evaluate_seconds": seconds}
