@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
 from buyer_client.client import SellerClient
@@ -18,6 +17,7 @@ from buyer_client.trial import run_trial, seller_key
 from buyer_client.verify import verify_delivery
 from buyer_client.workspace import Workspace
 from common.errors import GimmeError
+from common.logs import setup_logging
 from common.rpc import TlsFiles
 from common.signing import fingerprint
 
@@ -135,9 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(message)s",
-                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
+    setup_logging(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         args.func(args)
     except GimmeError as exc:

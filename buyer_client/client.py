@@ -7,13 +7,13 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
+from gimme.v1 import gimme_pb2 as pb
+from gimme.v1 import gimme_pb2_grpc as pb_grpc
 
 from common import errors, wire
 from common.protocol import ModelListing, Progress, Signed
 from common.rpc import TlsFiles, make_channel
 from common.transfer import receive_object, send_object
-from gimme.v1 import gimme_pb2 as pb
-from gimme.v1 import gimme_pb2_grpc as pb_grpc
 
 BUYER_HEADER = "x-gimme-buyer"
 T = TypeVar("T")
@@ -52,7 +52,8 @@ class SellerClient:
         self.address = address
         self.channel = make_channel(address, tls)
         self.stub = pb_grpc.SellerStub(self.channel)
-        self.metadata = [(BUYER_HEADER, buyer_name)] if buyer_name else []
+        self.metadata: tuple[tuple[str, str | bytes], ...] = (
+            ((BUYER_HEADER, buyer_name),) if buyer_name else ())
         self.timeout = timeout
 
     def close(self) -> None:

@@ -28,8 +28,8 @@ def buy(client: SellerClient, workspace: Workspace, console: Console, model_id: 
         folder.write(REQUEST_ID_FILE, uuid.uuid4().hex.encode())
     request_id = folder.read(REQUEST_ID_FILE).decode()
     signed_payment = client.purchase(offer.trial_id, request_id)
+    folder.save_signed("payment", signed_payment)  # evidence, whatever it says
     payment = open_payment(signed_payment, key, offer)
-    folder.save_signed("payment", signed_payment)
     console.print(f"paid {payment.amount_cents / 100:.2f} for {model_id} (ledger "
                   f"{payment.ledger_txn_id[:12]}, balance {payment.balance_after_cents / 100:.2f})")
     cap = min(max(4 * offer.model_size, 16 << 20), MAX_MODEL_BYTES)

@@ -81,8 +81,11 @@ def make_channel(address: str, tls: TlsFiles | None) -> grpc.Channel:
 
 def peer_identity(context: grpc.ServicerContext) -> str | None:
     """The TLS client certificate's common name, when the peer presented one."""
-    names = context.auth_context().get("x509_common_name")
-    return names[0].decode() if names else None
+    names = list(context.auth_context().get("x509_common_name", []))
+    if not names:
+        return None
+    name = names[0]
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def check_health(address: str, tls: TlsFiles | None, timeout: float = 5.0) -> str:

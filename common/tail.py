@@ -6,7 +6,7 @@ lot under encryption, so the seller's plan stops before them and the offer names
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -32,7 +32,7 @@ def _normalize(x: FloatArray, norm: FloatArray) -> FloatArray:
     return result
 
 
-TAIL_OPS = {
+TAIL_OPS: dict[str, Callable[[FloatArray], FloatArray]] = {
     "relu": lambda x: np.maximum(x, 0.0),
     "tanh": np.tanh,
     "sigmoid": _sigmoid,

@@ -10,8 +10,9 @@ import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from common.errors import BadInput
 from gimme.v1 import gimme_pb2 as pb
+
+from common.errors import BadInput
 
 CHUNK_BYTES = 1 << 20
 
@@ -44,8 +45,10 @@ def receive_object(
 ) -> Received:
     """Read one object; BadInput on a missing/unexpected manifest, size or digest."""
     first = next(frames, None)
-    if first is None or not first.HasField("manifest"):
-        raise BadInput(f"{what}: expected the manifest of {expected_name!r} first")
+    if first is None:
+        raise BadInput(f"{what}: the stream ended before {expected_name!r}")
+    if not first.HasField("manifest"):
+        raise BadInput(f"{what}: expected the manifest of {expected_name!r}, got data")
     manifest = first.manifest
     if manifest.name != expected_name:
         raise BadInput(f"{what}: expected object {expected_name!r}, got {manifest.name!r}")

@@ -4,6 +4,7 @@ the buyer's client, go through here."""
 
 from __future__ import annotations
 
+from gimme.v1 import gimme_pb2 as pb
 from google.protobuf.message import DecodeError
 
 from common.errors import BadInput
@@ -19,7 +20,6 @@ from common.protocol import (
     Receipt,
     Signed,
 )
-from gimme.v1 import gimme_pb2 as pb
 
 
 def _parse(message: pb.Offer | pb.Receipt | pb.PaymentReceipt | pb.DeliveryRecord,

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from skl2onnx import to_onnx
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -25,25 +26,24 @@ from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import MinMaxScaler, StandardScaler
-from skl2onnx import to_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common.onnx_io import save_model  # noqa: E402
-from common.tabular import write_csv  # noqa: E402
+from common.onnx_io import save_model
+from common.tabular import FloatArray, write_csv
 
 SEED = 0
 OPSETS = {"": 17, "ai.onnx.ml": 3}
 
 
-def _export(pipeline: Pipeline, sample: np.ndarray, zipmap: bool) -> object:
+def _export(pipeline: Pipeline, sample: FloatArray, zipmap: bool) -> object:
     options = None if zipmap else {id(pipeline.steps[-1][1]): {"zipmap": False}}
     return to_onnx(pipeline, sample[:1].astype(np.float32), options=options,
                    target_opset=OPSETS)
 
 
 def _publish(out: Path, name: str, description: str, price: str, budget: int,
-             pipeline: Pipeline, columns: list[str], x_train: np.ndarray, x_test: np.ndarray,
-             y_test: np.ndarray, zipmap: bool) -> None:
+             pipeline: Pipeline, columns: list[str], x_train: FloatArray, x_test: FloatArray,
+             y_test: FloatArray, zipmap: bool) -> None:
     catalog, data = out / "catalog", out / "data"
     catalog.mkdir(parents=True, exist_ok=True)
     data.mkdir(parents=True, exist_ok=True)

@@ -11,12 +11,12 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
 from common.certs import create_certificates
 from common.errors import BadInput, GimmeError
 from common.guarded import Limits
+from common.logs import setup_logging
 from common.rpc import TlsFiles, check_health
 from seller_server.daemon import ServeOptions, serve
 from seller_server.store import Store
@@ -151,9 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=console, show_path=False)])
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         args.func(args)
     except GimmeError as exc:

@@ -159,6 +159,10 @@ class _Tracer:
         if len(inputs) != 1:
             raise Unsupported(f"the model must have exactly one data input, it has "
                               f"{[i.name for i in inputs]}")
+        for node in self.graph.node:  # refuse what can never work before looking at shapes
+            if node.op_type in _SUGGESTIONS:
+                raise Unsupported(f"node {node.name!r}: operator {node.op_type} cannot be "
+                                  f"evaluated under encryption{_hint(node)}")
         self._check_input(inputs[0])
         self.values[inputs[0].name] = Affine(np.eye(self.input_count), np.zeros(self.input_count))
         for node in self.graph.node:
@@ -257,12 +261,10 @@ class _Tracer:
         lo, hi = pre.min(axis=0), pre.max(axis=0)
         mid = (hi + lo) / 2
         half = np.maximum((hi - lo) / 2 * (1 + self.margin), 1e-3)
-        func = ACTIVATIONS[op]
-        coeffs = np.stack([
-            np.polynomial.chebyshev.chebinterpolate(
-                lambda t, m=m, h=h: func(m + h * t), degree)
-            for m, h in zip(mid, half, strict=True)
-        ])  # (units, degree + 1)
+        coeffs = np.empty((z.features, degree + 1))
+        for i, (m, h) in enumerate(zip(mid, half, strict=True)):
+            coeffs[i] = np.polynomial.chebyshev.chebinterpolate(
+                _on_interval(ACTIVATIONS[op], float(m), float(h)), degree)
         if op == "square":
             label = f"{op} at {origin!r}: exact"
         else:
@@ -290,6 +292,12 @@ class _Tracer:
                           f"does not apply per feature to {features} features")
 
 
+def _on_interval(func: Callable[[FloatArray], FloatArray], mid: float, half: float
+                 ) -> Callable[[FloatArray], Any]:
+    """func on [mid - half, mid + half], as a function of t in [-1, 1]."""
+    return lambda t: func(mid + half * t)
+
+
 # ----- operator handlers -----
 
 
@@ -308,9 +316,9 @@ def _rows_preserving(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> lis
     features = _features(value)
     if node.op_type == "Reshape":
         shape = [int(s) for s in np.asarray(args[1]).reshape(-1)]
-        if len(shape) != 2 or shape[1] not in (features, -1) or shape[0] not in (-1, 0):
-            if not isinstance(value, Labels):
-                raise Unsupported(f"node {node.name!r} (Reshape) to {shape} changes the "
+        keeps_layout = len(shape) == 2 and shape[1] in (features, -1) and shape[0] in (-1, 0)
+        if not keeps_layout and not isinstance(value, Labels):
+            raise Unsupported(f"node {node.name!r} (Reshape) to {shape} changes the "
                                   f"[rows, {features}] layout")
     elif node.op_type == "Flatten":
         axis = _attr(node, "axis", 1)
@@ -443,7 +451,7 @@ def _linear_model(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[V
     coefficients = np.asarray(_attr(node, "coefficients", []), dtype=np.float64)
     intercepts = np.asarray(_attr(node, "intercepts", []) or [0.0], dtype=np.float64)
     rows = coefficients.size // a.features
-    matrix = coefficients.reshape(rows, a.features).T  # (features, rows)
+    matrix: FloatArray = coefficients.reshape(rows, a.features).T  # (features, rows)
     bias = t.per_feature(node, intercepts, rows)
     if node.op_type == "LinearRegressor":
         scores = _affine_map(a, matrix, bias)
@@ -452,8 +460,7 @@ def _linear_model(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[V
     labels = _names(_attr(node, "classlabels_ints", None)
                     or _attr(node, "classlabels_strings", None) or [])
     if rows == 1 and len(labels) == 2:  # binary with one score row: [-s, s]
-        matrix = np.concatenate([-matrix, matrix], axis=1)
-        bias = np.concatenate([-bias, bias])
+        matrix, bias = np.hstack([-matrix, matrix]), np.concatenate([-bias, bias])
     t.class_labels = labels
     scores = _affine_map(a, matrix, bias)
     return [Labels(t.class_labels), Deferred(scores, _POST_TRANSFORMS[post], node.name)]

@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from gimme.v1 import gimme_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 
 from common.errors import BadInput
 from common.guarded import Limits
 from common.rpc import SERVICE_NAME, TlsFiles, make_server
 from common.signing import Signer, fingerprint
-from gimme.v1 import gimme_pb2_grpc as pb_grpc
 from seller_server.catalog import load_catalog
 from seller_server.service import SellerServicer
 from seller_server.store import Store
@@ -32,7 +32,7 @@ class ServeOptions:
     tls: TlsFiles | None
     security_bits: int = 128
     insecure_ring: int = 0
-    limits: Limits = Limits()
+    limits: Limits = field(default_factory=Limits)
     max_concurrent_evaluations: int = 2
     port_file: Path | None = None
 
@@ -70,7 +70,7 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
         for service in ("", SERVICE_NAME):
             health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING %d model(s): %s%s", len(listings),
-                 ", ".join(l.model_id for l in listings),
+                 ", ".join(listing.model_id for listing in listings),
                  f"; refused {len(refused)}" if refused else "")
         stop.wait()
         log.info("shutting down: finishing in-flight calls (up to %.0fs)", GRACE_SECONDS)

@@ -10,14 +10,14 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+from gimme.v1 import gimme_pb2 as pb
+from gimme.v1 import gimme_pb2_grpc as pb_grpc
 
 from common import wire
 from common.errors import BadInput, GimmeError, Unavailable
 from common.protocol import Progress
 from common.rpc import peer_identity
 from common.transfer import receive_object, send_object
-from gimme.v1 import gimme_pb2 as pb
-from gimme.v1 import gimme_pb2_grpc as pb_grpc
 from seller_server.trade import Evaluation, Seller
 
 log = logging.getLogger(__name__)

@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS trials (
   model_id TEXT NOT NULL,
   buyer_id TEXT NOT NULL,
   key_tag TEXT NOT NULL UNIQUE,
+  model_commitment BLOB NOT NULL,
   offer_payload BLOB NOT NULL,
   offer_signature BLOB NOT NULL,
   relin_key_sha256 BLOB,
@@ -95,6 +96,7 @@ class TrialRow:
     model_id: str
     buyer_id: str
     key_tag: str
+    model_commitment: bytes
     offer_payload: bytes
     offer_signature: bytes
     relin_key_sha256: bytes | None
@@ -144,20 +146,22 @@ class Store:
 
     def add_trial(self, trial: TrialRow) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO trials VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO trials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (trial.trial_id, trial.model_id, trial.buyer_id, trial.key_tag,
-                        trial.offer_payload, trial.offer_signature, None, time.time()))
+                        trial.model_commitment, trial.offer_payload, trial.offer_signature,
+                        None, time.time()))
 
     def trial(self, trial_id: str, buyer_id: str) -> TrialRow:
         with self._lock:
             row = self._db.execute(
-                "SELECT trial_id, model_id, buyer_id, key_tag, offer_payload, offer_signature, "
-                "relin_key_sha256 FROM trials WHERE trial_id = ?", (trial_id,)).fetchone()
+                "SELECT trial_id, model_id, buyer_id, key_tag, model_commitment, offer_payload, "
+                "offer_signature, relin_key_sha256 FROM trials WHERE trial_id = ?",
+                (trial_id,)).fetchone()
         if row is None or row[2] != buyer_id:
             raise NotFound(f"no trial {trial_id!r} for buyer {buyer_id!r}; open one with "
                            f"'gimme-buyer trial MODEL'")
         return TrialRow(row[0], row[1], row[2], row[3], bytes(row[4]), bytes(row[5]),
-                        bytes(row[6]) if row[6] is not None else None)
+                        bytes(row[6]), bytes(row[7]) if row[7] is not None else None)
 
     def set_relin_key(self, trial_id: str, sha256: bytes) -> None:
         with self.transaction() as db:

@@ -74,21 +74,21 @@ class Seller:
     def list_models(self, buyer_id: str) -> list[ModelListing]:
         return [
             ModelListing(
-                model_id=l.model_id,
-                name=l.model_id,
-                description=l.spec.description,
-                price_cents=l.spec.price_cents,
-                trial_budget_rows=l.spec.trial_budget_rows,
-                trial_rows_remaining=self._remaining(buyer_id, l),
-                input_columns=l.spec.input_columns,
-                class_labels=l.tail.class_labels,
-                model_commitment=l.commitment,
-                ring_dimension=l.params.ring_dimension,
-                multiplicative_depth=l.params.multiplicative_depth,
-                tolerance=l.tolerance,
-                approximation=l.approximation,
+                model_id=listing.model_id,
+                name=listing.model_id,
+                description=listing.spec.description,
+                price_cents=listing.spec.price_cents,
+                trial_budget_rows=listing.spec.trial_budget_rows,
+                trial_rows_remaining=self._remaining(buyer_id, listing),
+                input_columns=listing.spec.input_columns,
+                class_labels=listing.tail.class_labels,
+                model_commitment=listing.commitment,
+                ring_dimension=listing.params.ring_dimension,
+                multiplicative_depth=listing.params.multiplicative_depth,
+                tolerance=listing.tolerance,
+                approximation=listing.approximation,
             )
-            for l in self.listings.values()
+            for listing in self.listings.values()
         ]
 
     def _remaining(self, buyer_id: str, listing: Listing) -> int:
@@ -123,14 +123,20 @@ class Seller:
         )
         signed = self._sign(OFFER, offer_payload(offer))
         self.store.add_trial(TrialRow(offer.trial_id, model_id, buyer_id, offer.key_tag,
-                                      signed.payload, signed.signature, None))
+                                      listing.commitment, signed.payload, signed.signature,
+                                      None))
         log.info("trial %s opened: buyer %s, model %s, %d rows left", offer.trial_id, buyer_id,
                  model_id, remaining)
         return signed
 
     def _trial(self, buyer_id: str, trial_id: str) -> tuple[TrialRow, Listing]:
+        """The trial and its listing, which must still be the model the offer committed to."""
         trial = self.store.trial(trial_id, buyer_id)
-        return trial, self.listing(trial.model_id)
+        listing = self.listing(trial.model_id)
+        if listing.commitment != trial.model_commitment:
+            raise WrongState(f"model {trial.model_id!r} has changed since trial {trial_id} was "
+                             f"offered; open a new trial to test the current model")
+        return trial, listing
 
     # ----- step 4: keys -----
 
@@ -238,7 +244,7 @@ class Seller:
         return signed
 
     def deliver(self, buyer_id: str, trial_id: str) -> tuple[bytes, Signed]:
-        trial, listing = self._trial(buyer_id, trial_id)
+        _trial, listing = self._trial(buyer_id, trial_id)
         if not self.store.paid(trial_id):
             raise WrongState(f"trial {trial_id} is not paid; run 'gimme-buyer buy "
                              f"{listing.model_id}' first")

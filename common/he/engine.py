@@ -278,8 +278,14 @@ class _Basis:
         for key in [k for k in self.lowered if k[0] == j]:
             del self.lowered[key]
 
-    def at_level(self, j: int, level: int) -> Ciphertext:
+    def item(self, j: int) -> Ciphertext:
         ct = self.items[j]
+        if ct is None:
+            raise RuntimeError(f"basis entry {j} was released but is still read")
+        return ct
+
+    def at_level(self, j: int, level: int) -> Ciphertext:
+        ct = self.item(j)
         if ct.GetLevel() == level:
             return ct
         key = (j, level)
@@ -292,7 +298,7 @@ class _Basis:
         used = np.flatnonzero(weights)
         if used.size == 0:
             used = np.array([next(j for j, ct in enumerate(self.items) if ct is not None)])
-        level = max(self.items[j].GetLevel() for j in used)
+        level = max(self.item(j).GetLevel() for j in used)
         total = self.cc.EvalLinearWSum([self.at_level(j, level) for j in used],
                                        [float(weights[j]) for j in used])
         return self.cc.EvalAdd(total, float(bias)) if bias else total

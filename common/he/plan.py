@@ -18,7 +18,9 @@ import hashlib
 import io
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -118,7 +120,7 @@ class HEPlan:
     # ----- storage -----
 
     def to_bytes(self) -> bytes:
-        arrays: dict[str, FloatArray] = {
+        arrays: dict[str, Any] = {
             "output_weights": self.output.weights,
             "output_bias": self.output.bias,
         }
@@ -127,8 +129,9 @@ class HEPlan:
             arrays[f"stage{i}_weights"] = stage.weights
             arrays[f"stage{i}_bias"] = stage.bias
             meta["stages"].append({"degree": stage.degree, "label": stage.label})  # type: ignore[attr-defined]
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         buf = io.BytesIO()
-        np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+        np.savez(buf, **arrays)
         return buf.getvalue()
 
     @classmethod
@@ -149,7 +152,7 @@ class HEPlan:
                     weights=np.asarray(npz["output_weights"], dtype=np.float64),
                     bias=np.asarray(npz["output_bias"], dtype=np.float64),
                 )
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise BadInput(f"unreadable HE plan: {exc}") from exc
         plan = cls(int(meta["input_count"]), stages, output, tuple(meta["notes"]))
         plan.check()

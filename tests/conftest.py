@@ -1,0 +1,138 @@
+"""Shared fixtures: the example catalog, certificates, and real seller daemons on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.certs import create_certificates
+from common.rpc import TlsFiles, check_health
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+BUYERS = ["alice", "bob", "carol", "dave", "erin", "frank", "mallory"]
+
+
+@pytest.fixture(scope="session")
+def examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("examples")
+    subprocess.run([sys.executable, str(ROOT / "examples" / "build.py"), "--out", str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lr_catalog(examples: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A catalog with only the (fast, exact) breast-cancer model."""
+    catalog = tmp_path_factory.mktemp("lr-catalog")
+    for path in (examples / "catalog").glob("breast_cancer_lr*"):
+        shutil.copy(path, catalog)
+    return catalog
+
+
+@pytest.fixture(scope="session")
+def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tls")
+    create_certificates(directory, ["localhost", "127.0.0.1"], BUYERS)
+    return directory
+
+
+class Daemon:
+    """`gimme-seller serve` in its own process, exactly as a user runs it."""
+
+    def __init__(self, catalog: Path, state: Path, tls_dir: Path | None,
+                 extra: list[str] | None = None) -> None:
+        self.state = state
+        self.tls_dir = tls_dir
+        self.log_path = state.parent / f"{state.name}.log"
+        port_file = state.parent / f"{state.name}.port"
+        port_file.unlink(missing_ok=True)
+        args = [str(BIN / "gimme-seller"), "serve", "--catalog", str(catalog), "--state",
+                str(state), "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+                *(["--tls-dir", str(tls_dir)] if tls_dir else ["--insecure"]), *(extra or [])]
+        self.log = self.log_path.open("ab")
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not port_file.exists() or not port_file.read_text():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError("seller did not bind a port")
+            time.sleep(0.05)
+        self.address = f"127.0.0.1:{port_file.read_text()}"
+        self.statuses: list[str] = []
+
+    def _check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"seller exited ({self.process.returncode}):\n"
+                               + self.log_path.read_text())
+
+    def tls(self, identity: str = "seller") -> TlsFiles | None:
+        return TlsFiles.in_dir(self.tls_dir, identity) if self.tls_dir else None
+
+    def wait_serving(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            try:
+                status = check_health(self.address, self.tls(), timeout=2)
+            except Exception:
+                status = "UNREACHABLE"
+            if not self.statuses or self.statuses[-1] != status:
+                self.statuses.append(status)
+            if status == "SERVING":
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"seller not SERVING: {self.log_path.read_text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
+
+    def logs(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture(scope="session")
+def lr_seller(lr_catalog: Path, tls_dir: Path, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[Daemon]:
+    """One long-lived TLS seller of the breast-cancer model; tests use distinct buyers.
+    Every buyer but mallory gets 100.00 of prepaid balance."""
+    daemon = Daemon(lr_catalog, tmp_path_factory.mktemp("lr-seller") / "state", tls_dir)
+    daemon.wait_serving()
+    for buyer in BUYERS[:-1]:
+        top_up(daemon, buyer, "100")
+    yield daemon
+    daemon.stop()
+
+
+def top_up(daemon: Daemon, buyer: str, amount: str) -> None:
+    subprocess.run([str(BIN / "gimme-seller"), "topup", buyer, amount, "--state",
+                    str(daemon.state)], check=True, capture_output=True)
+
+
+def buyer_cli(seller: Daemon | tuple[str, Path], home: Path, identity: str, *args: str,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `gimme-buyer` as a user would, against a daemon or an (address, TLS dir)."""
+    address, tls_dir = ((seller.address, seller.tls_dir) if isinstance(seller, Daemon)
+                        else seller)
+    base = [str(BIN / "gimme-buyer"), args[0], "--seller", address, "--home", str(home),
+            "--identity", identity]
+    base += ["--tls-dir", str(tls_dir)] if tls_dir else ["--insecure"]
+    return subprocess.run([*base, *args[1:]], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=600)

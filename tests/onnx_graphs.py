@@ -1,0 +1,50 @@
+"""Small ONNX graphs built by hand for compiler and engine tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from common.onnx_io import MAX_IR_VERSION
+from common.tabular import FloatArray
+
+RNG = np.random.default_rng(7)
+
+
+def weights(rows: int, cols: int, scale: float = 0.5) -> FloatArray:
+    return (RNG.standard_normal((rows, cols)) * scale).astype(np.float32)
+
+
+def build(nodes: list[onnx.NodeProto], features: int, outputs: dict[str, int],
+          initializers: dict[str, FloatArray], rank: int = 2) -> bytes:
+    shape: list[int | str] = ["N", features] if rank == 2 else ["N", 1, features, features]
+    graph = helper.make_graph(
+        nodes, "test",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", width])
+         for name, width in outputs.items()],
+        [numpy_helper.from_array(value, name) for name, value in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = MAX_IR_VERSION
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def mlp(activation: str, features: int = 6, hidden: int = 5, classes: int = 3) -> bytes:
+    """Gemm -> activation -> Gemm -> Softmax; activation 'square' is Mul(h, h)."""
+    act = (helper.make_node("Mul", ["h", "h"], ["a"], name="square1")
+           if activation == "square" else
+           helper.make_node(activation, ["h"], ["a"], name=f"{activation.lower()}1"))
+    return build(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="dense1"),
+         act,
+         helper.make_node("Gemm", ["a", "w2", "b2"], ["logits"], name="dense2", transB=1),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1)],
+        features, {"probabilities": classes},
+        {"w1": weights(features, hidden), "b1": weights(1, hidden)[0],
+         "w2": weights(classes, hidden), "b2": weights(1, classes)[0]})
+
+
+def calibration(features: int = 6, rows: int = 400) -> FloatArray:
+    return RNG.uniform(-1.5, 1.5, (rows, features))

@@ -1,0 +1,81 @@
+"""Catalog loading through the real daemon: refusals are named, the rest is served, and the
+digits MLP (approximated activations) trades end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from common.errors import BadInput
+from seller_server.catalog import read_listing
+from tests import onnx_graphs as g
+from tests.conftest import Daemon, buyer_cli, top_up
+
+
+def test_an_unevaluable_model_is_refused_by_name_and_the_rest_is_served(
+        lr_catalog: Path, tls_dir: Path, tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog"
+    shutil.copytree(lr_catalog, catalog)
+    model = g.build([helper.make_node("Gemm", ["x", "w", "b"], ["z"], name="dense"),
+                     helper.make_node("Abs", ["z"], ["y"], name="abs_layer")],
+                    3, {"y": 2}, {"w": g.weights(3, 2), "b": g.weights(1, 2)[0]})
+    (catalog / "bad.onnx").write_bytes(model)
+    np.savetxt(catalog / "bad.csv", g.calibration(3), delimiter=",", header="a,b,c",
+               comments="")
+    (catalog / "bad.json").write_text(json.dumps({
+        "name": "bad-model", "model": "bad.onnx", "calibration": "bad.csv",
+        "input_columns": ["a", "b", "c"], "price": "1", "trial_budget_rows": 10}))
+    daemon = Daemon(catalog, tmp_path / "state", tls_dir)
+    try:
+        daemon.wait_serving()
+        listed = buyer_cli(daemon, tmp_path / "home", "alice", "models")
+        assert "breast-cancer-lr" in listed.stdout and "bad-model" not in listed.stdout
+        assert "node 'abs_layer': operator Abs cannot be evaluated" in daemon.logs()
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"price": "1.234"}, "at most 2 decimals"),
+    ({"name": "Bad Name"}, "must be lowercase"),
+    ({"trial_budget_rows": 0}, "positive integer"),
+    ({"input_columns": []}, "non-empty list"),
+])
+def test_bad_listing_files(lr_catalog: Path, tmp_path: Path, change: dict[str, object],
+                           message: str) -> None:
+    listing = json.loads((lr_catalog / "breast_cancer_lr.json").read_text())
+    path = tmp_path / "listing.json"
+    path.write_text(json.dumps({**listing, **change}))
+    with pytest.raises(BadInput, match=message):
+        read_listing(path)
+    path.write_text(json.dumps({k: v for k, v in listing.items() if k != "calibration"}))
+    with pytest.raises(BadInput, match=r"missing field\(s\) \['calibration'\]"):
+        read_listing(path)
+
+
+def test_digits_mlp_trade_end_to_end(examples: Path, tls_dir: Path, tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    for path in (examples / "catalog").glob("digits_mlp*"):
+        shutil.copy(path, catalog)
+    daemon = Daemon(catalog, tmp_path / "state", tls_dir)
+    try:
+        daemon.wait_serving()
+        top_up(daemon, "alice", "100")
+        home = tmp_path / "home"
+        trial = buyer_cli(daemon, home, "alice", "trial", "digits-mlp", "--data",
+                          str(examples / "data" / "digits_mlp_test.npz"))
+        assert trial.returncode == 0, trial.stdout + trial.stderr
+        report = json.loads(next(home.glob("trials/digits-mlp/*/report.json")).read_text())
+        assert report["metrics"]["accuracy"] > 0.95
+        assert buyer_cli(daemon, home, "alice", "buy", "digits-mlp").returncode == 0
+        verified = buyer_cli(daemon, home, "alice", "verify", "digits-mlp")
+        assert verified.returncode == 0, verified.stdout
+        assert "top-1 agreement 100.00% on 540 rows" in verified.stdout
+    finally:
+        daemon.stop()

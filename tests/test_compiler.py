@@ -1,0 +1,147 @@
+"""ONNX -> HE plan: agreement with onnxruntime, exact paths, approximations, refusals."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from common.errors import BadInput, Unsupported
+from common.he.plan import HEPlan, chebyshev_basis
+from common.onnx_io import run_model
+from common.tabular import FloatArray, load_table
+from common.tail import apply_tail
+from seller_server.catalog import read_listing
+from seller_server.compiler import compile_model
+from tests import onnx_graphs as g
+
+
+def _example(examples: Path, stem: str) -> tuple[bytes, FloatArray]:
+    spec = read_listing(examples / "catalog" / f"{stem}.json")
+    rows = load_table(spec.calibration_path, spec.input_columns).rows
+    return spec.model_path.read_bytes(), rows
+
+
+def test_sklearn_logistic_regression_is_exact(examples: Path) -> None:
+    model, rows = _example(examples, "breast_cancer_lr")
+    compiled = compile_model(model, rows)
+    assert compiled.approximation == "exact"
+    assert compiled.plan.depth() == 1  # scaler and classifier fold into one affine map
+    assert compiled.tail.ops == ("sigmoid",)
+    assert compiled.tail.class_labels == ("0", "1")
+    assert compiled.tail.probability_output == "output_probability"  # the ZipMap output
+    assert compiled.tail.label_output == "output_label"
+    assert compiled.approximation_error < 1e-5
+    assert compiled.calibration_agreement == 1.0
+
+
+def test_sklearn_mlp_tanh_is_approximated_within_target(examples: Path) -> None:
+    model, rows = _example(examples, "digits_mlp")
+    compiled = compile_model(model, rows, error_target=0.01)
+    assert compiled.degree > 0 and "Chebyshev" in compiled.approximation
+    assert compiled.approximation_error <= 0.01
+    assert compiled.calibration_agreement == 1.0
+    assert compiled.tail.ops == ("softmax",)
+    assert compiled.plan.depth() == 1 + math.ceil(math.log2(compiled.degree)) + 1
+
+
+def test_a_lower_degree_is_less_accurate(examples: Path) -> None:
+    model, rows = _example(examples, "digits_mlp")
+    low = compile_model(model, rows, degree=4)
+    high = compile_model(model, rows, degree=16)
+    assert low.approximation_error > 5 * high.approximation_error
+
+
+def test_square_activation_needs_no_approximation() -> None:
+    rows = g.calibration()
+    compiled = compile_model(g.mlp("square"), rows)
+    assert compiled.degree == 0
+    assert "exact" in compiled.approximation
+    assert compiled.plan.depth() == 3
+    assert compiled.approximation_error < 1e-5
+
+
+@pytest.mark.parametrize("activation", ["Relu", "Sigmoid", "Tanh"])
+def test_smooth_and_relu_activations_compile(activation: str) -> None:
+    rows, model = g.calibration(), g.mlp(activation)
+    compiled = compile_model(model, rows, error_target=0.02)
+    reference = run_model(model, rows, "probabilities", compiled.tail.class_labels)
+    ours = apply_tail(compiled.plan.simulate(rows), compiled.tail.ops)
+    assert np.abs(ours - reference).max() == pytest.approx(compiled.approximation_error)
+    assert compiled.approximation_error <= 0.02
+
+
+def test_trailing_activation_becomes_exact_tail() -> None:
+    model = g.build([helper.make_node("Gemm", ["x", "w", "b"], ["z"], name="dense"),
+                     helper.make_node("Sigmoid", ["z"], ["p"], name="out")],
+                    4, {"p": 2}, {"w": g.weights(4, 2), "b": g.weights(1, 2)[0]})
+    compiled = compile_model(model, g.calibration(4))
+    assert compiled.tail.ops == ("sigmoid",)
+    assert compiled.plan.stages == ()
+    assert compiled.approximation_error < 1e-5
+
+
+def test_unsupported_operator_is_named_with_a_suggestion() -> None:
+    model = g.build([helper.make_node("MaxPool", ["x"], ["y"], name="pool1",
+                                      kernel_shape=[2, 2])],
+                    4, {"y": 4}, {}, rank=4)
+    with pytest.raises(Unsupported, match=r"node 'pool1': operator MaxPool .*AveragePool"):
+        compile_model(model, g.calibration(4))
+
+
+def test_unknown_operator_is_named() -> None:
+    model = g.build([helper.make_node("Gemm", ["x", "w", "b"], ["z"], name="dense"),
+                     helper.make_node("Abs", ["z"], ["y"], name="abs1")],
+                    4, {"y": 2}, {"w": g.weights(4, 2), "b": g.weights(1, 2)[0]})
+    with pytest.raises(Unsupported, match=r"node 'abs1': operator Abs cannot be evaluated"):
+        compile_model(model, g.calibration(4))
+
+
+def test_product_of_two_encrypted_tensors_is_refused() -> None:
+    model = g.build([helper.make_node("Gemm", ["x", "w", "b"], ["z1"], name="d1"),
+                     helper.make_node("Gemm", ["x", "w", "b"], ["z2"], name="d2"),
+                     helper.make_node("Mul", ["z1", "z2"], ["y"], name="mul1")],
+                    4, {"y": 2}, {"w": g.weights(4, 2), "b": g.weights(1, 2)[0]})
+    with pytest.raises(Unsupported, match=r"node 'mul1'.*multiplies two encrypted"):
+        compile_model(model, g.calibration(4))
+
+
+def test_reshape_that_mixes_rows_is_refused() -> None:
+    model = g.build([helper.make_node("Reshape", ["x", "shape"], ["y"], name="r1")],
+                    4, {"y": 2}, {"shape": np.array([-1, 2], dtype=np.int64)})
+    with pytest.raises(Unsupported, match=r"node 'r1' .*changes the"):
+        compile_model(model, g.calibration(4))
+
+
+def test_wrong_feature_count_is_refused(examples: Path) -> None:
+    model, rows = _example(examples, "breast_cancer_lr")
+    with pytest.raises(Unsupported, match="30 features but the listing"):
+        compile_model(model, rows[:, :10])
+
+
+def test_garbage_is_not_a_model() -> None:
+    with pytest.raises(BadInput, match="not a valid ONNX model"):
+        compile_model(b"not onnx at all", g.calibration(4))
+
+
+def test_plan_round_trip_and_corruption() -> None:
+    rows = g.calibration()
+    compiled = compile_model(g.mlp("Tanh"), rows, degree=5)
+    data = compiled.plan.to_bytes()
+    again = HEPlan.from_bytes(data)
+    assert np.array_equal(again.simulate(rows), compiled.plan.simulate(rows))
+    assert again.digest() == compiled.plan.digest()
+    with pytest.raises(BadInput, match="unreadable HE plan"):
+        HEPlan.from_bytes(data[: len(data) // 2])
+
+
+def test_chebyshev_basis_matches_numpy() -> None:
+    u = np.linspace(-1, 1, 11, dtype=np.float64)[:, None]
+    basis = chebyshev_basis(u, 7)
+    for k in range(1, 8):
+        coeffs = np.zeros(k + 1)
+        coeffs[k] = 1
+        assert np.allclose(basis[:, k - 1], np.polynomial.chebyshev.chebval(u[:, 0], coeffs))

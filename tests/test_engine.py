@@ -1,0 +1,137 @@
+"""The CKKS engine with real OpenFHE at 128-bit: accuracy, security re-derivation, and the
+byte templates that stand between untrusted bytes and OpenFHE."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from buyer_client.trust import check_security
+from common.errors import BadInput, Refused
+from common.he import engine
+from common.he.params import CkksParams, new_key_tag
+from common.tabular import FloatArray
+from seller_server.compiler import compile_model
+from seller_server.planner import choose_params
+from tests import onnx_graphs as g
+
+
+@pytest.fixture(scope="module")
+def tanh_model() -> tuple[bytes, FloatArray]:
+    return g.mlp("Tanh"), g.calibration()
+
+
+def _setup(model: bytes, rows: FloatArray) -> tuple[object, CkksParams, object]:
+    compiled = compile_model(model, rows, degree=6)
+    params = choose_params(compiled.plan.depth(), 128,
+                           float(np.abs(compiled.plan.simulate(rows)).max()))
+    return compiled, params, engine.build_context(params, 128)
+
+
+def test_encrypted_evaluation_matches_the_plan(tanh_model: tuple[bytes, FloatArray]) -> None:
+    compiled, _params, cc = _setup(*tanh_model)
+    rows = tanh_model[1][:100]
+    tag = new_key_tag()
+    secret, public = engine.generate_keys(cc, tag)
+    gate = engine.CiphertextGate(cc, tag, level=0)
+    # inputs travel as bytes and come back through the gate, as on the seller
+    inputs = [gate.load(engine.ciphertext_bytes(engine.encrypt_vector(cc, public, column)),
+                        "input") for column in rows.T]
+    progress: list[tuple[int, int]] = []
+    scores = engine.evaluate(cc, compiled.plan, inputs,  # type: ignore[attr-defined]
+                             lambda done, total: progress.append((done, total)))
+    assert progress[-1][0] == progress[-1][1]
+    level = engine.result_level(compiled.plan)  # type: ignore[attr-defined]
+    assert all(ct.GetLevel() == level for ct in scores)
+    decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
+    expected = compiled.plan.simulate(rows)  # type: ignore[attr-defined]
+    assert np.abs(decrypted - expected).max() < 1e-3
+
+
+def test_planner_picks_the_smallest_secure_ring() -> None:
+    for depth, ring in ((1, 8192), (8, 16384), (14, 32768)):
+        params = choose_params(depth, 128, 10.0)
+        assert params.ring_dimension == ring
+        assert engine.derive_security_bits(params) >= 128
+        halved = dataclasses.replace(params, ring_dimension=ring // 2)
+        assert engine.derive_security_bits(halved) == 0
+
+
+def test_security_is_rederived_not_read_from_the_claim() -> None:
+    honest = choose_params(2, 128, 10.0)
+    assert check_security(honest, 128) >= 128
+    # a 4096 ring cannot hold this modulus at 128 bits, whatever the record claims
+    weak = dataclasses.replace(honest, ring_dimension=4096, claimed_security_bits=128)
+    assert engine.derive_security_bits(weak) == 0
+    with pytest.raises(Refused, match=r"give no standard security.*requires 128-bit"):
+        check_security(weak, 128)
+    overclaimed = dataclasses.replace(honest, claimed_security_bits=256)
+    with pytest.raises(Refused, match="claims 256-bit"):
+        check_security(overclaimed, 128)
+    unclaimed = dataclasses.replace(weak, claimed_security_bits=0)
+    assert check_security(unclaimed, 0) == 0  # an explicit opt-out, for tests only
+
+
+def test_malformed_parameter_records_are_refused_before_openfhe() -> None:
+    honest = choose_params(2, 128, 10.0)
+    for bad in (dataclasses.replace(honest, ring_dimension=12345),
+                dataclasses.replace(honest, multiplicative_depth=0),
+                dataclasses.replace(honest, scaling_technique="FLEXIBLEAUTO"),
+                dataclasses.replace(honest, num_large_digits=99)):
+        with pytest.raises(BadInput, match="unusable CKKS parameters"):
+            check_security(bad, 128)
+
+
+@pytest.fixture(scope="module")
+def small_context() -> tuple[object, str, object, object]:
+    params = choose_params(2, 128, 10.0)
+    cc = engine.build_context(params, 128)
+    tag = new_key_tag()
+    secret, public = engine.generate_keys(cc, tag)
+    return cc, tag, secret, public
+
+
+def test_template_accepts_honest_and_rejects_tampered_ciphertexts(
+        small_context: tuple[object, str, object, object]) -> None:
+    cc, tag, secret, public = small_context
+    gate = engine.CiphertextGate(cc, tag, level=0)
+    values = np.arange(4, dtype=np.float64)
+    honest = engine.ciphertext_bytes(engine.encrypt_vector(cc, public, values))
+    ct = gate.load(honest, "honest")
+    assert np.allclose(engine.decrypt_vector(cc, secret, ct, 4), np.arange(4.0), atol=1e-4)
+
+    fixed = np.flatnonzero(gate.template.fixed)
+    header_flip = bytearray(honest)
+    header_flip[int(fixed[len(fixed) // 2])] ^= 0x10
+    with pytest.raises(BadInput, match="outside the coefficient data differs"):
+        gate.check(bytes(header_flip), "ciphertext 0")
+    coefficient_flip = bytearray(honest)
+    coefficient_flip[int(np.flatnonzero(~gate.template.fixed)[0])] ^= 0x01
+    gate.check(bytes(coefficient_flip), "ciphertext 0")  # just another ciphertext
+    with pytest.raises(BadInput, match="expected exactly"):
+        gate.check(honest[:-8], "ciphertext 0")
+    with pytest.raises(BadInput, match="expected exactly"):
+        gate.check(honest + b"\0" * 64, "ciphertext 0")
+
+    other_tag = engine.CiphertextGate(cc, new_key_tag(), level=0)
+    with pytest.raises(BadInput, match="key tag"):
+        other_tag.check(honest, "ciphertext 0")
+    deeper = engine.CiphertextGate(cc, tag, level=1)
+    with pytest.raises(BadInput):
+        deeper.check(honest, "ciphertext 0")
+
+
+def test_relin_key_template(small_context: tuple[object, str, object, object]) -> None:
+    cc, tag, _secret, _public = small_context
+    key = engine.serialize_relin_key(tag)
+    template = engine.relin_key_template(cc, tag)
+    template.check(key, "relinearization key")
+    engine.load_relin_key(key, template)
+    tampered = bytearray(key)
+    tampered[int(np.flatnonzero(template.fixed)[40])] ^= 0xFF
+    with pytest.raises(BadInput, match="relinearization key"):
+        template.check(bytes(tampered), "relinearization key")
+    with pytest.raises(BadInput):
+        engine.relin_key_template(cc, new_key_tag()).check(key, "relinearization key")

@@ -1,0 +1,313 @@
+"""The protocol over real gRPC (TLS, loopback) against a real seller daemon process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from gimme.v1.gimme_pb2_grpc import add_SellerServicer_to_server
+
+from buyer_client.client import SellerClient
+from buyer_client.trust import open_offer
+from common import errors
+from common.guarded import Limits
+from common.he import engine
+from common.onnx_io import run_model
+from common.protocol import Progress, Signed
+from common.rpc import TlsFiles, make_server
+from common.signing import Signer, sha256
+from common.tabular import FloatArray, load_table
+from common.tail import predicted_labels
+from seller_server.catalog import load_catalog
+from seller_server.service import SellerServicer
+from seller_server.store import Store
+from seller_server.trade import Seller
+from tests.conftest import Daemon, buyer_cli, top_up
+
+LR = "breast-cancer-lr"
+
+
+def _test_csv(examples: Path) -> Path:
+    return examples / "data" / "breast_cancer_lr_test.csv"
+
+
+def test_listing_shows_the_catalog(lr_seller: Daemon, tmp_path: Path) -> None:
+    result = buyer_cli(lr_seller, tmp_path, "alice", "models")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert LR in result.stdout and "25.00" in result.stdout and "N=8192" in result.stdout
+
+
+def test_full_trade_trial_buy_verify(lr_seller: Daemon, examples: Path, tmp_path: Path) -> None:
+    trial = buyer_cli(lr_seller, tmp_path, "alice", "trial", LR, "--data",
+                      str(_test_csv(examples)), "--label-column", "y")
+    assert trial.returncode == 0, trial.stdout + trial.stderr
+    assert "128-bit security (re-derived)" in trial.stdout
+    folder = next((tmp_path / "trials" / LR).glob("*/report.json")).parent
+    report = json.loads((folder / "report.json").read_text())
+    # what the buyer decrypted agrees with the plaintext model on every row
+    model = (examples / "catalog" / "breast_cancer_lr.onnx").read_bytes()
+    columns = json.loads((examples / "catalog" / "breast_cancer_lr.json").read_text())[
+        "input_columns"]
+    table = load_table(_test_csv(examples), columns, "y")
+    plain = predicted_labels(run_model(model, table.rows, "output_probability", ["0", "1"]),
+                             ["0", "1"])
+    assert report["predictions"] == plain
+    expected_accuracy = np.mean([p == t for p, t in zip(plain, table.labels or (), strict=True)])
+    assert report["metrics"]["accuracy"] == pytest.approx(expected_accuracy)
+    assert report["metrics"]["confusion_matrix"] and report["measurements"]["upload_bytes"] > 0
+
+    bought = buyer_cli(lr_seller, tmp_path, "alice", "buy", LR)
+    assert bought.returncode == 0, bought.stdout + bought.stderr
+    assert "matches the offer's commitment" in bought.stdout
+    assert (folder / "model.onnx").read_bytes() == model
+
+    verified = buyer_cli(lr_seller, tmp_path, "alice", "verify", LR)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "PASS" in verified.stdout
+    bundle = zipfile.ZipFile(next(folder.glob("evidence-*.zip")))
+    manifest = json.loads(bundle.read("manifest.json"))
+    assert manifest["verdict"] == "PASS"
+    assert manifest["delivered_model_sha256"] == sha256(model).hex()
+    assert {"offer.json", "receipt-0.json", "payment.json", "delivery.json", "secret.key",
+            "rows.npz", "results/batch-0/score-0.bin"} <= set(bundle.namelist())
+    assert "model.onnx" not in bundle.namelist()
+
+
+def test_wrong_csv_columns_are_named(lr_seller: Daemon, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("mean radius,y\n1.0,0\n")
+    result = buyer_cli(lr_seller, tmp_path / "home", "erin", "trial", LR, "--data", str(bad),
+                       "--label-column", "y")
+    assert result.returncode == 2
+    assert "missing column(s) 'mean texture'" in result.stdout
+    assert "the model needs 30 columns" in result.stdout
+
+
+def _client(daemon: Daemon, identity: str) -> SellerClient:
+    return SellerClient(daemon.address, daemon.tls(identity))
+
+
+class _Trial:
+    """A buyer that drives the protocol by hand, so tests can cheat at any step."""
+
+    def __init__(self, daemon: Daemon, identity: str) -> None:
+        self.client = _client(daemon, identity)
+        _listings, self.key = self.client.list_models()
+        self.signed = self.client.open_trial(LR)
+        self.offer = open_offer(self.signed, self.key, LR)
+        self.cc = engine.build_context(self.offer.params, 128)
+        self.secret, self.public = engine.generate_keys(self.cc, self.offer.key_tag)
+        self.relin_key = engine.serialize_relin_key(self.offer.key_tag)
+
+    def upload_keys(self, data: bytes | None = None) -> bytes:
+        return self.client.upload_keys(self.offer.trial_id, data or self.relin_key,
+                                       lambda n: None)
+
+    def ciphertexts(self, rows: FloatArray) -> list[bytes]:
+        return [engine.ciphertext_bytes(engine.encrypt_vector(self.cc, self.public, c))
+                for c in rows.T]
+
+    def evaluate(self, batch: int, rows: int, blobs: list[bytes]) -> tuple[list[bytes], object]:
+        progress: list[Progress] = []
+        return self.client.evaluate(
+            self.offer.trial_id, batch, rows, blobs, result_count=2, max_result_bytes=1 << 22,
+            on_upload=lambda n: None, on_progress=progress.append, on_download=lambda n: None)
+
+
+def test_corrupted_uploads_are_rejected_and_the_daemon_keeps_serving(lr_seller: Daemon) -> None:
+    trial = _Trial(lr_seller, "carol")
+    key = bytearray(trial.relin_key)
+    key[100] ^= 0xFF  # a header byte of the key
+    with pytest.raises(errors.BadInput, match="relinearization key: byte 100"):
+        trial.upload_keys(bytes(key))
+    trial.upload_keys()
+
+    rows = np.random.default_rng(1).normal(size=(10, 30))
+    blobs = trial.ciphertexts(rows)
+    flipped = bytearray(blobs[3])
+    flipped[64] ^= 0x04  # inside the serialized parameters
+    with pytest.raises(errors.BadInput, match="ciphertext 3: byte 64"):
+        trial.evaluate(0, 10, [*blobs[:3], bytes(flipped), *blobs[4:]])
+    with pytest.raises(errors.BadInput, match=r"'ct-3' declares \d+ bytes; exactly \d+ are"):
+        trial.evaluate(0, 10, [*blobs[:3], blobs[3][:-1], *blobs[4:]])
+    with pytest.raises(errors.BadInput, match="the stream ended before 'ct-29'"):
+        trial.evaluate(0, 10, blobs[:29])
+
+    # the same trial, and other buyers, still work; the failed attempts cost no budget
+    results, _receipt = trial.evaluate(0, 10, blobs)
+    assert len(results) == 2
+    listings, _key = _client(lr_seller, "dave").list_models()
+    carol = next(m for m in _client(lr_seller, "carol").list_models()[0] if m.model_id == LR)
+    assert carol.trial_rows_remaining == carol.trial_budget_rows - 10
+    assert [m.model_id for m in listings] == [LR]
+
+
+def test_budget_is_enforced_by_the_seller(lr_seller: Daemon) -> None:
+    trial = _Trial(lr_seller, "dave")
+    trial.upload_keys()
+    remaining = trial.offer.trial_rows_remaining
+    with pytest.raises(errors.Exhausted, match=f"{remaining} of {remaining} rows remain"):
+        trial.evaluate(0, remaining + 1, trial.ciphertexts(np.zeros((1, 30))))
+
+
+def test_payment_is_idempotent_and_checked(lr_seller: Daemon) -> None:
+    trial = _Trial(lr_seller, "frank")
+    with pytest.raises(errors.WrongState, match="is not paid"):
+        trial.client.deliver(trial.offer.trial_id, 1 << 20, lambda n: None)
+    request = uuid.uuid4().hex
+    first = trial.client.purchase(trial.offer.trial_id, request)
+    again = trial.client.purchase(trial.offer.trial_id, request)
+    assert first == again
+    model, _record = trial.client.deliver(trial.offer.trial_id, 1 << 20, lambda n: None)
+    assert sha256(model) == trial.offer.model_commitment
+    broke = _Trial(lr_seller, "mallory")
+    with pytest.raises(errors.Exhausted, match=r"insufficient prepaid balance: 0.00"):
+        broke.client.purchase(broke.offer.trial_id, uuid.uuid4().hex)
+
+
+def test_forged_offer_signature_is_refused(lr_seller: Daemon) -> None:
+    trial = _Trial(lr_seller, "erin")
+    forged = trial.signed.__class__(trial.signed.kind, trial.signed.payload.replace(
+        b"breast", b"BREAST"), trial.signed.signature)
+    with pytest.raises(errors.Refused, match="signature on this Offer does not verify"):
+        open_offer(forged, trial.key, LR)
+
+
+def test_below_policy_parameters_are_refused(lr_catalog: Path, tls_dir: Path,
+                                             examples: Path, tmp_path: Path) -> None:
+    weak = Daemon(lr_catalog, tmp_path / "state", tls_dir, ["--insecure-he-params", "4096"])
+    try:
+        weak.wait_serving()
+        result = buyer_cli(weak, tmp_path / "home", "alice", "trial", LR, "--data",
+                           str(_test_csv(examples)), "--label-column", "y")
+        assert result.returncode == 2
+        assert "give no standard security" in result.stdout
+        assert "requires 128-bit" in result.stdout
+        assert "nothing was encrypted or sent" in result.stdout
+        assert "relinearization key accepted" not in weak.logs()
+        assert "INSECURE HE PARAMETERS" in weak.logs()
+    finally:
+        weak.stop()
+
+
+def _budget_catalog(lr_catalog: Path, tmp_path: Path, rows: int) -> Path:
+    catalog = tmp_path / "catalog"
+    shutil.copytree(lr_catalog, catalog)
+    listing = json.loads((catalog / "breast_cancer_lr.json").read_text())
+    listing["trial_budget_rows"] = rows
+    (catalog / "breast_cancer_lr.json").write_text(json.dumps(listing))
+    return catalog
+
+
+def test_restart_keeps_ledger_and_budgets(lr_catalog: Path, tls_dir: Path, examples: Path,
+                                          tmp_path: Path) -> None:
+    catalog = _budget_catalog(lr_catalog, tmp_path, 300)
+    state, home = tmp_path / "state", tmp_path / "home"
+    first = Daemon(catalog, state, tls_dir)
+    first.wait_serving()
+    assert "NOT_SERVING" in first.statuses  # while the catalog was compiling
+    top_up(first, "bob", "60")
+    trial = buyer_cli(first, home, "bob", "trial", LR, "--data", str(_test_csv(examples)),
+                      "--label-column", "y")
+    assert trial.returncode == 0, trial.stdout + trial.stderr
+    assert first.stop() == 0  # SIGTERM: a clean, graceful exit
+    assert "stopped" in first.logs()
+
+    second = Daemon(catalog, state, tls_dir)
+    try:
+        second.wait_serving()
+        assert "129/300" in buyer_cli(second, home, "bob", "models").stdout  # 300 - 171 rows
+        again = buyer_cli(second, home, "bob", "trial", LR, "--data",
+                          str(_test_csv(examples)), "--label-column", "y")
+        assert again.returncode == 2
+        assert "only 129 trial rows are left" in again.stdout
+        assert "--rows 129" in again.stdout
+        bought = buyer_cli(second, home, "bob", "buy", LR)
+        assert bought.returncode == 0, bought.stdout + bought.stderr
+        assert "balance 35.00" in bought.stdout  # 60 - 25: the top-up survived the restart
+        assert buyer_cli(second, home, "bob", "verify", LR).returncode == 0
+    finally:
+        second.stop()
+
+
+def test_an_honest_seller_will_not_sell_a_changed_model(
+        lr_catalog: Path, tls_dir: Path, examples: Path, tmp_path: Path) -> None:
+    catalog = _budget_catalog(lr_catalog, tmp_path, 300)
+    state, home = tmp_path / "state", tmp_path / "home"
+    first = Daemon(catalog, state, tls_dir)
+    first.wait_serving()
+    top_up(first, "carol", "100")
+    assert buyer_cli(first, home, "carol", "trial", LR, "--data", str(_test_csv(examples)),
+                     "--label-column", "y", "--rows", "20").returncode == 0
+    first.stop()
+    (catalog / "breast_cancer_lr.onnx").write_bytes(_perturbed_model(lr_catalog))
+    second = Daemon(catalog, state, tls_dir)
+    try:
+        second.wait_serving()
+        bought = buyer_cli(second, home, "carol", "buy", LR)
+        assert bought.returncode == 2
+        assert "has changed since trial" in bought.stdout
+    finally:
+        second.stop()
+
+
+def _perturbed_model(lr_catalog: Path) -> bytes:
+    """The example model with every coefficient 10% larger: close, but not what was sold."""
+    model = onnx.load_model_from_string((lr_catalog / "breast_cancer_lr.onnx").read_bytes())
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.name == "coefficients":
+                attribute.floats[:] = [v * 1.1 for v in attribute.floats]
+    return model.SerializeToString()
+
+
+class _SwappingSeller(Seller):
+    """A dishonest seller: delivers other bytes under a record claiming the committed hash."""
+
+    swapped = b""
+
+    def deliver(self, buyer_id: str, trial_id: str) -> tuple[bytes, Signed]:
+        _model, record = super().deliver(buyer_id, trial_id)
+        return self.swapped, record
+
+
+def test_a_swapped_delivery_fails_verification_with_evidence(
+        lr_catalog: Path, tls_dir: Path, examples: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    store = Store(state / "gimme.sqlite")
+    store.top_up("dave", 10_000, "top")
+    signer, _ = Signer.load_or_create(state / "identity.key")
+    listings, _refused = load_catalog(lr_catalog, store, security_bits=128, limits=Limits())
+    seller = _SwappingSeller(listings, store, signer, state / "spool", Limits(), 128)
+    seller.swapped = _perturbed_model(lr_catalog)
+    server, port, _health = make_server("127.0.0.1:0", TlsFiles.in_dir(tls_dir, "seller"))
+    servicer = SellerServicer(require_tls_identity=True)
+    servicer.ready(seller)
+    add_SellerServicer_to_server(servicer, server)
+    server.start()
+    try:
+        endpoint, home = (f"127.0.0.1:{port}", tls_dir), tmp_path / "home"
+        assert buyer_cli(endpoint, home, "dave", "trial", LR, "--data", str(_test_csv(examples)),
+                         "--label-column", "y").returncode == 0
+        bought = buyer_cli(endpoint, home, "dave", "buy", LR)
+        assert "DOES NOT match" in bought.stdout
+        verified = buyer_cli(endpoint, home, "dave", "verify", LR, "--include-model")
+    finally:
+        server.stop(None)
+        store.close()
+    assert verified.returncode == 1
+    assert "FAIL" in verified.stdout
+    bundle = zipfile.ZipFile(next((home / "trials" / LR).glob("*/evidence-*.zip")))
+    manifest = json.loads(bundle.read("manifest.json"))
+    assert manifest["verdict"] == "FAIL"
+    failed = {c["name"] for c in manifest["checks"] if not c["ok"]}
+    assert failed == {"hash matches the signed commitment",
+                      "delivery record signed for these bytes",
+                      "delivered model reproduces the trial"}
+    assert bundle.read("model.onnx") == seller.swapped  # the evidence includes what came
