@@ -33,19 +33,20 @@ def cmd_models(args: argparse.Namespace) -> None:
     client = _client(args)
     listings, key = client.list_models()
     Workspace(args.home).pin_key(client.address, key)
-    table = Table("model", "price", "trial rows left", "inputs", "classes", "HE", "tolerance",
-                  "activations", title=f"models at {args.seller} (seller key "
-                                       f"{fingerprint(key)})")
+    table = Table("model", "price", "trial rows left", "inputs", "classes", "CKKS",
+                  "tolerance", title=f"models at {args.seller} (seller key {fingerprint(key)})")
     for m in listings:
+        classes = (", ".join(m.class_labels) if len(m.class_labels) <= 4
+                   else f"{len(m.class_labels)} classes")
         table.add_row(m.model_id, f"{m.price_cents / 100:.2f}",
                       f"{m.trial_rows_remaining}/{m.trial_budget_rows}",
-                      str(len(m.input_columns)), ", ".join(m.class_labels) or "-",
-                      f"N={m.ring_dimension} depth {m.multiplicative_depth}",
-                      f"{m.tolerance:.2g}", m.approximation)
+                      str(len(m.input_columns)), classes or "-",
+                      f"N={m.ring_dimension}, depth {m.multiplicative_depth}",
+                      f"{m.tolerance:.2g}")
     console.print(table)
     for m in listings:
-        if m.description:
-            console.print(f"[bold]{m.model_id}[/bold]: {m.description}")
+        console.print(f"[bold]{m.model_id}[/bold]: {m.description or '(no description)'} "
+                      f"[dim]HE plan: {m.approximation}[/dim]")
 
 
 def cmd_trial(args: argparse.Namespace) -> None:

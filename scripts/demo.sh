@@ -32,16 +32,7 @@ gimme-seller health --address "127.0.0.1:$(cat "$run/port")" --tls-dir "$run/tls
 
 export GIMME_SELLER="127.0.0.1:$(cat "$run/port")" GIMME_TLS_DIR="$run/tls" GIMME_HOME="$run/buyer"
 gimme-seller topup buyer 100 --state "$run/seller"
-gimme-buyer models
-for model in breast-cancer-lr digits-mlp; do
-  stem=${model//-/_}
-  echo "== trial of $model on the buyer's held-out rows (encrypted)"
-  gimme-buyer trial "$model" --data "$run/data/${stem}_test.csv" --label-column y
-  echo "== buying $model"
-  gimme-buyer buy "$model"
-  echo "== verifying the delivered $model against the commitment and the trial"
-  gimme-buyer verify "$model"
-done
+scripts/buyer_demo.sh "$run/data"
 
 kill -TERM "$seller_pid"
 wait "$seller_pid"
