@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from common.errors import Refused
+from common.errors import BadInput, Refused
 from common.he import engine
 from common.he.params import CkksParams
 from common.protocol import (
@@ -19,6 +19,7 @@ from common.protocol import (
     Signed,
 )
 from common.signing import sha256, verify
+from common.tail import check_tail
 from common.wire import (
     delivery_from_payload,
     offer_from_payload,
@@ -40,9 +41,41 @@ def open_offer(signed: Signed, seller_key: bytes, model_id: str) -> Offer:
         raise Refused("the offer names a different seller key than the one that signed it")
     if offer.model_id != model_id:
         raise Refused(f"asked for {model_id!r} but the offer is for {offer.model_id!r}")
-    if len(offer.model_commitment) != 32 or offer.tolerance <= 0:
-        raise Refused("the offer has no usable model commitment or tolerance")
+    _check_offer_shape(offer)
     return offer
+
+
+MAX_SCORES = 4096
+
+
+def _check_offer_shape(offer: Offer) -> None:
+    """Refuse offers no honest seller makes, before anything is built from them."""
+    problems = []
+    if len(offer.model_commitment) != 32:
+        problems.append("no SHA-256 model commitment")
+    if not 0 < offer.tolerance < 1e6:
+        problems.append(f"tolerance {offer.tolerance}")
+    if offer.encoding.packing != "slot-per-sample":
+        problems.append(f"unknown packing {offer.encoding.packing!r}")
+    if offer.encoding.rows_per_ciphertext != offer.params.slots:
+        problems.append(f"{offer.encoding.rows_per_ciphertext} rows per ciphertext with "
+                        f"{offer.params.slots} slots")
+    if not offer.encoding.input_columns:
+        problems.append("no input columns")
+    if not 0 < offer.output.score_count <= MAX_SCORES:
+        problems.append(f"{offer.output.score_count} result ciphertexts")
+    if not 0 < offer.output.result_level <= offer.params.multiplicative_depth:
+        problems.append(f"result level {offer.output.result_level} for depth "
+                        f"{offer.params.multiplicative_depth}")
+    if offer.output.class_labels and len(offer.output.class_labels) != offer.output.score_count:
+        problems.append(f"{len(offer.output.class_labels)} class labels for "
+                        f"{offer.output.score_count} scores")
+    try:
+        check_tail(offer.output.tail)
+    except BadInput as exc:
+        problems.append(exc.message)
+    if problems:
+        raise Refused("the offer is malformed: " + "; ".join(problems))
 
 
 def check_security(params: CkksParams, policy_bits: int) -> int:

@@ -240,6 +240,7 @@ class Seller:
                 model_commitment=listing.commitment, paid_at=int(time.time()))))
 
         signed = self.store.purchase(request_id, trial, listing.spec.price_cents, sign_receipt)
+        shutil.rmtree(self.spool / "trials" / trial_id, ignore_errors=True)  # keys: done
         log.info("trial %s paid: %s bought %s", trial_id, buyer_id, listing.model_id)
         return signed
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import uuid
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from common.protocol import Progress, Signed
 from common.rpc import TlsFiles, make_server
 from common.signing import Signer, sha256
 from common.tabular import FloatArray, load_table
-from common.tail import predicted_labels
+from common.tail import apply_tail, predicted_labels
 from seller_server.catalog import load_catalog
 from seller_server.service import SellerServicer
 from seller_server.store import Store
@@ -311,3 +312,55 @@ def test_a_swapped_delivery_fails_verification_with_evidence(
                       "delivery record signed for these bytes",
                       "delivered model reproduces the trial"}
     assert bundle.read("model.onnx") == seller.swapped  # the evidence includes what came
+
+
+def test_two_buyers_evaluate_at_once_without_sharing_key_state(lr_seller: Daemon,
+                                                                 lr_catalog: Path) -> None:
+    trials = [_Trial(lr_seller, "erin"), _Trial(lr_seller, "frank")]
+    rows = [np.random.default_rng(seed).normal(size=(20, 30)) for seed in (5, 6)]
+    for trial in trials:
+        trial.upload_keys()
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(lambda i: trials[i].evaluate(0, 20, trials[i].ciphertexts(
+            rows[i])), range(2)))
+    for trial, (results, _receipt), data in zip(trials, outcomes, rows, strict=True):
+        gate = engine.CiphertextGate(trial.cc, trial.offer.key_tag,
+                                     trial.offer.output.result_level)
+        scores = np.array([engine.decrypt_vector(trial.cc, trial.secret, gate.load(r, "r"), 20)
+                           for r in results]).T
+        model = (lr_catalog / "breast_cancer_lr.onnx").read_bytes()
+        plain = run_model(model, data, "output_probability", ["0", "1"])
+        ours = apply_tail(scores, trial.offer.output.tail)
+        assert np.abs(ours - plain).max() <= trial.offer.tolerance
+
+
+def test_many_rows_go_in_several_batches(lr_catalog: Path, tls_dir: Path, examples: Path,
+                                         tmp_path: Path) -> None:
+    """Logic test on a deliberately tiny, insecure ring (512 rows per ciphertext)."""
+    columns = json.loads((lr_catalog / "breast_cancer_lr.json").read_text())["input_columns"]
+    test = load_table(_test_csv(examples), columns, "y")
+    calibration = load_table(lr_catalog / "breast_cancer_lr_calibration.csv", columns)
+    rows = np.vstack([calibration.rows, test.rows])  # 569 rows
+    data = tmp_path / "rows.npz"
+    np.savez(data, X=rows, y=np.zeros(len(rows), dtype=int))
+    daemon = Daemon(lr_catalog, tmp_path / "state", tls_dir, ["--insecure-he-params", "1024"])
+    try:
+        daemon.wait_serving()
+        top_up(daemon, "alice", "100")
+        home = tmp_path / "home"
+        trial = buyer_cli(daemon, home, "alice", "trial", LR, "--data", str(data),
+                          "--min-security", "0")
+        assert trial.returncode == 0, trial.stdout + trial.stderr
+        folder = next((home / "trials" / LR).glob("*/report.json")).parent
+        assert sorted(p.name for p in folder.glob("receipt-*.json")) == ["receipt-0.json",
+                                                                         "receipt-1.json"]
+        report = json.loads((folder / "report.json").read_text())
+        model = (lr_catalog / "breast_cancer_lr.onnx").read_bytes()
+        plain = predicted_labels(run_model(model, rows, "output_probability", ["0", "1"]),
+                                 ["0", "1"])
+        assert report["predictions"] == plain
+        assert buyer_cli(daemon, home, "alice", "buy", LR).returncode == 0
+        assert buyer_cli(daemon, home, "alice", "verify", LR).returncode == 0
+        assert not (daemon.state / "spool" / "trials" / folder.name).exists()
+    finally:
+        daemon.stop()
