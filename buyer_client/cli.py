@@ -16,8 +16,7 @@ from buyer_client.purchase import buy
 from buyer_client.trial import run_trial, seller_key
 from buyer_client.verify import verify_delivery
 from buyer_client.workspace import Workspace
-from common.errors import GimmeError
-from common.logs import setup_logging
+from common.cli import run_command
 from common.rpc import TlsFiles
 from common.signing import fingerprint
 
@@ -135,12 +134,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.WARNING)
-    try:
-        args.func(args)
-    except GimmeError as exc:
-        console.print(f"[red]error:[/red] {exc.message}")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_command(build_parser().parse_args(argv), console, logging.WARNING)

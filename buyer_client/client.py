@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -17,6 +17,7 @@ from common.transfer import receive_object, send_object
 
 BUYER_HEADER = "x-gimme-buyer"
 T = TypeVar("T")
+E = TypeVar("E", pb.EvaluateEvent, pb.DeliverEvent)
 BytesFn = Callable[[int], None]
 
 _ERRORS: dict[grpc.StatusCode, type[errors.GimmeError]] = {
@@ -97,19 +98,14 @@ class SellerClient:
 
         receipts: list[Signed] = []
 
-        def frames() -> Iterator[pb.Frame]:
-            for event in self.stub.Evaluate(requests(), metadata=self.metadata,
-                                            timeout=self.timeout):
-                if event.HasField("progress"):
-                    on_progress(wire.progress_from_pb(event.progress))
-                elif event.HasField("frame"):
-                    if event.frame.HasField("chunk"):
-                        on_download(len(event.frame.chunk))
-                    yield event.frame
-                else:
-                    receipts.append(wire.envelope_from_pb(event.receipt))
+        def other(event: pb.EvaluateEvent) -> None:
+            if event.HasField("progress"):
+                on_progress(wire.progress_from_pb(event.progress))
+            else:
+                receipts.append(wire.envelope_from_pb(event.receipt))
 
-        stream = frames()
+        events = self.stub.Evaluate(requests(), metadata=self.metadata, timeout=self.timeout)
+        stream = _frames(events, on_download, other)
         results = [receive_object(stream, expected_name=f"score-{i}", max_size=max_result_bytes,
                                   what="seller results").data for i in range(result_count)]
         for _extra in stream:
@@ -129,18 +125,10 @@ class SellerClient:
     def deliver(self, trial_id: str, model_size: int, on_bytes: BytesFn
                 ) -> tuple[bytes, Signed]:
         records: list[Signed] = []
-
-        def frames() -> Iterator[pb.Frame]:
-            for event in self.stub.Deliver(pb.DeliverRequest(trial_id=trial_id),
-                                           metadata=self.metadata, timeout=self.timeout):
-                if event.HasField("frame"):
-                    if event.frame.HasField("chunk"):
-                        on_bytes(len(event.frame.chunk))
-                    yield event.frame
-                else:
-                    records.append(wire.envelope_from_pb(event.record))
-
-        stream = frames()
+        events = self.stub.Deliver(pb.DeliverRequest(trial_id=trial_id), metadata=self.metadata,
+                                   timeout=self.timeout)
+        stream = _frames(events, on_bytes,
+                         lambda event: records.append(wire.envelope_from_pb(event.record)))
         model = receive_object(stream, expected_name="model", max_size=model_size,
                                what="model delivery").data
         for _extra in stream:
@@ -148,3 +136,15 @@ class SellerClient:
         if len(records) != 1:
             raise errors.BadInput("the model came without a signed delivery record")
         return model, records[0]
+
+
+def _frames(events: Iterable[E], on_bytes: BytesFn, other: Callable[[E], None]
+            ) -> Iterator[pb.Frame]:
+    """The data frames of a response stream (counting bytes); other events go to `other`."""
+    for event in events:
+        if event.HasField("frame"):
+            if event.frame.HasField("chunk"):
+                on_bytes(len(event.frame.chunk))
+            yield event.frame
+        else:
+            other(event)

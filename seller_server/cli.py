@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import uuid
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -14,9 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from common.certs import create_certificates
-from common.errors import BadInput, GimmeError
+from common.cli import run_command
+from common.errors import BadInput
 from common.guarded import Limits
-from common.logs import setup_logging
 from common.rpc import TlsFiles, check_health
 from seller_server.daemon import ServeOptions, serve
 from seller_server.store import Store
@@ -150,12 +149,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    try:
-        args.func(args)
-    except GimmeError as exc:
-        console.print(f"[red]error:[/red] {exc.message}")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_command(build_parser().parse_args(argv), console, logging.INFO)

@@ -7,7 +7,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from gimme.v1 import gimme_pb2 as pb
@@ -25,25 +25,22 @@ BUYER_HEADER = "x-gimme-buyer"
 T = TypeVar("T")
 
 
-def _status(error: GimmeError) -> grpc.StatusCode:
-    code: grpc.StatusCode = getattr(grpc.StatusCode, error.status.value)
-    return code
+def _abort(context: grpc.ServicerContext, method: str, error: Exception) -> NoReturn:
+    """GimmeError -> its gRPC status with the error's message; anything else is logged."""
+    if isinstance(error, GimmeError):
+        log.warning("%s refused: %s", method, error.message)
+        context.abort(getattr(grpc.StatusCode, error.status.value), error.message)
+    log.error("%s failed", method, exc_info=error)
+    context.abort(grpc.StatusCode.INTERNAL, "internal error; see the seller's log")
 
 
 def _guard(method: Callable[..., T]) -> Callable[..., T]:
-    """Map GimmeError to its gRPC status with the error's message; log the rest."""
-
     @functools.wraps(method)
     def wrapper(self: SellerServicer, request: Any, context: grpc.ServicerContext) -> T:
         try:
             return method(self, request, context)
-        except GimmeError as exc:
-            log.warning("%s refused: %s", method.__name__, exc.message)
-            context.abort(_status(exc), exc.message)
-        except Exception:
-            log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the seller's log")
-        raise AssertionError("unreachable")  # context.abort raises
+        except Exception as exc:
+            _abort(context, method.__name__, exc)
 
     return wrapper
 
@@ -54,12 +51,8 @@ def _guard_stream(method: Callable[..., Iterator[T]]) -> Callable[..., Iterator[
                 ) -> Iterator[T]:
         try:
             yield from method(self, request, context)
-        except GimmeError as exc:
-            log.warning("%s refused: %s", method.__name__, exc.message)
-            context.abort(_status(exc), exc.message)
-        except Exception:
-            log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the seller's log")
+        except Exception as exc:
+            _abort(context, method.__name__, exc)
 
     return wrapper
 
