@@ -2,19 +2,25 @@
 
 The compiler walks the graph once, tracking every tensor as one of:
   * a constant (initializers, Constant nodes, shape arithmetic on constants),
-  * an affine map of the current ciphertext basis (`Affine`),
-  * an affine map followed by exact operations not yet committed to (`Deferred`):
-    activations, softmax, normalizers. If the graph ends there they become the output
-    tail the buyer applies after decryption; if a layer consumes them, elementwise
-    activations are *materialized* as Chebyshev polynomial stages on input ranges
-    calibrated from the seller's data,
+  * an affine map of the current ciphertext basis with a per-row shape (`Affine`),
+  * an affine map followed by elementwise or row-wise operations not yet committed to
+    (`Deferred`): if the graph ends there they become the output tail the buyer applies
+    exactly after decryption; if a layer consumes them, the activations are
+    *materialized* as Chebyshev polynomial stages on per-unit ranges calibrated from the
+    seller's rows,
   * class labels (`Labels`): argmax outputs, computed by the buyer.
-Anything else is refused with the node's name and operator.
+
+Every operator that is affine in its encrypted inputs (Gemm, MatMul, Conv, pooling by
+averaging, BatchNormalization, Pad, Concat, Reshape, Transpose, Slice, sums of branches,
+...) is handled the same way: the single node is run in float64 by ONNX's reference
+evaluator on probe rows (zero, then one-hot rows per encrypted input), which yields its
+exact affine map; a random probe then confirms the node really is affine. Anything else is
+refused with the node's name and operator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,20 +31,27 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from common.errors import Unsupported
-from common.he.plan import HEPlan, OutputStage, PolyStage, chebyshev_basis
+from common.he.plan import HEPlan, OutputStage, PolyStage
 from common.onnx_io import parse_model, run_model
-from common.tail import apply_tail, predicted_labels
+from common.tail import TAIL_OPS, apply_tail, predicted_labels
 
 FloatArray = npt.NDArray[np.float64]
+UnitFunction = Callable[[FloatArray], FloatArray]
 
-ACTIVATIONS: dict[str, Callable[[FloatArray], FloatArray]] = {
-    "relu": lambda x: np.maximum(x, 0.0),
-    "tanh": np.tanh,
-    "sigmoid": lambda x: 0.5 * (1.0 + np.tanh(0.5 * x)),
-    "square": np.square,
-}
-DEGREES = (3, 4, 6, 8, 12, 16, 24, 32)  # tried in order until the error target is met
 MAX_CALIBRATION_ROWS = 4096
+DEGREES = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32)
+# per-activation error bounds tried, loosest first, until the end-to-end target holds
+LOCAL_TOLERANCES = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
+PROBE_CHUNK = 1024
+
+# Operators whose outputs are affine in their (encrypted) data inputs once every other
+# input is a constant; their maps are measured by probing.
+AFFINE_OPS = frozenset({
+    "Add", "Sub", "Mul", "Div", "Neg", "Identity", "Dropout", "Gemm", "MatMul", "Conv",
+    "ConvTranspose", "AveragePool", "GlobalAveragePool", "BatchNormalization", "Pad",
+    "Concat", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather",
+    "Split", "ReduceMean", "ReduceSum", "Expand", "Tile", "Scaler", "LinearRegressor",
+})
 
 
 @dataclass(frozen=True)
@@ -53,16 +66,51 @@ class Tail:
 class CompiledModel:
     plan: HEPlan
     tail: Tail
-    degree: int  # Chebyshev degree of approximated activations (0: none approximated)
+    degree: int  # highest Chebyshev degree of approximated activations (0: none)
     approximation: str
     approximation_error: float  # max |tail(plan) - onnxruntime| on calibration rows
     calibration_agreement: float  # top-1 agreement with onnxruntime on calibration rows
+    layer_errors: tuple[tuple[str, float], ...]  # per activation: max |p - f| on its inputs
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise function; `params` are per-unit arrays (e.g. PRelu slopes)."""
+
+    name: str
+    params: tuple[float, ...] = ()
+    slopes: FloatArray | None = None
+
+    def function(self, unit: int) -> UnitFunction:
+        p = self.params
+        if self.name == "prelu":
+            assert self.slopes is not None
+            slope = float(self.slopes[unit])
+            return lambda x: np.where(x > 0, x, slope * x)
+        table: dict[str, UnitFunction] = {
+            "relu": lambda x: np.maximum(x, 0.0),
+            "tanh": np.tanh,
+            "sigmoid": lambda x: 0.5 * (1.0 + np.tanh(0.5 * x)),
+            "square": np.square,
+            "softplus": lambda x: np.logaddexp(0.0, x),
+            "leaky_relu": lambda x: np.where(x > 0, x, p[0] * x),
+            "elu": lambda x: np.where(x > 0, x, p[0] * np.expm1(np.minimum(x, 0.0))),
+            "clip": lambda x: np.clip(x, p[0], p[1]),
+        }
+        return table[self.name]
+
+    @property
+    def tail_name(self) -> str | None:
+        """The name of this function as an exact output-tail op, if it is one."""
+        return self.name if not self.params and self.slopes is None and \
+            self.name in TAIL_OPS else None
 
 
 @dataclass(frozen=True)
 class Affine:
     weights: FloatArray  # (features, basis size when created)
-    bias: FloatArray
+    bias: FloatArray  # (features,)
+    shape: tuple[int, ...]  # per-row tensor shape
 
     @property
     def features(self) -> int:
@@ -72,8 +120,12 @@ class Affine:
 @dataclass(frozen=True)
 class Deferred:
     base: Affine
-    ops: tuple[str, ...]
+    ops: tuple[Activation | str, ...]  # str: row-wise tail ops (softmax, normalizers)
     origin: str  # node that started the deferred ops, for messages
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
 
 
 @dataclass(frozen=True)
@@ -94,32 +146,31 @@ def compile_model(
 ) -> CompiledModel:
     """Compile and validate against onnxruntime on the calibration rows.
 
-    With `degree` None the smallest Chebyshev degree meeting `error_target` (max absolute
-    error on the compared output) is chosen; if none does, the most accurate one is.
+    Each approximated activation gets the smallest Chebyshev degree whose error on its own
+    calibrated inputs is within a local bound; the bound is tightened until the error on
+    the model's compared output meets `error_target` (or `degree` fixes every degree).
     """
     model = parse_model(model_bytes, "the model")
     rows = np.asarray(calibration, dtype=np.float64)[:MAX_CALIBRATION_ROWS]
-    candidates = (degree,) if degree is not None else DEGREES
+    bounds: Sequence[float | None] = (None,) if degree is not None else LOCAL_TOLERANCES
     best: CompiledModel | None = None
     reference: FloatArray | None = None
-    for candidate in candidates:
-        tracer = _Tracer(model, rows, candidate, margin)
+    for bound in bounds:
+        tracer = _Tracer(model, rows, margin, degree, bound)
         plan, tail = tracer.run()
         if reference is None:
             reference = run_model(model_bytes, rows, tail.probability_output, tail.class_labels)
-        compiled = _measure(plan, tail, tracer, rows, reference, candidate)
+        compiled = _measure(plan, tail, tracer, rows, reference)
         if best is None or compiled.approximation_error < best.approximation_error:
             best = compiled
-        if not tracer.approximated or compiled.approximation_error <= error_target:
+        if not tracer.layer_errors or compiled.approximation_error <= error_target:
             return compiled
     assert best is not None
     return best
 
 
-def _measure(
-    plan: HEPlan, tail: Tail, tracer: _Tracer, rows: FloatArray, reference: FloatArray,
-    degree: int,
-) -> CompiledModel:
+def _measure(plan: HEPlan, tail: Tail, tracer: _Tracer, rows: FloatArray,
+             reference: FloatArray) -> CompiledModel:
     ours = apply_tail(plan.simulate(rows), tail.ops)
     if ours.shape != reference.shape:
         raise Unsupported(f"compiled plan gives {ours.shape[1]} outputs but onnxruntime gives "
@@ -129,24 +180,27 @@ def _measure(
     labels_ref = predicted_labels(reference, tail.class_labels)
     agreement = (float(np.mean([a == b for a, b in zip(labels_ours, labels_ref, strict=True)]))
                  if labels_ref else 1.0)
-    approximated = [s.label for s in plan.stages if "Chebyshev" in s.label]
-    summary = "; ".join(s.label for s in plan.stages) or "exact"
-    if not approximated and error > 1e-3:
+    if not tracer.layer_errors and error > 1e-3:
         raise Unsupported(f"internal check failed: the exact HE plan differs from onnxruntime "
                           f"by {error:.3g} on the calibration rows; please report this model")
-    return CompiledModel(plan, tail, degree if tracer.approximated else 0, summary, error,
-                         agreement)
+    summary = "; ".join(s.label for s in plan.stages) or "exact"
+    degrees = [s.degree for s in plan.stages if "Chebyshev" in s.label]
+    return CompiledModel(plan, tail, max(degrees, default=0), summary, error, agreement,
+                         tuple(tracer.layer_errors))
 
 
 class _Tracer:
-    def __init__(self, model: onnx.ModelProto, rows: FloatArray, degree: int, margin: float):
+    def __init__(self, model: onnx.ModelProto, rows: FloatArray, margin: float,
+                 degree: int | None, local_bound: float | None) -> None:
+        self.model = model
         self.graph = model.graph
-        self.degree = degree
         self.margin = margin
+        self.degree = degree
+        self.local_bound = local_bound
         self.basis_values = rows  # calibration values of every basis ciphertext so far
         self.input_count = rows.shape[1]
         self.stages: list[PolyStage] = []
-        self.approximated = False
+        self.layer_errors: list[tuple[str, float]] = []
         self.values: dict[str, Value] = {}
         self.class_labels: tuple[str, ...] = ()
 
@@ -163,23 +217,33 @@ class _Tracer:
             if node.op_type in _SUGGESTIONS:
                 raise Unsupported(f"node {node.name!r}: operator {node.op_type} cannot be "
                                   f"evaluated under encryption{_hint(node)}")
-        self._check_input(inputs[0])
-        self.values[inputs[0].name] = Affine(np.eye(self.input_count), np.zeros(self.input_count))
+        shape = self._input_shape(inputs[0])
+        self.values[inputs[0].name] = Affine(np.eye(self.input_count),
+                                             np.zeros(self.input_count), shape)
         for node in self.graph.node:
             self._visit(node)
         return self._finish()
 
-    def _check_input(self, value_info: onnx.ValueInfoProto) -> None:
+    def _input_shape(self, value_info: onnx.ValueInfoProto) -> tuple[int, ...]:
         tensor = value_info.type.tensor_type
         if tensor.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
             raise Unsupported(f"input {value_info.name!r} must be a float tensor")
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-        if len(dims) != 2:
-            raise Unsupported(f"input {value_info.name!r} has rank {len(dims)}; this engine "
-                              f"takes [rows, features] inputs")
-        if dims[1] is not None and dims[1] != self.input_count:
-            raise Unsupported(f"input {value_info.name!r} has {dims[1]} features but the "
-                              f"listing/calibration data has {self.input_count} columns")
+        if len(dims) < 2:
+            raise Unsupported(f"input {value_info.name!r} has rank {len(dims)}; the first "
+                              f"dimension must be the rows")
+        row_dims = dims[1:]
+        if len(row_dims) == 1 and row_dims[0] is None:
+            row_dims = [self.input_count]
+        if any(d is None for d in row_dims):
+            raise Unsupported(f"input {value_info.name!r} has dynamic dimensions {dims[1:]} "
+                              f"besides the rows; export it with a fixed per-row shape")
+        shape = tuple(int(d) for d in row_dims if d is not None)
+        if int(np.prod(shape)) != self.input_count:
+            raise Unsupported(f"input {value_info.name!r} has {int(np.prod(shape))} features "
+                              f"(shape {list(shape)}) but the listing/calibration data has "
+                              f"{self.input_count} columns")
+        return shape
 
     def _visit(self, node: onnx.NodeProto) -> None:
         args = [self.values.get(name) if name else None for name in node.input]
@@ -188,26 +252,38 @@ class _Tracer:
             raise Unsupported(f"node {node.name!r} ({node.op_type}) reads undefined {missing}")
         if all(isinstance(a, np.ndarray) or a is None for a in args):
             outputs = self._fold_constant(node, args)
+        elif node.op_type in _HANDLERS:
+            outputs = _HANDLERS[node.op_type](self, node, args)
+        elif node.op_type in AFFINE_OPS:
+            outputs = self._probe(node, args)
         else:
-            handler = _HANDLERS.get(node.op_type)
-            if handler is None:
-                raise Unsupported(f"node {node.name!r}: operator {node.op_type} cannot be "
-                                  f"evaluated under encryption by this engine{_hint(node)}")
-            outputs = handler(self, node, args)
+            raise Unsupported(f"node {node.name!r}: operator {node.op_type} cannot be "
+                              f"evaluated under encryption by this engine{_hint(node)}")
         for name, value in zip(node.output, outputs, strict=False):
             if name:
                 self.values[name] = value
 
     def _fold_constant(self, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
         if node.op_type == "Constant":
-            return [numpy_helper.to_array(node.attribute[0].t)
-                    if node.attribute[0].name == "value"
-                    else np.array(helper.get_attribute_value(node.attribute[0]))]
+            attribute = node.attribute[0]
+            return [numpy_helper.to_array(attribute.t) if attribute.name == "value"
+                    else np.array(helper.get_attribute_value(attribute))]
         try:
             feeds = {n: a for n, a in zip(node.input, args, strict=True) if n}
-            return list(ReferenceEvaluator(node).run(None, feeds))
+            return list(self._evaluator(node, feeds).run(None, feeds))
         except Exception as exc:
             raise Unsupported(f"node {node.name!r} ({node.op_type}) on constants: {exc}") from exc
+
+    def _evaluator(self, node: onnx.NodeProto, inputs: Iterable[str]) -> ReferenceEvaluator:
+        """A float64 reference evaluator for this one node (in the model's opsets)."""
+        graph = helper.make_graph(
+            [node], "probe",
+            [helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)
+             for name in inputs],
+            [helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)
+             for name in node.output if name])
+        probe = helper.make_model(graph, opset_imports=list(self.model.opset_import))
+        return ReferenceEvaluator(probe)
 
     def _finish(self) -> tuple[HEPlan, Tail]:
         probability: tuple[str, Affine | Deferred] | None = None
@@ -222,7 +298,7 @@ class _Tracer:
         if probability is None:
             raise Unsupported("the model has no numeric output computed from its input")
         name, value = probability
-        base, ops = (value.base, value.ops) if isinstance(value, Deferred) else (value, ())
+        base, ops = self._tail(value)
         weights = self._pad(base.weights)
         plan = HEPlan(self.input_count, tuple(self.stages), OutputStage(weights, base.bias.copy()))
         plan.check()
@@ -230,6 +306,26 @@ class _Tracer:
         if not labels and base.features > 1:
             labels = tuple(str(i) for i in range(base.features))
         return plan, Tail(ops, labels, name, label_output)
+
+    def _tail(self, value: Affine | Deferred) -> tuple[Affine, tuple[str, ...]]:
+        """Split the output into what runs encrypted and the exact tail the buyer applies;
+        parametrized activations before the tail's first exact op are materialized."""
+        if isinstance(value, Affine):
+            return value, ()
+        ops = list(value.ops)
+        exact: list[str] = []
+        while ops:
+            last = ops[-1]
+            name = last if isinstance(last, str) else last.tail_name
+            if name is None:
+                break
+            exact.insert(0, name)
+            ops.pop()
+        base = value.base
+        for op in ops:
+            assert isinstance(op, Activation)  # row-wise ops are always tail ops
+            base = self._materialize(base, op, value.origin)
+        return base, tuple(exact)
 
     # ----- values -----
 
@@ -246,7 +342,7 @@ class _Tracer:
         if isinstance(value, Deferred):
             current = value.base
             for op in value.ops:
-                if op not in ACTIVATIONS:
+                if not isinstance(op, Activation):
                     raise Unsupported(f"node {node.name!r} ({node.op_type}) consumes the "
                                       f"output of {op} from node {value.origin!r}; only "
                                       f"elementwise activations can be evaluated mid-network")
@@ -254,194 +350,241 @@ class _Tracer:
             return current
         raise Unsupported(f"node {node.name!r} ({node.op_type}) needs a numeric tensor input")
 
-    def _materialize(self, z: Affine, op: str, origin: str) -> Affine:
+    def _materialize(self, z: Affine, activation: Activation, origin: str) -> Affine:
         weights = self._pad(z.weights)
+        if activation.name == "square":  # exact: u*u joins the basis as it is
+            return self._add_stage(PolyStage(weights, z.bias.copy(), 2,
+                                             f"square at {origin!r}: exact", "square"),
+                                   np.ones((z.features, 1)), np.zeros(z.features), z.shape)
         pre = self.basis_values @ weights.T + z.bias  # calibration values of the inputs
-        degree = 2 if op == "square" else self.degree
         lo, hi = pre.min(axis=0), pre.max(axis=0)
         mid = (hi + lo) / 2
         half = np.maximum((hi - lo) / 2 * (1 + self.margin), 1e-3)
+        u = (pre - mid) / half
+        degree = self._degree(activation, u, mid, half)
         coeffs = np.empty((z.features, degree + 1))
-        for i, (m, h) in enumerate(zip(mid, half, strict=True)):
+        for i in range(z.features):
             coeffs[i] = np.polynomial.chebyshev.chebinterpolate(
-                _on_interval(ACTIVATIONS[op], float(m), float(h)), degree)
-        if op == "square":
-            label = f"{op} at {origin!r}: exact"
-        else:
-            self.approximated = True
-            label = f"{op} at {origin!r}: Chebyshev degree {degree}"
+                _on_interval(activation.function(i), float(mid[i]), float(half[i])), degree)
+        error = _max_error(activation, coeffs, u, mid, half)
+        self.layer_errors.append((f"{activation.name} at {origin!r}", error))
+        label = (f"{activation.name} at {origin!r}: Chebyshev degree {degree} "
+                 f"(max error {error:.1e})")
         stage = PolyStage(weights / half[:, None], (z.bias - mid) / half, degree, label)
+        return self._add_stage(stage, coeffs[:, 1:], coeffs[:, 0], z.shape)
+
+    def _add_stage(self, stage: PolyStage, combine: FloatArray, constant: FloatArray,
+                   shape: tuple[int, ...]) -> Affine:
+        """Append `stage`; the activation's output per unit i is
+        constant[i] + combine[i] . (the entries unit i adds)."""
         offset = self.basis_values.shape[1]
-        u = pre / half - mid / half
-        self.basis_values = np.concatenate([self.basis_values, chebyshev_basis(u, degree)], axis=1)
+        u = self.basis_values @ stage.weights.T + stage.bias
+        self.basis_values = np.concatenate([self.basis_values, stage.entries(u)], axis=1)
         self.stages.append(stage)
-        units = z.features
-        out = np.zeros((units, self.basis_values.shape[1]))
-        for i in range(units):
-            out[i, offset + i * degree: offset + (i + 1) * degree] = coeffs[i, 1:]
-        return Affine(out, coeffs[:, 0].copy())
+        out = np.zeros((stage.units, self.basis_values.shape[1]))
+        for i in range(stage.units):
+            out[i, offset + i * stage.width: offset + (i + 1) * stage.width] = combine[i]
+        return Affine(out, constant.copy(), shape)
 
-    def per_feature(self, node: onnx.NodeProto, const: Value, features: int) -> FloatArray:
-        """A constant that applies the same way to every row: scalar or one per feature."""
-        c = np.asarray(const, dtype=np.float64)
-        if c.size == 1:
-            return np.full(features, float(c.reshape(-1)[0]))
-        if c.size == features and (c.ndim == 1 or (c.ndim == 2 and c.shape[0] == 1)):
-            return c.reshape(-1)
-        raise Unsupported(f"node {node.name!r} ({node.op_type}): a constant of shape {c.shape} "
-                          f"does not apply per feature to {features} features")
+    def _degree(self, activation: Activation, u: FloatArray, mid: FloatArray,
+                half: FloatArray) -> int:
+        """The fixed degree, or the smallest whose error on the calibrated inputs is within
+        the current local bound (the largest tried when none is)."""
+        if self.degree is not None:
+            return self.degree
+        assert self.local_bound is not None
+        for degree in DEGREES:
+            coeffs = np.stack([np.polynomial.chebyshev.chebinterpolate(
+                _on_interval(activation.function(i), float(mid[i]), float(half[i])), degree)
+                for i in range(u.shape[1])])
+            if _max_error(activation, coeffs, u, mid, half) <= self.local_bound:
+                return degree
+        return DEGREES[-1]
+
+    def _probe(self, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+        """The exact affine map of `node` in its encrypted inputs, measured in float64."""
+        encrypted = {i: self.trunk(node, a) for i, a in enumerate(args)
+                     if isinstance(a, Affine | Deferred)}
+        constants = {node.input[i]: np.asarray(a, dtype=np.float64)
+                     if np.asarray(a).dtype.kind == "f" else np.asarray(a)
+                     for i, a in enumerate(args) if i not in encrypted and a is not None}
+        names = [node.input[i] for i in encrypted]
+        evaluator = self._evaluator(node, [*constants, *names])
+
+        def run(batches: Mapping[int, FloatArray]) -> list[FloatArray]:
+            """Outputs as (rows, *per-row shape) arrays."""
+            feeds = dict(constants)
+            for i, value in batches.items():
+                feeds[node.input[i]] = value.reshape(-1, *encrypted[i].shape)
+            try:
+                outputs = evaluator.run(None, feeds)
+            except Exception as exc:
+                raise Unsupported(f"node {node.name!r} ({node.op_type}) cannot be evaluated "
+                                  f"on rows of shape "
+                                  f"{[list(a.shape) for a in encrypted.values()]}: {exc}") from exc
+            rows = next(iter(batches.values())).shape[0]
+            arrays = [np.asarray(out, dtype=np.float64) for out in outputs]
+            if any(out.ndim == 0 or out.shape[0] != rows for out in arrays):
+                raise Unsupported(f"node {node.name!r} ({node.op_type}) mixes rows: each row "
+                                  f"must be computed from that row alone")
+            return arrays
+
+        at_zero = run({i: np.zeros((1, a.features)) for i, a in encrypted.items()})
+        base: list[FloatArray] = [out.reshape(1, -1) for out in at_zero]
+        shapes = [tuple(int(d) for d in out.shape[1:]) for out in at_zero]
+        maps: list[list[FloatArray]] = [[np.empty((b.shape[1], a.features)) for b in base]
+                                        for a in encrypted.values()]
+        for k, (i, a) in enumerate(encrypted.items()):
+            for start in range(0, a.features, PROBE_CHUNK):
+                count = min(PROBE_CHUNK, a.features - start)
+                probes: dict[int, FloatArray] = {j: np.zeros((count, b.features))
+                                                 for j, b in encrypted.items()}
+                probes[i][np.arange(count), start + np.arange(count)] = 1.0
+                for o, out in enumerate(run(probes)):
+                    maps[k][o][:, start:start + count] = (out.reshape(count, -1) - base[o]).T
+        self._check_affine(node, encrypted, base, maps, run)
+        results: list[Value] = []
+        for o, bias in enumerate(base):
+            weights = np.zeros((bias.shape[1], self.basis_values.shape[1]))
+            offset = bias[0].copy()
+            for k, a in enumerate(encrypted.values()):
+                weights += maps[k][o] @ self._pad(a.weights)
+                offset += maps[k][o] @ a.bias
+            results.append(Affine(weights, offset, shapes[o]))
+        return results
+
+    def _check_affine(self, node: onnx.NodeProto, encrypted: dict[int, Affine],
+                      base: Sequence[FloatArray], maps: Sequence[Sequence[FloatArray]],
+                      run: Callable[[Mapping[int, FloatArray]], list[FloatArray]]) -> None:
+        rng = np.random.default_rng(0)
+        probes: dict[int, FloatArray] = {i: rng.normal(size=(3, a.features))
+                                         for i, a in encrypted.items()}
+        for o, out in enumerate(run(probes)):
+            predicted = base[o] + sum(probes[i] @ maps[k][o].T
+                                      for k, i in enumerate(encrypted))
+            flat = out.reshape(3, -1)
+            scale = max(float(np.abs(flat).max()), 1.0)
+            if float(np.abs(flat - predicted).max()) > 1e-6 * scale:
+                raise Unsupported(f"node {node.name!r} ({node.op_type}) is not affine in its "
+                                  f"encrypted input (e.g. it multiplies two encrypted "
+                                  f"tensors); only x*x and affine layers are supported")
 
 
-def _on_interval(func: Callable[[FloatArray], FloatArray], mid: float, half: float
-                 ) -> Callable[[FloatArray], Any]:
+def _on_interval(func: UnitFunction, mid: float, half: float) -> Callable[[FloatArray], Any]:
     """func on [mid - half, mid + half], as a function of t in [-1, 1]."""
     return lambda t: func(mid + half * t)
 
 
-# ----- operator handlers -----
+def _max_error(activation: Activation, coeffs: FloatArray, u: FloatArray, mid: FloatArray,
+               half: FloatArray) -> float:
+    """max |p(u) - f(x)| over the calibrated inputs of every unit."""
+    worst = 0.0
+    for i in range(u.shape[1]):
+        approx = np.polynomial.chebyshev.chebval(u[:, i], coeffs[i])
+        worst = max(worst, float(np.abs(approx - activation.function(i)(
+            mid[i] + half[i] * u[:, i])).max()))
+    return worst
 
 
-def _affine_map(a: Affine, matrix: FloatArray, bias: FloatArray) -> Affine:
-    """y = x @ matrix + bias for x = a."""
-    return Affine(matrix.T @ a.weights, matrix.T @ a.bias + bias)
+# ----- operators with their own meaning -----
+
+Handler = Callable[[_Tracer, onnx.NodeProto, list[Value]], list[Value]]
 
 
-def _identity(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
-    return [args[0]]
-
-
-def _rows_preserving(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
-    """Flatten/Reshape that keep [rows, features]."""
-    value = args[0]
-    features = _features(value)
-    if node.op_type == "Reshape":
-        shape = [int(s) for s in np.asarray(args[1]).reshape(-1)]
-        keeps_layout = len(shape) == 2 and shape[1] in (features, -1) and shape[0] in (-1, 0)
-        if not keeps_layout and not isinstance(value, Labels):
-            raise Unsupported(f"node {node.name!r} (Reshape) to {shape} changes the "
-                                  f"[rows, {features}] layout")
-    elif node.op_type == "Flatten":
-        axis = _attr(node, "axis", 1)
-        if axis != 1:
-            raise Unsupported(f"node {node.name!r} (Flatten) with axis={axis} mixes rows")
-    return [value]
-
-
-def _features(value: Value) -> int:
-    if isinstance(value, Affine):
-        return value.features
+def _defer(t: _Tracer, node: onnx.NodeProto, value: Value, op: Activation | str) -> Deferred:
     if isinstance(value, Deferred):
-        return value.base.features
-    return -1
+        return Deferred(value.base, (*value.ops, op), value.origin)
+    return Deferred(t.trunk(node, value), (op,), node.name or node.op_type)
 
 
-def _gemm(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
-    if _attr(node, "transA", 0):
-        raise Unsupported(f"node {node.name!r} (Gemm) with transA=1 mixes rows")
-    if not isinstance(args[1], np.ndarray):
-        raise Unsupported(f"node {node.name!r} (Gemm): B must be a constant weight matrix")
-    a = t.trunk(node, args[0])
-    b = np.asarray(args[1], dtype=np.float64)
-    if _attr(node, "transB", 0):
-        b = b.T
-    alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-    c = args[2] if len(args) > 2 and args[2] is not None else np.zeros(1)
-    return [_affine_map(a, alpha * b, beta * t.per_feature(node, c, b.shape[1]))]
+def _activation(name: str) -> Handler:
+    def handler(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+        params: tuple[float, ...] = ()
+        if name == "leaky_relu":
+            params = (float(_attr(node, "alpha", 0.01)),)
+        elif name == "elu":
+            params = (float(_attr(node, "alpha", 1.0)),)
+        elif name == "clip":
+            low = args[1] if len(args) > 1 and args[1] is not None else _attr(node, "min", -np.inf)
+            high = args[2] if len(args) > 2 and args[2] is not None else _attr(node, "max", np.inf)
+            params = (float(np.asarray(low)), float(np.asarray(high)))
+        return [_defer(t, node, args[0], Activation(name, params))]
+    return handler
 
 
-def _matmul(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
-    if not isinstance(args[1], np.ndarray):
-        raise Unsupported(f"node {node.name!r} (MatMul): only encrypted x constant is "
-                          f"supported (the second input must be a weight matrix)")
-    a = t.trunk(node, args[0])
-    b = np.asarray(args[1], dtype=np.float64)
-    if b.ndim == 1:
-        b = b[:, None]
-    if b.ndim != 2 or b.shape[0] != a.features:
-        raise Unsupported(f"node {node.name!r} (MatMul): weight shape {b.shape} does not fit "
-                          f"{a.features} features")
-    return [_affine_map(a, b, np.zeros(b.shape[1]))]
+def _prelu(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    value, slope = args
+    if not isinstance(slope, np.ndarray):
+        raise Unsupported(f"node {node.name!r} (PRelu): the slope must be a constant")
+    shape = value.shape if isinstance(value, Affine | Deferred) else ()
+    slopes = np.broadcast_to(np.asarray(slope, dtype=np.float64), shape).reshape(-1)
+    return [_defer(t, node, value, Activation("prelu", slopes=slopes.copy()))]
 
 
-def _arith(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
-    op = node.op_type
-    left, right = args
-    if op == "Mul" and node.input[0] == node.input[1]:
-        return [_activate(t, node, left, "square")]
-    if not isinstance(left, np.ndarray) and not isinstance(right, np.ndarray):
-        if op in ("Add", "Sub"):
-            a, b = t.trunk(node, left), t.trunk(node, right)
-            if a.features != b.features:
-                raise Unsupported(f"node {node.name!r} ({op}): {a.features} vs {b.features} "
-                                  f"features")
-            sign = 1.0 if op == "Add" else -1.0
-            wa, wb = t._pad(a.weights), t._pad(b.weights)
-            return [Affine(wa + sign * wb, a.bias + sign * b.bias)]
-        raise Unsupported(f"node {node.name!r} ({op}) multiplies two encrypted tensors; only "
-                          f"x*x (square) is supported")
-    const_first = isinstance(left, np.ndarray)
-    a = t.trunk(node, right if const_first else left)
-    c = t.per_feature(node, left if const_first else right, a.features)
-    if op == "Add":
-        return [Affine(a.weights, a.bias + c)]
-    if op == "Sub":
-        return [Affine(-a.weights, c - a.bias) if const_first else Affine(a.weights, a.bias - c)]
-    if op == "Mul":
-        return [Affine(a.weights * c[:, None], a.bias * c)]
-    if const_first:
-        raise Unsupported(f"node {node.name!r} (Div): dividing by an encrypted tensor")
-    return [Affine(a.weights / c[:, None], a.bias / c)]
-
-
-def _neg(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
-    a = t.trunk(node, args[0])
-    return [Affine(-a.weights, -a.bias)]
+def _mul(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    if node.input[0] == node.input[1]:
+        return [_defer(t, node, args[0], Activation("square"))]
+    return t._probe(node, args)
 
 
 def _pow(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
     exponent = np.asarray(args[1]).reshape(-1)
     if exponent.size != 1 or float(exponent[0]) not in (1.0, 2.0):
         raise Unsupported(f"node {node.name!r} (Pow): only exponent 2 is supported")
-    return [args[0] if float(exponent[0]) == 1.0 else _activate(t, node, args[0], "square")]
+    return [args[0] if float(exponent[0]) == 1.0 else
+            _defer(t, node, args[0], Activation("square"))]
 
 
-def _activate(t: _Tracer, node: onnx.NodeProto, value: Value, op: str) -> Deferred:
-    if isinstance(value, Deferred):
-        return Deferred(value.base, (*value.ops, op), value.origin)
-    return Deferred(t.trunk(node, value), (op,), node.name or node.op_type)
-
-
-def _activation(op: str) -> Callable[[_Tracer, onnx.NodeProto, list[Value]], list[Value]]:
+def _row_op(name: str) -> Handler:
+    """Softmax-like operations over a row: only as part of the output tail."""
     def handler(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
-        return [_activate(t, node, args[0], op)]
+        shape = args[0].shape if isinstance(args[0], Affine | Deferred) else ()
+        axis = _attr(node, "axis", -1)
+        if len(shape) != 1 or axis not in (-1, 1):
+            raise Unsupported(f"node {node.name!r} ({node.op_type}) over axis {axis} of rows "
+                              f"shaped {list(shape)}; only over the features of flat rows")
+        op = name
+        if node.op_type == "Normalizer":
+            norm = _attr(node, "norm", b"MAX")
+            op = (norm.decode() if isinstance(norm, bytes) else str(norm)).lower()
+        return [_defer(t, node, args[0], op)]
     return handler
 
 
-def _softmax(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
-    axis = _attr(node, "axis", -1)
-    if axis not in (-1, 1):
-        raise Unsupported(f"node {node.name!r} ({node.op_type}) over axis {axis}")
-    op = "softmax" if node.op_type == "Softmax" else "log_softmax"
-    return [_activate(t, node, args[0], op)]
+def _keep_deferred(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    """Identity-like ops keep a deferred tail (or labels) as it is."""
+    value = args[0]
+    if isinstance(value, Labels | Deferred):
+        if node.op_type == "Cast" and isinstance(value, Deferred) and _attr(
+                node, "to", onnx.TensorProto.FLOAT) not in _FLOAT_TYPES:
+            raise Unsupported(f"node {node.name!r} (Cast) to a non-float type on encrypted "
+                              f"data")
+        return [value]
+    if node.op_type == "Cast" and _attr(node, "to", onnx.TensorProto.FLOAT) not in _FLOAT_TYPES:
+        raise Unsupported(f"node {node.name!r} (Cast) to a non-float type on encrypted data")
+    return [value] if node.op_type == "Cast" else t._probe(node, args)
 
 
-def _normalizer(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
-    norm = _attr(node, "norm", b"MAX")
-    norm = norm.decode() if isinstance(norm, bytes) else str(norm)
-    return [_activate(t, node, args[0], norm.lower())]
+def _reshape(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    """Reshapes act on the affine base; elementwise activations commute with them."""
+    value = args[0]
+    if isinstance(value, Labels):
+        return [value]
+    if isinstance(value, Deferred) and all(isinstance(op, Activation) for op in value.ops):
+        (moved,) = t._probe(node, [value.base, *args[1:]])
+        return [Deferred(moved, value.ops, value.origin)]
+    if isinstance(value, Deferred):  # row-wise tail ops: only a flattening is harmless
+        (moved,) = t._probe(node, [value.base, *args[1:]])
+        if moved.shape == (value.base.features,):
+            return [Deferred(moved, value.ops, value.origin)]
+    return t._probe(node, args)
 
 
-def _scaler(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
-    a = t.trunk(node, args[0])
-    offset = t.per_feature(node, np.array(_attr(node, "offset", [0.0])), a.features)
-    scale = t.per_feature(node, np.array(_attr(node, "scale", [1.0])), a.features)
-    return [Affine(a.weights * scale[:, None], (a.bias - offset) * scale)]
-
-
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
 _POST_TRANSFORMS = {"NONE": (), "LOGISTIC": ("sigmoid",), "SOFTMAX": ("softmax",)}
 
 
-def _linear_model(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+def _linear_classifier(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
     a = t.trunk(node, args[0])
     post = _attr(node, "post_transform", b"NONE")
     post = post.decode() if isinstance(post, bytes) else str(post)
@@ -451,19 +594,16 @@ def _linear_model(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[V
     coefficients = np.asarray(_attr(node, "coefficients", []), dtype=np.float64)
     intercepts = np.asarray(_attr(node, "intercepts", []) or [0.0], dtype=np.float64)
     rows = coefficients.size // a.features
-    matrix: FloatArray = coefficients.reshape(rows, a.features).T  # (features, rows)
-    bias = t.per_feature(node, intercepts, rows)
-    if node.op_type == "LinearRegressor":
-        scores = _affine_map(a, matrix, bias)
-        return [Deferred(scores, _POST_TRANSFORMS[post], node.name) if post != "NONE"
-                else scores]
+    matrix: FloatArray = coefficients.reshape(rows, a.features)  # (classes, features)
+    bias = np.broadcast_to(intercepts, (rows,)).astype(np.float64)
     labels = _names(_attr(node, "classlabels_ints", None)
                     or _attr(node, "classlabels_strings", None) or [])
     if rows == 1 and len(labels) == 2:  # binary with one score row: [-s, s]
-        matrix, bias = np.hstack([-matrix, matrix]), np.concatenate([-bias, bias])
+        matrix, bias = np.vstack([-matrix, matrix]), np.concatenate([-bias, bias])
     t.class_labels = labels
-    scores = _affine_map(a, matrix, bias)
-    return [Labels(t.class_labels), Deferred(scores, _POST_TRANSFORMS[post], node.name)]
+    scores = Affine(matrix @ t._pad(a.weights), matrix @ a.bias + bias, (matrix.shape[0],))
+    ops: tuple[Activation | str, ...] = _POST_TRANSFORMS[post]
+    return [Labels(labels), Deferred(scores, ops, node.name) if ops else scores]
 
 
 def _zipmap(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
@@ -471,8 +611,7 @@ def _zipmap(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
     if labels and not t.class_labels:
         t.class_labels = _names(labels)
     value = args[0]
-    return [value if isinstance(value, Deferred) else Deferred(t.trunk(node, value), (),
-                                                               node.name)]
+    return [value if isinstance(value, Deferred | Labels) else t.trunk(node, value)]
 
 
 def _argmax(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
@@ -487,52 +626,56 @@ def _feature_extractor(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> l
         names = _names(classes.reshape(-1).tolist())
         t.class_labels = names
         return [Labels(names)]
-    raise Unsupported(f"node {node.name!r} (ArrayFeatureExtractor) selects encrypted "
-                      f"features; only class-label lookups are supported")
+    return t._probe(node, args)
 
 
-def _cast(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
-    to = _attr(node, "to", onnx.TensorProto.FLOAT)
-    if isinstance(args[0], Labels) or to in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
-                                              onnx.TensorProto.FLOAT16):
-        return [args[0]]
-    raise Unsupported(f"node {node.name!r} (Cast) to a non-float type on encrypted data")
+def _shape(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    """The shape of an encrypted tensor is known but for the row count, written -1 (what
+    `x.view(x.size(0), -1)` style reshapes need)."""
+    value = args[0]
+    if not isinstance(value, Affine | Deferred):
+        raise Unsupported(f"node {node.name!r} (Shape) of labels")
+    return [np.array([-1, *value.shape], dtype=np.int64)]
 
 
-_HANDLERS: dict[str, Callable[[_Tracer, onnx.NodeProto, list[Value]], list[Value]]] = {
-    "Identity": _identity,
-    "Dropout": _identity,
-    "Cast": _cast,
-    "Flatten": _rows_preserving,
-    "Reshape": _rows_preserving,
-    "Gemm": _gemm,
-    "MatMul": _matmul,
-    "Add": _arith,
-    "Sub": _arith,
-    "Mul": _arith,
-    "Div": _arith,
-    "Neg": _neg,
-    "Pow": _pow,
+_HANDLERS: dict[str, Handler] = {
     "Relu": _activation("relu"),
     "Tanh": _activation("tanh"),
     "Sigmoid": _activation("sigmoid"),
-    "Softmax": _softmax,
-    "LogSoftmax": _softmax,
-    "Normalizer": _normalizer,
-    "Scaler": _scaler,
-    "LinearClassifier": _linear_model,
-    "LinearRegressor": _linear_model,
+    "Softplus": _activation("softplus"),
+    "LeakyRelu": _activation("leaky_relu"),
+    "Elu": _activation("elu"),
+    "Clip": _activation("clip"),
+    "PRelu": _prelu,
+    "Mul": _mul,
+    "Pow": _pow,
+    "Softmax": _row_op("softmax"),
+    "LogSoftmax": _row_op("log_softmax"),
+    "Normalizer": _row_op("normalizer"),
+    "Identity": _keep_deferred,
+    "Dropout": _keep_deferred,
+    "Cast": _keep_deferred,
+    "Reshape": _reshape,
+    "Flatten": _reshape,
+    "Squeeze": _reshape,
+    "Unsqueeze": _reshape,
+    "LinearClassifier": _linear_classifier,
     "ZipMap": _zipmap,
     "ArgMax": _argmax,
     "ArrayFeatureExtractor": _feature_extractor,
+    "Shape": _shape,
 }
 
 _SUGGESTIONS = {
     "MaxPool": "; use AveragePool instead",
+    "GlobalMaxPool": "; use GlobalAveragePool instead",
     "Max": "; use an average or a polynomial activation",
+    "Min": "; use an average or a polynomial activation",
     "If": "; data-dependent control flow cannot run on ciphertexts",
     "Loop": "; data-dependent control flow cannot run on ciphertexts",
     "Where": "; data-dependent selection cannot run on ciphertexts",
+    "TopK": "; sorting cannot run on ciphertexts",
+    "NonZero": "; data-dependent shapes cannot run on ciphertexts",
 }
 
 
@@ -549,7 +692,3 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
         if attribute.name == name:
             return helper.get_attribute_value(attribute)
     return default
-
-
-def describe_supported() -> Sequence[str]:
-    return sorted(_HANDLERS)

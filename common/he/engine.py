@@ -17,7 +17,7 @@ import openfhe as fhe
 
 from common.errors import Refused
 from common.he.params import CkksParams, log2_int, table_security_bits
-from common.he.plan import HEPlan, chebyshev_split
+from common.he.plan import HEPlan, PolyStage, chebyshev_split
 from common.he.template import ByteTemplate, learn_template
 
 Ciphertext = Any  # openfhe.Ciphertext (the binding ships no type information)
@@ -238,14 +238,7 @@ def evaluate(
         produced: list[Ciphertext] = []
         for unit in range(stage.units):
             u = basis.combine(stage.weights[unit], stage.bias[unit])
-            powers: list[Ciphertext] = [None, u]
-            for k in range(2, stage.degree + 1):
-                a, b = chebyshev_split(k)
-                product = cc.Rescale(cc.EvalMult(powers[a], powers[b]))
-                doubled = cc.EvalAdd(product, product)
-                powers.append(cc.EvalSub(doubled, 1.0) if a == b else
-                              cc.EvalSub(doubled, powers[a - b]))
-            produced.extend(powers[1:])
+            produced.extend(_stage_entries(cc, stage, u))
             done += 1
             progress(done, total)
         for j, use in enumerate(last_use):
@@ -259,6 +252,20 @@ def evaluate(
         done += 1
         progress(done, total)
     return scores
+
+
+def _stage_entries(cc: Context, stage: PolyStage, u: Ciphertext) -> list[Ciphertext]:
+    """The basis entries one unit of `stage` adds: u*u, or T_1(u)..T_D(u)."""
+    if stage.kind == "square":
+        return [cc.Rescale(cc.EvalMult(u, u))]
+    powers: list[Ciphertext] = [None, u]
+    for k in range(2, stage.degree + 1):
+        a, b = chebyshev_split(k)
+        product = cc.Rescale(cc.EvalMult(powers[a], powers[b]))
+        doubled = cc.EvalAdd(product, product)
+        powers.append(cc.EvalSub(doubled, 1.0) if a == b else
+                      cc.EvalSub(doubled, powers[a - b]))
+    return powers[1:]
 
 
 class _Basis:

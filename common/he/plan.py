@@ -3,10 +3,10 @@
 A plan is a sequence of polynomial stages and one output stage, all over a growing
 *basis* of ciphertexts. The basis starts as the input columns (ciphertext j = column j
 of every packed row). A `PolyStage` forms `u = W @ basis + b` for each unit (one
-scalar-weighted sum per unit) and appends the Chebyshev polynomials T_1(u) .. T_D(u)
-to the basis; the activation itself, sum_k c_k T_k(u), is folded by the compiler into
-the weights of the next stage, so it costs no level of its own. The `OutputStage`
-forms the scores the same way.
+scalar-weighted sum per unit) and appends to the basis either the Chebyshev polynomials
+T_1(u) .. T_D(u) (kind "chebyshev") or u*u alone (kind "square"); the activation itself,
+sum_k c_k T_k(u), is folded by the compiler into the weights of the next stage, so it
+costs no level of its own. The `OutputStage` forms the scores the same way.
 
 Everything here is plain numpy: the gateway, the compiler and the buyer use it
 without touching OpenFHE.
@@ -30,18 +30,38 @@ from common.errors import BadInput
 FloatArray = npt.NDArray[np.float64]
 
 
+STAGE_KINDS = ("chebyshev", "square")
+
+
 @dataclass(frozen=True)
 class PolyStage:
-    """u = weights @ basis + bias per unit; then T_1(u)..T_degree(u) join the basis."""
+    """u = weights @ basis + bias per unit; then T_1(u)..T_degree(u) (kind "chebyshev") or
+    u*u (kind "square", degree 2) join the basis."""
 
     weights: FloatArray  # (units, basis size before this stage)
     bias: FloatArray  # (units,)
     degree: int
-    label: str = ""  # e.g. "Tanh 'hidden' (Chebyshev degree 15)"
+    label: str = ""  # e.g. "tanh at 'Tanh': Chebyshev degree 12"
+    kind: str = "chebyshev"
 
     @property
     def units(self) -> int:
         return int(self.weights.shape[0])
+
+    @property
+    def width(self) -> int:
+        """Basis entries each unit adds."""
+        return 1 if self.kind == "square" else self.degree
+
+    def entry_depths(self, u_depth: int) -> list[int]:
+        """Depth of each entry a unit adds, given the depth of its u."""
+        if self.kind == "square":
+            return [u_depth + 1]
+        return [u_depth + chebyshev_depth(k) for k in range(1, self.degree + 1)]
+
+    def entries(self, u: FloatArray) -> FloatArray:
+        """Plaintext values of the entries the stage adds, unit-major."""
+        return np.square(u) if self.kind == "square" else chebyshev_basis(u, self.degree)
 
 
 @dataclass(frozen=True)
@@ -61,7 +81,7 @@ class HEPlan:
 
     def basis_size(self, stage_count: int | None = None) -> int:
         stages = self.stages if stage_count is None else self.stages[:stage_count]
-        return self.input_count + sum(s.units * s.degree for s in stages)
+        return self.input_count + sum(s.units * s.width for s in stages)
 
     @property
     def score_count(self) -> int:
@@ -74,9 +94,11 @@ class HEPlan:
             if stage.weights.shape != (stage.units, size) or stage.bias.shape != (stage.units,):
                 raise BadInput(f"plan stage '{stage.label}' has weights {stage.weights.shape}, "
                                f"expected ({stage.units}, {size})")
-            if stage.degree < 1:
-                raise BadInput(f"plan stage '{stage.label}' has degree {stage.degree}")
-            size += stage.units * stage.degree
+            if stage.kind not in STAGE_KINDS or stage.degree < 1 or (
+                    stage.kind == "square" and stage.degree != 2):
+                raise BadInput(f"plan stage '{stage.label}' has kind {stage.kind!r} and "
+                               f"degree {stage.degree}")
+            size += stage.units * stage.width
         if self.output.weights.shape[1] != size:
             raise BadInput(f"plan output uses {self.output.weights.shape[1]} basis entries, "
                            f"expected {size}")
@@ -89,7 +111,7 @@ class HEPlan:
         for stage in self.stages:
             for unit in range(stage.units):
                 u_depth = _combination_depth(stage.weights[unit], depths)
-                depths.extend(u_depth + chebyshev_depth(k) for k in range(1, stage.degree + 1))
+                depths.extend(stage.entry_depths(u_depth))
         return depths
 
     def depth(self) -> int:
@@ -98,7 +120,8 @@ class HEPlan:
         return max(_combination_depth(row, depths) for row in self.output.weights)
 
     def ciphertext_multiplications(self) -> int:
-        return sum(stage.units * max(stage.degree - 1, 0) for stage in self.stages)
+        return sum(stage.units * (1 if stage.kind == "square" else max(stage.degree - 1, 0))
+                   for stage in self.stages)
 
     def scalar_multiplications(self) -> int:
         count = sum(int(np.count_nonzero(s.weights)) for s in self.stages)
@@ -113,7 +136,7 @@ class HEPlan:
             raise BadInput(f"plan expects rows with {self.input_count} columns, got {basis.shape}")
         for stage in self.stages:
             u = basis @ stage.weights.T + stage.bias
-            basis = np.concatenate([basis, chebyshev_basis(u, stage.degree)], axis=1)
+            basis = np.concatenate([basis, stage.entries(u)], axis=1)
         result: FloatArray = basis @ self.output.weights.T + self.output.bias
         return result
 
@@ -128,7 +151,8 @@ class HEPlan:
         for i, stage in enumerate(self.stages):
             arrays[f"stage{i}_weights"] = stage.weights
             arrays[f"stage{i}_bias"] = stage.bias
-            meta["stages"].append({"degree": stage.degree, "label": stage.label})  # type: ignore[attr-defined]
+            meta["stages"].append({"degree": stage.degree, "label": stage.label,  # type: ignore[attr-defined]
+                                   "kind": stage.kind})
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
@@ -145,6 +169,7 @@ class HEPlan:
                         bias=np.asarray(npz[f"stage{i}_bias"], dtype=np.float64),
                         degree=int(s["degree"]),
                         label=str(s["label"]),
+                        kind=str(s["kind"]),
                     )
                     for i, s in enumerate(meta["stages"])
                 )
