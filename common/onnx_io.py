@@ -53,12 +53,20 @@ def run_model(
 ) -> FloatArray:
     """The compared output of the model on `rows`, as a (rows, outputs) float array."""
     sess = session(model_bytes)
-    input_name = sess.get_inputs()[0].name
     names = [o.name for o in sess.get_outputs()]
     if probability_output not in names:
         raise BadInput(f"the model has no output named {probability_output!r} (it has {names})")
-    (value,) = sess.run([probability_output], {input_name: rows.astype(np.float32)})
+    (value,) = sess.run([probability_output], model_feed(sess, rows))
     return _as_matrix(value, class_labels)
+
+
+def model_feed(sess: ort.InferenceSession, rows: FloatArray) -> dict[str, Any]:
+    """Flat rows reshaped to the model's input (e.g. [rows, 1, 28, 28]), in its float type."""
+    model_input = sess.get_inputs()[0]
+    dims = model_input.shape[1:]
+    shape = [-1, *dims] if dims and all(isinstance(d, int) for d in dims) else [len(rows), -1]
+    dtype = np.float64 if model_input.type == "tensor(double)" else np.float32
+    return {model_input.name: rows.astype(dtype).reshape(shape)}
 
 
 def _as_matrix(value: Any, class_labels: Sequence[str]) -> FloatArray:

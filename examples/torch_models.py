@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from examples.datasets import digits  # noqa: E402
+from examples.datasets import digits
 
 OUT = Path(__file__).resolve().parent / "models"
 

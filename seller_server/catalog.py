@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from common.errors import BadInput, GimmeError
-from common.guarded import Limits, run_guarded
+from common.guarded import run_guarded
 from common.he import engine
 from common.he.params import CkksParams
 from common.he.plan import HEPlan
@@ -48,6 +48,7 @@ from common.tail import apply_tail
 from seller_server.compiler import Tail, compile_model
 from seller_server.planner import choose_params
 from seller_server.store import Store
+from seller_server.worker import Capacity
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def read_listing(path: Path) -> ListingSpec:
 
 def load_catalog(
     directory: Path, store: Store, *, security_bits: int, insecure_ring: int = 0,
-    limits: Limits, on_model: Callable[[str, int, int], None] | None = None,
+    capacity: Capacity, on_model: Callable[[str, int, int], None] | None = None,
 ) -> tuple[list[Listing], list[str]]:
     """All listings in `directory` that compile; plus one message per refused model."""
     paths = sorted(directory.glob("*.json"))
@@ -163,7 +164,7 @@ def load_catalog(
             on_model(path.stem, index, len(paths))
         try:
             listing = load_listing(read_listing(path), store, security_bits, insecure_ring,
-                                   limits)
+                                   capacity)
         except GimmeError as exc:
             refused.append(f"{path.name}: {exc.message}")
             log.error("refused listing %s: %s", path.name, exc.message)
@@ -179,7 +180,7 @@ def load_catalog(
 
 
 def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_ring: int,
-                 limits: Limits) -> Listing:
+                 capacity: Capacity) -> Listing:
     try:
         model_bytes = spec.model_path.read_bytes()
         calibration_bytes = spec.calibration_path.read_bytes()
@@ -201,7 +202,7 @@ def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_r
     params = choose_params(compiled.plan.depth(), security_bits, float(np.abs(scores).max()),
                            insecure_ring)
     test_rows = rows[: params.slots]
-    decrypted, measured = _self_test(params, security_bits, compiled.plan, test_rows, limits)
+    decrypted, measured = _self_test(params, security_bits, compiled.plan, test_rows, capacity)
     reference = run_model(model_bytes, test_rows, compiled.tail.probability_output,
                           compiled.tail.class_labels)
     he_error = float(np.abs(apply_tail(decrypted, compiled.tail.ops) - reference).max())
@@ -226,7 +227,7 @@ def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_r
 
 
 def _self_test(params: CkksParams, security_bits: int, plan: HEPlan, rows: FloatArray,
-               limits: Limits) -> tuple[FloatArray, dict[str, Any]]:
+               capacity: Capacity) -> tuple[FloatArray, dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="gimme-selftest-") as tmp:
         plan_path, rows_path, out_path = (Path(tmp) / n for n in ("plan", "rows.npz", "out.npy"))
         plan_path.write_bytes(plan.to_bytes())
@@ -234,7 +235,8 @@ def _self_test(params: CkksParams, security_bits: int, plan: HEPlan, rows: Float
         measured = run_guarded("seller_server.worker:self_test", {
             "params": params.to_dict(), "security_bits": security_bits,
             "plan_path": str(plan_path), "rows_path": str(rows_path),
-            "out_path": str(out_path)}, limits=limits)
+            "out_path": str(out_path), "workers": capacity.workers_per_evaluation},
+            limits=capacity.limits)
         return np.load(out_path), measured
 
 

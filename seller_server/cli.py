@@ -19,6 +19,7 @@ from common.guarded import Limits
 from common.rpc import TlsFiles, check_health
 from seller_server.daemon import ServeOptions, serve
 from seller_server.store import Store
+from seller_server.worker import Capacity
 
 console = Console(stderr=True)
 DEFAULT_STATE = Path(os.environ.get("GIMME_SELLER_STATE", "gimme-seller-data"))
@@ -55,9 +56,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(ServeOptions(
         catalog=args.catalog, state=args.state, listen=args.listen, tls=_tls(args),
         security_bits=security, insecure_ring=args.insecure_he_params or 0,
-        limits=Limits(memory_bytes=args.worker_memory_mb << 20,
-                      timeout_s=args.worker_timeout),
-        max_concurrent_evaluations=args.max_evaluations, port_file=args.port_file))
+        capacity=Capacity(Limits(memory_bytes=args.worker_memory_mb << 20,
+                                 timeout_s=args.worker_timeout),
+                          workers_per_evaluation=args.workers_per_evaluation,
+                          concurrent_evaluations=args.max_evaluations),
+        port_file=args.port_file))
 
 
 def cmd_certs(args: argparse.Namespace) -> None:
@@ -110,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (env GIMME_LISTEN; port 0 picks one)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     p.add_argument("--max-evaluations", type=int, default=2,
-                   help="evaluations run at once (one worker process each)")
+                   help="evaluations run at once; others queue")
+    p.add_argument("--workers-per-evaluation", type=int, default=os.cpu_count() or 1,
+                   help="processes one evaluation is split over (default: CPU count)")
     p.add_argument("--worker-memory-mb", type=int, default=6144,
                    help="address-space limit of each worker process")
     p.add_argument("--worker-timeout", type=float, default=900.0,

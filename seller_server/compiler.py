@@ -29,9 +29,10 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from scipy import sparse
 
 from common.errors import Unsupported
-from common.he.plan import HEPlan, OutputStage, PolyStage
+from common.he.plan import HEPlan, OutputStage, PolyStage, Weights, as_weights
 from common.onnx_io import parse_model, run_model
 from common.tail import TAIL_OPS, apply_tail, predicted_labels
 
@@ -39,6 +40,7 @@ FloatArray = npt.NDArray[np.float64]
 UnitFunction = Callable[[FloatArray], FloatArray]
 
 MAX_CALIBRATION_ROWS = 4096
+MAX_INPUT_FEATURES = 4096
 DEGREES = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32)
 # per-activation error bounds tried, loosest first, until the end-to-end target holds
 LOCAL_TOLERANCES = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
@@ -75,40 +77,25 @@ class CompiledModel:
 
 @dataclass(frozen=True)
 class Activation:
-    """An elementwise function; `params` are per-unit arrays (e.g. PRelu slopes)."""
+    """An elementwise function of an encrypted tensor: `evaluate` maps (k, units) values to
+    (k, units) outputs (for ONNX activations, by running the node itself, so every
+    attribute and broadcasting rule means what it means in ONNX)."""
 
     name: str
-    params: tuple[float, ...] = ()
-    slopes: FloatArray | None = None
-
-    def function(self, unit: int) -> UnitFunction:
-        p = self.params
-        if self.name == "prelu":
-            assert self.slopes is not None
-            slope = float(self.slopes[unit])
-            return lambda x: np.where(x > 0, x, slope * x)
-        table: dict[str, UnitFunction] = {
-            "relu": lambda x: np.maximum(x, 0.0),
-            "tanh": np.tanh,
-            "sigmoid": lambda x: 0.5 * (1.0 + np.tanh(0.5 * x)),
-            "square": np.square,
-            "softplus": lambda x: np.logaddexp(0.0, x),
-            "leaky_relu": lambda x: np.where(x > 0, x, p[0] * x),
-            "elu": lambda x: np.where(x > 0, x, p[0] * np.expm1(np.minimum(x, 0.0))),
-            "clip": lambda x: np.clip(x, p[0], p[1]),
-        }
-        return table[self.name]
+    evaluate: Callable[[FloatArray], FloatArray]
+    exact_tail: bool = False  # the buyer can apply it exactly after decryption
 
     @property
     def tail_name(self) -> str | None:
-        """The name of this function as an exact output-tail op, if it is one."""
-        return self.name if not self.params and self.slopes is None and \
-            self.name in TAIL_OPS else None
+        return self.name if self.exact_tail else None
+
+
+SQUARE = Activation("square", np.square, exact_tail=True)
 
 
 @dataclass(frozen=True)
 class Affine:
-    weights: FloatArray  # (features, basis size when created)
+    weights: Weights  # (features, basis size when created)
     bias: FloatArray  # (features,)
     shape: tuple[int, ...]  # per-row tensor shape
 
@@ -218,7 +205,7 @@ class _Tracer:
                 raise Unsupported(f"node {node.name!r}: operator {node.op_type} cannot be "
                                   f"evaluated under encryption{_hint(node)}")
         shape = self._input_shape(inputs[0])
-        self.values[inputs[0].name] = Affine(np.eye(self.input_count),
+        self.values[inputs[0].name] = Affine(as_weights(sparse.identity(self.input_count)),
                                              np.zeros(self.input_count), shape)
         for node in self.graph.node:
             self._visit(node)
@@ -239,6 +226,11 @@ class _Tracer:
             raise Unsupported(f"input {value_info.name!r} has dynamic dimensions {dims[1:]} "
                               f"besides the rows; export it with a fixed per-row shape")
         shape = tuple(int(d) for d in row_dims if d is not None)
+        if int(np.prod(shape)) > MAX_INPUT_FEATURES:
+            raise Unsupported(f"input {value_info.name!r} has {int(np.prod(shape))} features: "
+                              f"slot-per-sample packing uploads one ciphertext per feature; "
+                              f"this engine takes up to {MAX_INPUT_FEATURES} (downsample the "
+                              f"input in the model)")
         if int(np.prod(shape)) != self.input_count:
             raise Unsupported(f"input {value_info.name!r} has {int(np.prod(shape))} features "
                               f"(shape {list(shape)}) but the listing/calibration data has "
@@ -329,11 +321,9 @@ class _Tracer:
 
     # ----- values -----
 
-    def _pad(self, weights: FloatArray) -> FloatArray:
-        size = self.basis_values.shape[1]
-        padded = np.zeros((weights.shape[0], size))
-        padded[:, : weights.shape[1]] = weights
-        return padded
+    def _pad(self, weights: Weights) -> Weights:
+        """`weights` widened to the current basis (entries added since are not used)."""
+        return as_weights(weights, columns=self.basis_values.shape[1])
 
     def trunk(self, node: onnx.NodeProto, value: Value) -> Affine:
         """The value as an affine map of the basis, materializing deferred activations."""
@@ -356,50 +346,55 @@ class _Tracer:
             return self._add_stage(PolyStage(weights, z.bias.copy(), 2,
                                              f"square at {origin!r}: exact", "square"),
                                    np.ones((z.features, 1)), np.zeros(z.features), z.shape)
-        pre = self.basis_values @ weights.T + z.bias  # calibration values of the inputs
+        pre = (weights @ self.basis_values.T).T + z.bias  # calibration values of the inputs
         lo, hi = pre.min(axis=0), pre.max(axis=0)
         mid = (hi + lo) / 2
         half = np.maximum((hi - lo) / 2 * (1 + self.margin), 1e-3)
         u = (pre - mid) / half
-        degree = self._degree(activation, u, mid, half)
-        coeffs = np.empty((z.features, degree + 1))
-        for i in range(z.features):
-            coeffs[i] = np.polynomial.chebyshev.chebinterpolate(
-                _on_interval(activation.function(i), float(mid[i]), float(half[i])), degree)
-        error = _max_error(activation, coeffs, u, mid, half)
+        target = activation.evaluate(pre)
+        degree, coeffs, error = self._fit(activation, u, mid, half, target)
         self.layer_errors.append((f"{activation.name} at {origin!r}", error))
         label = (f"{activation.name} at {origin!r}: Chebyshev degree {degree} "
                  f"(max error {error:.1e})")
-        stage = PolyStage(weights / half[:, None], (z.bias - mid) / half, degree, label)
-        return self._add_stage(stage, coeffs[:, 1:], coeffs[:, 0], z.shape)
+        stage = PolyStage(as_weights(sparse.diags_array(1.0 / half) @ weights),
+                          (z.bias - mid) / half, degree, label)
+        return self._add_stage(stage, coeffs[1:].T, coeffs[0], z.shape)
+
+    def _fit(self, activation: Activation, u: FloatArray, mid: FloatArray, half: FloatArray,
+             target: FloatArray) -> tuple[int, FloatArray, float]:
+        """Chebyshev interpolants of every unit's function on its interval: the fixed degree,
+        or the smallest whose error on the calibrated inputs is within the local bound (the
+        largest tried when none is). Returns (degree, coefficients (degree+1, units), error)."""
+        degrees = (self.degree,) if self.degree is not None else DEGREES
+        best: tuple[int, FloatArray, float] | None = None
+        for degree in degrees:
+            nodes = np.polynomial.chebyshev.chebpts1(degree + 1)
+            samples = activation.evaluate(mid + np.outer(nodes, half))  # (degree+1, units)
+            coeffs = np.polynomial.chebyshev.chebvander(nodes, degree).T @ samples
+            coeffs[0] /= degree + 1
+            coeffs[1:] /= (degree + 1) / 2
+            error = float(np.abs(_chebyshev_values(u, coeffs) - target).max())
+            if best is None or error < best[2]:
+                best = (degree, coeffs, error)
+            if self.local_bound is not None and error <= self.local_bound:
+                return degree, coeffs, error
+        assert best is not None
+        return best if self.degree is None else (degrees[0], best[1], best[2])
 
     def _add_stage(self, stage: PolyStage, combine: FloatArray, constant: FloatArray,
                    shape: tuple[int, ...]) -> Affine:
         """Append `stage`; the activation's output per unit i is
         constant[i] + combine[i] . (the entries unit i adds)."""
         offset = self.basis_values.shape[1]
-        u = self.basis_values @ stage.weights.T + stage.bias
+        u = (stage.weights @ self.basis_values.T).T + stage.bias
         self.basis_values = np.concatenate([self.basis_values, stage.entries(u)], axis=1)
         self.stages.append(stage)
-        out = np.zeros((stage.units, self.basis_values.shape[1]))
-        for i in range(stage.units):
-            out[i, offset + i * stage.width: offset + (i + 1) * stage.width] = combine[i]
-        return Affine(out, constant.copy(), shape)
-
-    def _degree(self, activation: Activation, u: FloatArray, mid: FloatArray,
-                half: FloatArray) -> int:
-        """The fixed degree, or the smallest whose error on the calibrated inputs is within
-        the current local bound (the largest tried when none is)."""
-        if self.degree is not None:
-            return self.degree
-        assert self.local_bound is not None
-        for degree in DEGREES:
-            coeffs = np.stack([np.polynomial.chebyshev.chebinterpolate(
-                _on_interval(activation.function(i), float(mid[i]), float(half[i])), degree)
-                for i in range(u.shape[1])])
-            if _max_error(activation, coeffs, u, mid, half) <= self.local_bound:
-                return degree
-        return DEGREES[-1]
+        units, width = stage.units, stage.width
+        rows = np.repeat(np.arange(units), width)
+        columns = offset + np.arange(units * width)  # unit-major, as the entries are laid out
+        out = sparse.csr_array((np.asarray(combine, dtype=np.float64).reshape(-1),
+                                (rows, columns)), shape=(units, self.basis_values.shape[1]))
+        return Affine(as_weights(out), constant.copy(), shape)
 
     def _probe(self, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
         """The exact affine map of `node` in its encrypted inputs, measured in float64."""
@@ -432,35 +427,36 @@ class _Tracer:
         at_zero = run({i: np.zeros((1, a.features)) for i, a in encrypted.items()})
         base: list[FloatArray] = [out.reshape(1, -1) for out in at_zero]
         shapes = [tuple(int(d) for d in out.shape[1:]) for out in at_zero]
-        maps: list[list[FloatArray]] = [[np.empty((b.shape[1], a.features)) for b in base]
-                                        for a in encrypted.values()]
-        for k, (i, a) in enumerate(encrypted.items()):
+        maps: list[list[Weights]] = []  # [encrypted input][output]: (out features, in features)
+        for i, a in encrypted.items():
+            chunks: list[list[Weights]] = [[] for _ in base]
             for start in range(0, a.features, PROBE_CHUNK):
                 count = min(PROBE_CHUNK, a.features - start)
                 probes: dict[int, FloatArray] = {j: np.zeros((count, b.features))
                                                  for j, b in encrypted.items()}
                 probes[i][np.arange(count), start + np.arange(count)] = 1.0
                 for o, out in enumerate(run(probes)):
-                    maps[k][o][:, start:start + count] = (out.reshape(count, -1) - base[o]).T
+                    chunks[o].append(as_weights((out.reshape(count, -1) - base[o]).T))
+            maps.append([as_weights(sparse.hstack(c, format="csr")) for c in chunks])
         self._check_affine(node, encrypted, base, maps, run)
         results: list[Value] = []
         for o, bias in enumerate(base):
-            weights = np.zeros((bias.shape[1], self.basis_values.shape[1]))
+            weights = as_weights((bias.shape[1], self.basis_values.shape[1]))
             offset = bias[0].copy()
             for k, a in enumerate(encrypted.values()):
-                weights += maps[k][o] @ self._pad(a.weights)
+                weights = weights + maps[k][o] @ self._pad(a.weights)
                 offset += maps[k][o] @ a.bias
-            results.append(Affine(weights, offset, shapes[o]))
+            results.append(Affine(as_weights(weights), offset, shapes[o]))
         return results
 
     def _check_affine(self, node: onnx.NodeProto, encrypted: dict[int, Affine],
-                      base: Sequence[FloatArray], maps: Sequence[Sequence[FloatArray]],
+                      base: Sequence[FloatArray], maps: Sequence[Sequence[Weights]],
                       run: Callable[[Mapping[int, FloatArray]], list[FloatArray]]) -> None:
         rng = np.random.default_rng(0)
         probes: dict[int, FloatArray] = {i: rng.normal(size=(3, a.features))
                                          for i, a in encrypted.items()}
         for o, out in enumerate(run(probes)):
-            predicted = base[o] + sum(probes[i] @ maps[k][o].T
+            predicted = base[o] + sum((maps[k][o] @ probes[i].T).T
                                       for k, i in enumerate(encrypted))
             flat = out.reshape(3, -1)
             scale = max(float(np.abs(flat).max()), 1.0)
@@ -470,20 +466,15 @@ class _Tracer:
                                   f"tensors); only x*x and affine layers are supported")
 
 
-def _on_interval(func: UnitFunction, mid: float, half: float) -> Callable[[FloatArray], Any]:
-    """func on [mid - half, mid + half], as a function of t in [-1, 1]."""
-    return lambda t: func(mid + half * t)
-
-
-def _max_error(activation: Activation, coeffs: FloatArray, u: FloatArray, mid: FloatArray,
-               half: FloatArray) -> float:
-    """max |p(u) - f(x)| over the calibrated inputs of every unit."""
-    worst = 0.0
-    for i in range(u.shape[1]):
-        approx = np.polynomial.chebyshev.chebval(u[:, i], coeffs[i])
-        worst = max(worst, float(np.abs(approx - activation.function(i)(
-            mid[i] + half[i] * u[:, i])).max()))
-    return worst
+def _chebyshev_values(u: FloatArray, coeffs: FloatArray) -> FloatArray:
+    """sum_k coeffs[k, i] T_k(u[:, i]) for every unit i (u: (n, units))."""
+    previous, current = np.ones_like(u), u
+    total = coeffs[0] * previous + (coeffs[1] * current if len(coeffs) > 1 else 0.0)
+    for k in range(2, len(coeffs)):
+        previous, current = current, 2 * u * current - previous
+        total = total + coeffs[k] * current
+    result: FloatArray = total
+    return result
 
 
 # ----- operators with their own meaning -----
@@ -497,33 +488,37 @@ def _defer(t: _Tracer, node: onnx.NodeProto, value: Value, op: Activation | str)
     return Deferred(t.trunk(node, value), (op,), node.name or node.op_type)
 
 
-def _activation(name: str) -> Handler:
+def _elementwise(name: str) -> Handler:
+    """A continuous elementwise activation; its constant inputs (slopes, bounds) stay with
+    the node, which is evaluated as it is wherever the function is needed."""
     def handler(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
-        params: tuple[float, ...] = ()
-        if name == "leaky_relu":
-            params = (float(_attr(node, "alpha", 0.01)),)
-        elif name == "elu":
-            params = (float(_attr(node, "alpha", 1.0)),)
-        elif name == "clip":
-            low = args[1] if len(args) > 1 and args[1] is not None else _attr(node, "min", -np.inf)
-            high = args[2] if len(args) > 2 and args[2] is not None else _attr(node, "max", np.inf)
-            params = (float(np.asarray(low)), float(np.asarray(high)))
-        return [_defer(t, node, args[0], Activation(name, params))]
+        value = args[0]
+        if not isinstance(value, Affine | Deferred) or any(
+                a is not None and not isinstance(a, np.ndarray) for a in args[1:]):
+            raise Unsupported(f"node {node.name!r} ({node.op_type}) needs one encrypted input "
+                              f"and constant parameters")
+        shape = value.shape
+        constants = {node.input[i]: a for i, a in enumerate(args) if i and a is not None}
+        evaluator = t._evaluator(node, [node.input[0], *constants])
+
+        def evaluate(values: FloatArray) -> FloatArray:
+            feeds = {node.input[0]: values.reshape(-1, *shape), **constants}
+            try:
+                outputs: list[Any] = list(evaluator.run(None, feeds))
+            except Exception as exc:
+                raise Unsupported(f"node {node.name!r} ({node.op_type}) cannot be evaluated "
+                                  f"on rows of shape {list(shape)}: {exc}") from exc
+            result = np.asarray(outputs[0], dtype=np.float64)
+            return result.reshape(values.shape)
+
+        exact = name in TAIL_OPS and not constants and not node.attribute
+        return [_defer(t, node, value, Activation(name, evaluate, exact))]
     return handler
-
-
-def _prelu(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
-    value, slope = args
-    if not isinstance(slope, np.ndarray):
-        raise Unsupported(f"node {node.name!r} (PRelu): the slope must be a constant")
-    shape = value.shape if isinstance(value, Affine | Deferred) else ()
-    slopes = np.broadcast_to(np.asarray(slope, dtype=np.float64), shape).reshape(-1)
-    return [_defer(t, node, value, Activation("prelu", slopes=slopes.copy()))]
 
 
 def _mul(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
     if node.input[0] == node.input[1]:
-        return [_defer(t, node, args[0], Activation("square"))]
+        return [_defer(t, node, args[0], SQUARE)]
     return t._probe(node, args)
 
 
@@ -532,7 +527,7 @@ def _pow(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
     if exponent.size != 1 or float(exponent[0]) not in (1.0, 2.0):
         raise Unsupported(f"node {node.name!r} (Pow): only exponent 2 is supported")
     return [args[0] if float(exponent[0]) == 1.0 else
-            _defer(t, node, args[0], Activation("square"))]
+            _defer(t, node, args[0], SQUARE)]
 
 
 def _row_op(name: str) -> Handler:
@@ -601,7 +596,8 @@ def _linear_classifier(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> l
     if rows == 1 and len(labels) == 2:  # binary with one score row: [-s, s]
         matrix, bias = np.vstack([-matrix, matrix]), np.concatenate([-bias, bias])
     t.class_labels = labels
-    scores = Affine(matrix @ t._pad(a.weights), matrix @ a.bias + bias, (matrix.shape[0],))
+    scores = Affine(as_weights(sparse.csr_array(matrix) @ t._pad(a.weights)),
+                    matrix @ a.bias + bias, (matrix.shape[0],))
     ops: tuple[Activation | str, ...] = _POST_TRANSFORMS[post]
     return [Labels(labels), Deferred(scores, ops, node.name) if ops else scores]
 
@@ -638,15 +634,15 @@ def _shape(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
     return [np.array([-1, *value.shape], dtype=np.int64)]
 
 
+ELEMENTWISE = {  # continuous elementwise activations, approximated on calibrated ranges
+    "Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "Softplus": "softplus",
+    "Softsign": "softsign", "LeakyRelu": "leaky_relu", "Elu": "elu", "Selu": "selu",
+    "Celu": "celu", "PRelu": "prelu", "Clip": "clip", "HardSigmoid": "hard_sigmoid",
+    "HardSwish": "hard_swish", "Gelu": "gelu", "Mish": "mish", "Erf": "erf", "Abs": "abs",
+    "ThresholdedRelu": "thresholded_relu",
+}
 _HANDLERS: dict[str, Handler] = {
-    "Relu": _activation("relu"),
-    "Tanh": _activation("tanh"),
-    "Sigmoid": _activation("sigmoid"),
-    "Softplus": _activation("softplus"),
-    "LeakyRelu": _activation("leaky_relu"),
-    "Elu": _activation("elu"),
-    "Clip": _activation("clip"),
-    "PRelu": _prelu,
+    **{op: _elementwise(name) for op, name in ELEMENTWISE.items()},
     "Mul": _mul,
     "Pow": _pow,
     "Softmax": _row_op("softmax"),
@@ -666,7 +662,12 @@ _HANDLERS: dict[str, Handler] = {
     "Shape": _shape,
 }
 
+_UNBOUNDED = "; it has no bounded range, use a bounded activation in the model instead"
 _SUGGESTIONS = {
+    "Exp": _UNBOUNDED,
+    "Log": _UNBOUNDED,
+    "Sqrt": _UNBOUNDED,
+    "Reciprocal": _UNBOUNDED,
     "MaxPool": "; use AveragePool instead",
     "GlobalMaxPool": "; use GlobalAveragePool instead",
     "Max": "; use an average or a polynomial activation",

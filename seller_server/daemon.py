@@ -12,13 +12,13 @@ from gimme.v1 import gimme_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 
 from common.errors import BadInput
-from common.guarded import Limits
 from common.rpc import SERVICE_NAME, TlsFiles, make_server
 from common.signing import Signer, fingerprint
 from seller_server.catalog import load_catalog
 from seller_server.service import SellerServicer
 from seller_server.store import Store
 from seller_server.trade import Seller
+from seller_server.worker import Capacity
 
 log = logging.getLogger(__name__)
 GRACE_SECONDS = 10.0
@@ -32,8 +32,7 @@ class ServeOptions:
     tls: TlsFiles | None
     security_bits: int = 128
     insecure_ring: int = 0
-    limits: Limits = field(default_factory=Limits)
-    max_concurrent_evaluations: int = 2
+    capacity: Capacity = field(default_factory=Capacity)
     port_file: Path | None = None
 
 
@@ -61,12 +60,12 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
     try:
         listings, refused = load_catalog(
             options.catalog, store, security_bits=options.security_bits,
-            insecure_ring=options.insecure_ring, limits=options.limits,
+            insecure_ring=options.insecure_ring, capacity=options.capacity,
             on_model=lambda name, i, n: log.info("loading %s (%d/%d)", name, i + 1, n))
         if not listings:
             raise BadInput("no model in the catalog could be listed:\n  " + "\n  ".join(refused))
-        servicer.ready(Seller(listings, store, signer, options.state / "spool", options.limits,
-                              options.security_bits, options.max_concurrent_evaluations))
+        servicer.ready(Seller(listings, store, signer, options.state / "spool",
+                              options.capacity, options.security_bits))
         for service in ("", SERVICE_NAME):
             health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING %d model(s): %s%s", len(listings),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import BadInput, Exhausted, NotFound, WrongState
-from common.guarded import Limits, run_guarded
+from common.guarded import run_guarded
 from common.he.params import new_key_tag
 from common.protocol import (
     DELIVERY,
@@ -35,7 +35,7 @@ from common.signing import Signer, sha256
 from common.wire import delivery_payload, offer_payload, payment_payload, receipt_payload
 from seller_server.catalog import Listing
 from seller_server.store import Store, TrialRow
-from seller_server.worker import UNTRUSTED_STAGES
+from seller_server.worker import UNTRUSTED_STAGES, Capacity
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[Progress], None]
@@ -49,15 +49,14 @@ class Evaluation:
 
 class Seller:
     def __init__(self, listings: Sequence[Listing], store: Store, signer: Signer,
-                 spool: Path, limits: Limits, security_bits: int,
-                 max_concurrent_evaluations: int = 2) -> None:
+                 spool: Path, capacity: Capacity, security_bits: int) -> None:
         self.listings = {listing.model_id: listing for listing in listings}
         self.store = store
         self.signer = signer
         self.spool = spool
-        self.limits = limits
+        self.capacity = capacity
         self.security_bits = security_bits
-        self._evaluation_slots = threading.BoundedSemaphore(max_concurrent_evaluations)
+        self._evaluation_slots = threading.BoundedSemaphore(capacity.concurrent_evaluations)
 
     def _sign(self, kind: str, payload: bytes) -> Signed:
         return Signed(kind, payload, self.signer.sign(kind, payload))
@@ -151,7 +150,7 @@ class Seller:
         run_guarded("seller_server.worker:check_relin_key", {
             "params": listing.params.to_dict(), "security_bits": self.security_bits,
             "plan_path": str(self._plan_file(listing)), "key_tag": trial.key_tag,
-            "relin_key_path": str(path)}, limits=self.limits)
+            "relin_key_path": str(path)}, limits=self.capacity.limits)
         digest = sha256(data)
         self.store.set_relin_key(trial_id, digest)
         log.info("trial %s: relinearization key accepted (%d bytes)", trial_id, len(data))
@@ -196,8 +195,9 @@ class Seller:
                     {"params": listing.params.to_dict(), "security_bits": self.security_bits,
                      "plan_path": str(self._plan_file(listing)), "key_tag": trial.key_tag,
                      "relin_key_path": str(self._trial_dir(trial_id) / "relin.key"),
-                     "ciphertext_paths": paths, "out_dir": str(batch_dir / "out")},
-                    limits=self.limits,
+                     "ciphertext_paths": paths, "out_dir": str(batch_dir / "out"),
+                     "workers": self.capacity.workers_per_evaluation},
+                    limits=self.capacity.limits,
                     on_progress=lambda p: on_progress(Progress(
                         str(p.get("stage", "")), int(p.get("done", 0)), int(p.get("total", 0)))),
                     untrusted_phase=lambda p: p.get("stage") in UNTRUSTED_STAGES,

@@ -4,16 +4,28 @@ gateway: this is where untrusted OpenFHE bytes are checked and opened."""
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from common.guarded import Json, ProgressFn
+from common.guarded import Json, Limits, ProgressFn
 from common.he import engine
 from common.he.params import CkksParams, new_key_tag
 from common.he.plan import HEPlan
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """How much of the machine evaluations may use."""
+
+    limits: Limits = field(default_factory=Limits)  # per worker process
+    workers_per_evaluation: int = field(default_factory=lambda: os.cpu_count() or 1)
+    concurrent_evaluations: int = 2
+
 
 # Stages during which a crash is the upload's fault (see run_guarded's untrusted_phase).
 UNTRUSTED_STAGES = frozenset({"loading relinearization key", "loading ciphertexts",
@@ -41,7 +53,8 @@ def self_test(request: Json, report: ProgressFn) -> Json:
     report({"stage": "encrypting"})
     inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
     start = time.perf_counter()
-    scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report))
+    scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report),
+                             int(request["workers"]))
     seconds = time.perf_counter() - start
     decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
     np.save(request["out_path"], decrypted)
@@ -82,7 +95,8 @@ def evaluate_batch(request: Json, report: ProgressFn) -> Json:
     inputs = [gate.load(b, f"ciphertext {i}") for i, b in enumerate(blobs)]
     del blobs
     start = time.perf_counter()
-    scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report))
+    scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report),
+                             int(request["workers"]))
     seconds = time.perf_counter() - start
     report({"stage": "writing results"})
     out_dir = Path(request["out_dir"])

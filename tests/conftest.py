@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+# as in the evaluator workers: one OpenMP thread (sharded evaluation forks; see engine)
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
 from common.certs import create_certificates
 from common.rpc import TlsFiles, check_health
 

@@ -94,9 +94,9 @@ def test_unsupported_operator_is_named_with_a_suggestion() -> None:
 
 def test_unknown_operator_is_named() -> None:
     model = g.build([helper.make_node("Gemm", ["x", "w", "b"], ["z"], name="dense"),
-                     helper.make_node("Abs", ["z"], ["y"], name="abs1")],
+                     helper.make_node("Round", ["z"], ["y"], name="round1")],
                     4, {"y": 2}, {"w": g.weights(4, 2), "b": g.weights(1, 2)[0]})
-    with pytest.raises(Unsupported, match=r"node 'abs1': operator Abs cannot be evaluated"):
+    with pytest.raises(Unsupported, match=r"node 'round1': operator Round cannot be evaluated"):
         compile_model(model, g.calibration(4))
 
 
@@ -145,3 +145,59 @@ def test_chebyshev_basis_matches_numpy() -> None:
         coeffs = np.zeros(k + 1)
         coeffs[k] = 1
         assert np.allclose(basis[:, k - 1], np.polynomial.chebyshev.chebval(u[:, 0], coeffs))
+
+
+def _conv_bn() -> bytes:
+    c = 2
+    return g.build(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["n"],
+                          name="bn", epsilon=1e-3),
+         helper.make_node("AveragePool", ["n"], ["p"], name="pool", kernel_shape=[2, 2],
+                          strides=[2, 2]),
+         helper.make_node("Mul", ["p", "p"], ["s"], name="square"),
+         helper.make_node("GlobalAveragePool", ["s"], ["gap"], name="gap"),
+         helper.make_node("Squeeze", ["gap", "axes"], ["flat"], name="squeeze"),
+         helper.make_node("Div", ["flat", "ten"], ["out"], name="div")],
+        6, {"out": c},
+        {"w": g.weights(c * 9, 1).reshape(c, 1, 3, 3), "b": g.weights(1, c)[0],
+         "scale": np.abs(g.weights(1, c)[0]) + 0.5, "shift": g.weights(1, c)[0],
+         "mean": g.weights(1, c)[0], "var": np.abs(g.weights(1, c)[0]) + 0.1,
+         "axes": np.array([2, 3], dtype=np.int64), "ten": np.array(10.0, dtype=np.float32)},
+        rank=4)
+
+
+def test_convolution_batch_norm_pooling_compile_exactly() -> None:
+    rows = g.calibration(36)
+    compiled = compile_model(_conv_bn(), rows)
+    assert compiled.approximation_error < 1e-5
+    # conv + batch norm + pool fold into one map (1 level), the square (1), then pooling
+    # and scaling fold into the output sum (1)
+    assert compiled.plan.depth() == 3
+    assert len(compiled.plan.stages) == 1
+
+
+def _branches() -> bytes:
+    """Two branches concatenated, plus a residual sum reaching back to the input."""
+    return g.build(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], name="left"),
+         helper.make_node("Gemm", ["x", "w2", "b2"], ["h2"], name="right", alpha=0.5,
+                          beta=2.0, transB=1),
+         helper.make_node("Concat", ["h1", "h2"], ["h"], name="concat", axis=1),
+         helper.make_node("Mul", ["h", "h"], ["sq"], name="square"),
+         helper.make_node("Gemm", ["sq", "w3", "b3"], ["deep"], name="deep"),
+         helper.make_node("Gemm", ["x", "w4", "b4"], ["skip"], name="skip"),
+         helper.make_node("Add", ["deep", "skip"], ["sum"], name="residual"),
+         helper.make_node("Transpose", ["sum"], ["out"], name="noop", perm=[0, 1])],
+        5, {"out": 3},
+        {"w1": g.weights(5, 2), "b1": g.weights(1, 2)[0], "w2": g.weights(4, 5),
+         "b2": g.weights(1, 4)[0], "w3": g.weights(6, 3), "b3": g.weights(1, 3)[0],
+         "w4": g.weights(5, 3), "b4": g.weights(1, 3)[0]})
+
+
+def test_concatenated_branches_and_residual_sums_compile_exactly() -> None:
+    compiled = compile_model(_branches(), g.calibration(5))
+    assert compiled.approximation_error < 1e-5
+    assert compiled.plan.depth() == 3
+    # the residual reads input ciphertexts directly in the output sum
+    assert compiled.plan.output.weights[:, :5].nnz > 0

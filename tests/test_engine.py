@@ -50,6 +50,23 @@ def test_encrypted_evaluation_matches_the_plan(tanh_model: tuple[bytes, FloatArr
     assert np.abs(decrypted - expected).max() < 1e-3
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_sharded_evaluation_matches_one_process(tanh_model: tuple[bytes, FloatArray],
+                                                workers: int) -> None:
+    compiled, _params, cc = _setup(*tanh_model)
+    rows = tanh_model[1][:50]
+    tag = new_key_tag()
+    secret, public = engine.generate_keys(cc, tag)
+    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    progress: list[tuple[int, int]] = []
+    scores = engine.evaluate(cc, compiled.plan, inputs,  # type: ignore[attr-defined]
+                             lambda done, total: progress.append((done, total)), workers)
+    decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
+    expected = compiled.plan.simulate(rows)  # type: ignore[attr-defined]
+    assert np.abs(decrypted - expected).max() < 1e-3
+    assert progress and progress[-1][0] == progress[-1][1]
+
+
 def test_planner_picks_the_smallest_secure_ring() -> None:
     for depth, ring in ((1, 8192), (8, 16384), (14, 32768)):
         params = choose_params(depth, 128, 10.0)
@@ -135,3 +152,16 @@ def test_relin_key_template(small_context: tuple[object, str, object, object]) -
         template.check(bytes(tampered), "relinearization key")
     with pytest.raises(BadInput):
         engine.relin_key_template(cc, new_key_tag()).check(key, "relinearization key")
+
+
+def test_residual_sum_mixes_levels_correctly() -> None:
+    from tests.test_compiler import _branches
+
+    rows = g.calibration(5)[:64]
+    compiled, _params, cc = _setup(_branches(), rows)
+    tag = new_key_tag()
+    secret, public = engine.generate_keys(cc, tag)
+    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    scores = engine.evaluate(cc, compiled.plan, inputs, lambda done, total: None)  # type: ignore[attr-defined]
+    decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
+    assert np.abs(decrypted - compiled.plan.simulate(rows)).max() < 1e-3  # type: ignore[attr-defined]

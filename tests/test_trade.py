@@ -17,7 +17,6 @@ from gimme.v1.gimme_pb2_grpc import add_SellerServicer_to_server
 from buyer_client.client import SellerClient
 from buyer_client.trust import open_offer
 from common import errors
-from common.guarded import Limits
 from common.he import engine
 from common.onnx_io import run_model
 from common.protocol import Progress, Signed
@@ -29,6 +28,7 @@ from seller_server.catalog import load_catalog
 from seller_server.service import SellerServicer
 from seller_server.store import Store
 from seller_server.trade import Seller
+from seller_server.worker import Capacity
 from tests.conftest import Daemon, buyer_cli, top_up
 
 LR = "breast-cancer-lr"
@@ -284,8 +284,9 @@ def test_a_swapped_delivery_fails_verification_with_evidence(
     store = Store(state / "gimme.sqlite")
     store.top_up("dave", 10_000, "top")
     signer, _ = Signer.load_or_create(state / "identity.key")
-    listings, _refused = load_catalog(lr_catalog, store, security_bits=128, limits=Limits())
-    seller = _SwappingSeller(listings, store, signer, state / "spool", Limits(), 128)
+    listings, _refused = load_catalog(lr_catalog, store, security_bits=128,
+                                      capacity=Capacity())
+    seller = _SwappingSeller(listings, store, signer, state / "spool", Capacity(), 128)
     seller.swapped = _perturbed_model(lr_catalog)
     server, port, _health = make_server("127.0.0.1:0", TlsFiles.in_dir(tls_dir, "seller"))
     servicer = SellerServicer(require_tls_identity=True)

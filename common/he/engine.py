@@ -8,7 +8,11 @@ their bytes passed a `ByteTemplate` check.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import threading
 from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -17,7 +21,7 @@ import openfhe as fhe
 
 from common.errors import Refused
 from common.he.params import CkksParams, log2_int, table_security_bits
-from common.he.plan import HEPlan, PolyStage, chebyshev_split
+from common.he.plan import HEPlan, PolyStage, Weights, chebyshev_split, row_terms
 from common.he.template import ByteTemplate, learn_template
 
 Ciphertext = Any  # openfhe.Ciphertext (the binding ships no type information)
@@ -115,13 +119,16 @@ def serialize(obj: Any) -> bytes:
 
 
 def ciphertext_bytes(ct: Ciphertext) -> bytes:
-    """The canonical wire form of a ciphertext.
+    """The wire form of a ciphertext: one fixed layout per level, so the receiver's byte
+    template can require it.
 
-    OpenFHE's serializer shares parameter objects between polynomials only when they are
-    the same object in memory, so a fresh ciphertext and a computed one serialize to
-    different layouts. One round trip gives every ciphertext the same layout, which the
-    receiver's byte template can then require.
+    OpenFHE's serializer writes a parameter object once when polynomials share it in
+    memory: fresh encryptions (level 0) share, computed ciphertexts do not. Fresh ones go
+    as they are; computed ones take one serialize/deserialize round trip, after which
+    every computed ciphertext has the same layout.
     """
+    if ct.GetLevel() == 0:
+        return serialize(ct)
     return serialize(fhe.DeserializeCiphertextString(serialize(ct), fhe.BINARY))
 
 
@@ -196,10 +203,12 @@ def _tagged_pair(cc: Context, key_tag: str) -> tuple[Any, Any]:
 
 
 def encrypt_vector(cc: Context, public_key: Any, values: npt.NDArray[np.float64]) -> Ciphertext:
+    """Encrypt `values` into the slots, repeating them to fill every slot: a zero in an
+    unused slot can lie far outside the range an activation was approximated on, and one
+    slot's polynomial blowing past the modulus garbles every slot."""
     slots = cc.GetRingDimension() // 2
-    padded = np.zeros(slots)
-    padded[: values.size] = values
-    return cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(padded.tolist()))
+    filled = np.resize(np.asarray(values, dtype=np.float64), slots)
+    return cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(filled.tolist()))
 
 
 def decrypt_vector(cc: Context, secret_key: Any, ct: Ciphertext, length: int) -> list[float]:
@@ -227,31 +236,150 @@ def result_level(plan: HEPlan) -> int:
 
 
 def evaluate(
-    cc: Context, plan: HEPlan, inputs: Sequence[Ciphertext], progress: ProgressFn
+    cc: Context, plan: HEPlan, inputs: Sequence[Ciphertext], progress: ProgressFn,
+    workers: int = 1,
 ) -> list[Ciphertext]:
-    """Run `plan` on one batch of input ciphertexts; returns the settled score ciphertexts."""
-    basis = _Basis(cc, inputs)
-    last_use = _last_uses(plan)
-    total = sum(s.units for s in plan.stages) + plan.score_count
-    done = 0
-    for index, stage in enumerate(plan.stages):
-        produced: list[Ciphertext] = []
-        for unit in range(stage.units):
-            u = basis.combine(stage.weights[unit], stage.bias[unit])
-            produced.extend(_stage_entries(cc, stage, u))
+    """Run `plan` on one batch of input ciphertexts; returns the settled score ciphertexts.
+
+    With workers > 1 the units of every stage are split over forked processes (one
+    OpenMP thread each). A row of the next stage needs entries held by several processes,
+    so each process sends the others only its partial sums for their rows, not the
+    entries themselves.
+    """
+    if workers <= 1:
+        scores = _Rank(cc, plan, inputs, 0, {}).run(progress)
+        return [scores[row] for row in range(plan.score_count)]
+    if os.environ.get("OMP_NUM_THREADS") != "1":
+        raise RuntimeError("sharded evaluation forks: it needs OMP_NUM_THREADS=1 set before "
+                           "OpenFHE loads (a forked OpenMP thread pool hangs)")
+    context = multiprocessing.get_context("fork")  # children share the loaded inputs
+    links = {(a, b): context.Pipe() for a in range(workers) for b in range(a + 1, workers)}
+
+    def peers(rank: int) -> dict[int, Connection]:
+        return {b if a == rank else a: pipe[0] if a == rank else pipe[1]
+                for (a, b), pipe in links.items() if rank in (a, b)}
+
+    def helper(rank: int) -> None:
+        connections = peers(rank)
+        scores = _Rank(cc, plan, inputs, rank, connections).run(lambda done, total: None)
+        connections[0].send({row: serialize(ct) for row, ct in scores.items()})
+
+    children = [context.Process(target=helper, args=(rank,), daemon=True)
+                for rank in range(1, workers)]
+    for child in children:
+        child.start()
+    try:
+        connections = peers(0)
+        scores = _Rank(cc, plan, inputs, 0, connections).run(progress)
+        for rank in range(1, workers):
+            for row, data in _receive(connections[rank], rank).items():
+                scores[row] = adopt(cc, inputs[0], data)
+    finally:
+        for child in children:
+            child.join(timeout=5)
+            if child.is_alive():
+                child.kill()
+    return [scores[row] for row in range(plan.score_count)]
+
+
+def adopt(cc: Context, shell: Ciphertext, data: bytes) -> Ciphertext:
+    """A ciphertext we serialized ourselves (trusted), moved into a local object: see
+    CiphertextGate for why deserialized objects are not computed on directly."""
+    loaded = fhe.DeserializeCiphertextString(data, fhe.BINARY)
+    ct = shell.Clone()
+    ct.SetLevel(loaded.GetLevel())
+    ct.SetNoiseScaleDeg(loaded.GetNoiseScaleDeg())
+    ct.SetScalingFactor(loaded.GetScalingFactor())
+    ct.SetSlots(loaded.GetSlots())
+    ct.SetElements(loaded.GetElements())
+    return ct
+
+
+def _receive(connection: Connection, rank: int) -> Any:
+    try:
+        return connection.recv()
+    except EOFError:
+        raise RuntimeError(f"evaluation helper process {rank} died") from None
+
+
+class _Rank:
+    """One process's share of an evaluation: unit i of a stage with n units belongs to
+    rank i * size // n; rows are summed from partial sums over what each rank holds."""
+
+    def __init__(self, cc: Context, plan: HEPlan, inputs: Sequence[Ciphertext], rank: int,
+                 peers: dict[int, Connection]) -> None:
+        self.cc, self.plan, self.rank, self.peers = cc, plan, rank, peers
+        self.size = len(peers) + 1
+        self.shell = inputs[0]
+        self.inputs = len(inputs)
+        self.basis = _Basis(cc, dict(enumerate(inputs)))
+
+    def owner(self, row: int, rows: int) -> int:
+        return row * self.size // rows
+
+    def run(self, progress: ProgressFn) -> dict[int, Ciphertext]:
+        last_use = _last_uses(self.plan)
+        mine = [i for s in self.plan.stages for i in range(s.units) if self.owner(i, s.units)
+                == self.rank]
+        total = len(mine) + sum(1 for r in range(self.plan.score_count)
+                                if self.owner(r, self.plan.score_count) == self.rank)
+        done = 0
+        offset = self.inputs
+        for index, stage in enumerate(self.plan.stages):
+            for unit, u in self._rows(stage.weights, stage.bias).items():
+                for k, entry in enumerate(_stage_entries(self.cc, stage, u)):
+                    self.basis.put(offset + unit * stage.width + k, entry)
+                done += 1
+                progress(done, total)
+            for j, use in enumerate(last_use):
+                if use == index:
+                    self.basis.release(j)  # no later stage reads it: free the memory
+            offset += stage.units * stage.width
+        level = result_level(self.plan)
+        scores = {}
+        for row, ct in self._rows(self.plan.output.weights, self.plan.output.bias).items():
+            scores[row] = settle(self.cc, ct, level)
             done += 1
             progress(done, total)
-        for j, use in enumerate(last_use):
-            if use == index:
-                basis.release(j)  # no later stage reads it: free the memory
-        basis.extend(produced)
-    level = result_level(plan)
-    scores = []
-    for row, bias in zip(plan.output.weights, plan.output.bias, strict=True):
-        scores.append(settle(cc, basis.combine(row, bias), level))
-        done += 1
-        progress(done, total)
-    return scores
+        return scores
+
+    def _rows(self, weights: Weights, biases: npt.NDArray[np.float64]
+              ) -> dict[int, Ciphertext]:
+        """weights @ basis + biases for the rows this rank owns."""
+        rows = len(biases)
+        outgoing: dict[int, dict[int, bytes]] = {peer: {} for peer in self.peers}
+        parts: dict[int, list[Ciphertext]] = {}
+        for row in range(rows):
+            owner = self.owner(row, rows)
+            # every rank holds the inputs: only the row's owner sums them
+            partial = self.basis.partial(*row_terms(weights, row),
+                                         skip_below=0 if owner == self.rank else self.inputs)
+            if owner == self.rank:
+                parts[row] = [partial] if partial is not None else []
+            elif partial is not None:
+                outgoing[owner][row] = serialize(partial)
+        for received in self._exchange(outgoing).values():
+            for row, data in received.items():
+                parts[row].append(adopt(self.cc, self.shell, data))
+        result = {}
+        for row, pieces in parts.items():
+            total = pieces[0] if pieces else self.basis.zero()
+            for piece in pieces[1:]:
+                total = self.cc.EvalAdd(total, piece)
+            bias = float(biases[row])
+            result[row] = self.cc.EvalAdd(total, bias) if bias else total
+        return result
+
+    def _exchange(self, outgoing: dict[int, dict[int, bytes]]) -> dict[int, dict[int, bytes]]:
+        """Send every peer its rows while receiving ours (threads avoid pipe deadlocks)."""
+        senders = [threading.Thread(target=self.peers[peer].send, args=(payload,))
+                   for peer, payload in outgoing.items()]
+        for sender in senders:
+            sender.start()
+        received = {peer: _receive(connection, peer) for peer, connection in self.peers.items()}
+        for sender in senders:
+            sender.join()
+        return received
 
 
 def _stage_entries(cc: Context, stage: PolyStage, u: Ciphertext) -> list[Ciphertext]:
@@ -269,30 +397,24 @@ def _stage_entries(cc: Context, stage: PolyStage, u: Ciphertext) -> list[Ciphert
 
 
 class _Basis:
-    """The basis ciphertexts, plus copies dropped to the levels linear sums need (FIXEDMANUAL
-    EvalLinearWSum wants equal levels; each copy is made once and reused)."""
+    """The basis ciphertexts this process holds, plus copies dropped to the levels linear
+    sums need (FIXEDMANUAL EvalLinearWSum wants equal levels; each copy is made once)."""
 
-    def __init__(self, cc: Context, inputs: Sequence[Ciphertext]) -> None:
+    def __init__(self, cc: Context, items: dict[int, Ciphertext]) -> None:
         self.cc = cc
-        self.items: list[Ciphertext | None] = list(inputs)
+        self.items = items
         self.lowered: dict[tuple[int, int], Ciphertext] = {}
 
-    def extend(self, cts: Sequence[Ciphertext]) -> None:
-        self.items.extend(cts)
+    def put(self, j: int, ct: Ciphertext) -> None:
+        self.items[j] = ct
 
     def release(self, j: int) -> None:
-        self.items[j] = None
+        self.items.pop(j, None)
         for key in [k for k in self.lowered if k[0] == j]:
             del self.lowered[key]
 
-    def item(self, j: int) -> Ciphertext:
-        ct = self.items[j]
-        if ct is None:
-            raise RuntimeError(f"basis entry {j} was released but is still read")
-        return ct
-
     def at_level(self, j: int, level: int) -> Ciphertext:
-        ct = self.item(j)
+        ct = self.items[j]
         if ct.GetLevel() == level:
             return ct
         key = (j, level)
@@ -300,15 +422,22 @@ class _Basis:
             self.lowered[key] = self.cc.LevelReduce(ct, None, level - ct.GetLevel())
         return self.lowered[key]
 
-    def combine(self, weights: npt.NDArray[np.float64], bias: float) -> Ciphertext:
-        """sum_j w_j basis_j + bias; EvalLinearWSum rescales in FIXEDMANUAL (never again)."""
-        used = np.flatnonzero(weights)
-        if used.size == 0:
-            used = np.array([next(j for j, ct in enumerate(self.items) if ct is not None)])
-        level = max(self.item(j).GetLevel() for j in used)
-        total = self.cc.EvalLinearWSum([self.at_level(j, level) for j in used],
-                                       [float(weights[j]) for j in used])
-        return self.cc.EvalAdd(total, float(bias)) if bias else total
+    def partial(self, indices: npt.NDArray[np.int64], values: npt.NDArray[np.float64],
+                skip_below: int) -> Ciphertext | None:
+        """sum_j w_j basis_j over the terms with j >= skip_below held here; None if there
+        are none. EvalLinearWSum rescales in FIXEDMANUAL: never rescale again."""
+        terms = [(int(j), float(w)) for j, w in zip(indices, values, strict=True)
+                 if j >= skip_below and int(j) in self.items]
+        if not terms:
+            return None
+        level = max(self.items[j].GetLevel() for j, _w in terms)
+        return self.cc.EvalLinearWSum([self.at_level(j, level) for j, _w in terms],
+                                      [w for _j, w in terms])
+
+    def zero(self) -> Ciphertext:
+        """An encryption of zero at level 1, for a row with no nonzero weight."""
+        anchor = self.items[min(self.items)]
+        return self.cc.EvalLinearWSum([anchor], [0.0])
 
 
 def _last_uses(plan: HEPlan) -> list[int]:
@@ -317,6 +446,6 @@ def _last_uses(plan: HEPlan) -> list[int]:
     last = [-1] * size
     readers = [*(s.weights for s in plan.stages), plan.output.weights]
     for index, weights in enumerate(readers):
-        for j in np.flatnonzero(np.any(weights != 0, axis=0)):
+        for j in np.unique(weights.indices):
             last[int(j)] = index
     return last

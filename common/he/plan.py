@@ -8,8 +8,8 @@ T_1(u) .. T_D(u) (kind "chebyshev") or u*u alone (kind "square"); the activation
 sum_k c_k T_k(u), is folded by the compiler into the weights of the next stage, so it
 costs no level of its own. The `OutputStage` forms the scores the same way.
 
-Everything here is plain numpy: the gateway, the compiler and the buyer use it
-without touching OpenFHE.
+Weights are sparse (CSR): a convolution's map touches a few inputs per output. Everything
+here is numpy/scipy: the gateway, the compiler and the buyer use it without OpenFHE.
 """
 
 from __future__ import annotations
@@ -24,13 +24,31 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from scipy import sparse
 
 from common.errors import BadInput
 
 FloatArray = npt.NDArray[np.float64]
-
-
+Weights = Any  # scipy.sparse.csr_array of float64, (rows, basis size)
 STAGE_KINDS = ("chebyshev", "square")
+
+
+def as_weights(matrix: Any, columns: int | None = None) -> Weights:
+    """A CSR float64 matrix, widened with zero columns to `columns` if given."""
+    csr = sparse.csr_array(matrix, dtype=np.float64)
+    csr.eliminate_zeros()
+    if columns is not None and columns != csr.shape[1]:
+        if columns < csr.shape[1]:
+            raise ValueError("weights cannot be narrowed")
+        csr = sparse.csr_array((csr.data, csr.indices, csr.indptr),
+                               shape=(csr.shape[0], columns))
+    return csr
+
+
+def row_terms(weights: Weights, row: int) -> tuple[npt.NDArray[np.int64], FloatArray]:
+    """(basis indices, weights) of one row's nonzero terms."""
+    start, end = weights.indptr[row], weights.indptr[row + 1]
+    return weights.indices[start:end].astype(np.int64), weights.data[start:end]
 
 
 @dataclass(frozen=True)
@@ -38,7 +56,7 @@ class PolyStage:
     """u = weights @ basis + bias per unit; then T_1(u)..T_degree(u) (kind "chebyshev") or
     u*u (kind "square", degree 2) join the basis."""
 
-    weights: FloatArray  # (units, basis size before this stage)
+    weights: Weights  # (units, basis size before this stage)
     bias: FloatArray  # (units,)
     degree: int
     label: str = ""  # e.g. "tanh at 'Tanh': Chebyshev degree 12"
@@ -66,7 +84,7 @@ class PolyStage:
 
 @dataclass(frozen=True)
 class OutputStage:
-    weights: FloatArray  # (scores, basis size)
+    weights: Weights  # (scores, basis size)
     bias: FloatArray  # (scores,)
 
 
@@ -103,29 +121,29 @@ class HEPlan:
             raise BadInput(f"plan output uses {self.output.weights.shape[1]} basis entries, "
                            f"expected {size}")
 
-    # ----- depth -----
+    # ----- depth and cost -----
 
     def basis_depths(self) -> list[int]:
         """Multiplicative depth at which each basis ciphertext becomes available."""
         depths = [0] * self.input_count
         for stage in self.stages:
             for unit in range(stage.units):
-                u_depth = _combination_depth(stage.weights[unit], depths)
+                u_depth = _combination_depth(stage.weights, unit, depths)
                 depths.extend(stage.entry_depths(u_depth))
         return depths
 
     def depth(self) -> int:
         """Levels the whole evaluation consumes (the CKKS multiplicative depth it needs)."""
         depths = self.basis_depths()
-        return max(_combination_depth(row, depths) for row in self.output.weights)
+        weights = self.output.weights
+        return max(_combination_depth(weights, row, depths) for row in range(weights.shape[0]))
 
     def ciphertext_multiplications(self) -> int:
         return sum(stage.units * (1 if stage.kind == "square" else max(stage.degree - 1, 0))
                    for stage in self.stages)
 
     def scalar_multiplications(self) -> int:
-        count = sum(int(np.count_nonzero(s.weights)) for s in self.stages)
-        return count + int(np.count_nonzero(self.output.weights))
+        return sum(int(s.weights.nnz) for s in self.stages) + int(self.output.weights.nnz)
 
     # ----- plaintext reference -----
 
@@ -135,24 +153,25 @@ class HEPlan:
         if basis.ndim != 2 or basis.shape[1] != self.input_count:
             raise BadInput(f"plan expects rows with {self.input_count} columns, got {basis.shape}")
         for stage in self.stages:
-            u = basis @ stage.weights.T + stage.bias
+            u = (stage.weights @ basis.T).T + stage.bias
             basis = np.concatenate([basis, stage.entries(u)], axis=1)
-        result: FloatArray = basis @ self.output.weights.T + self.output.bias
+        result: FloatArray = (self.output.weights @ basis.T).T + self.output.bias
         return result
 
     # ----- storage -----
 
     def to_bytes(self) -> bytes:
-        arrays: dict[str, Any] = {
-            "output_weights": self.output.weights,
-            "output_bias": self.output.bias,
-        }
+        arrays: dict[str, Any] = {}
         meta = {"input_count": self.input_count, "notes": list(self.notes), "stages": []}
-        for i, stage in enumerate(self.stages):
-            arrays[f"stage{i}_weights"] = stage.weights
-            arrays[f"stage{i}_bias"] = stage.bias
-            meta["stages"].append({"degree": stage.degree, "label": stage.label,  # type: ignore[attr-defined]
-                                   "kind": stage.kind})
+        for name, weights, bias in [
+                *((f"stage{i}", s.weights, s.bias) for i, s in enumerate(self.stages)),
+                ("output", self.output.weights, self.output.bias)]:
+            arrays |= {f"{name}_data": weights.data, f"{name}_indices": weights.indices,
+                       f"{name}_indptr": weights.indptr,
+                       f"{name}_shape": np.array(weights.shape), f"{name}_bias": bias}
+        for stage in self.stages:
+            meta["stages"].append({"degree": stage.degree,  # type: ignore[attr-defined]
+                                   "label": stage.label, "kind": stage.kind})
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
@@ -163,20 +182,19 @@ class HEPlan:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 meta = json.loads(bytes(npz["meta"]).decode())
+
+                def matrix(name: str) -> tuple[Weights, FloatArray]:
+                    shape = tuple(int(v) for v in npz[f"{name}_shape"])
+                    weights = sparse.csr_array(
+                        (npz[f"{name}_data"], npz[f"{name}_indices"], npz[f"{name}_indptr"]),
+                        shape=shape)
+                    return weights, np.asarray(npz[f"{name}_bias"], dtype=np.float64)
+
                 stages = tuple(
-                    PolyStage(
-                        weights=np.asarray(npz[f"stage{i}_weights"], dtype=np.float64),
-                        bias=np.asarray(npz[f"stage{i}_bias"], dtype=np.float64),
-                        degree=int(s["degree"]),
-                        label=str(s["label"]),
-                        kind=str(s["kind"]),
-                    )
-                    for i, s in enumerate(meta["stages"])
-                )
-                output = OutputStage(
-                    weights=np.asarray(npz["output_weights"], dtype=np.float64),
-                    bias=np.asarray(npz["output_bias"], dtype=np.float64),
-                )
+                    PolyStage(*matrix(f"stage{i}"), degree=int(s["degree"]),
+                              label=str(s["label"]), kind=str(s["kind"]))
+                    for i, s in enumerate(meta["stages"]))
+                output = OutputStage(*matrix("output"))
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise BadInput(f"unreadable HE plan: {exc}") from exc
         plan = cls(int(meta["input_count"]), stages, output, tuple(meta["notes"]))
@@ -211,6 +229,6 @@ def chebyshev_basis(u: FloatArray, degree: int) -> FloatArray:
     return np.ascontiguousarray(np.transpose(t[1:], (1, 2, 0)).reshape(n, units * degree))
 
 
-def _combination_depth(row: FloatArray, depths: list[int]) -> int:
-    used = np.flatnonzero(row)
+def _combination_depth(weights: Weights, row: int, depths: list[int]) -> int:
+    used, _values = row_terms(weights, row)
     return (max(depths[j] for j in used) if used.size else 0) + 1

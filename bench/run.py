@@ -1,0 +1,248 @@
+"""Benchmark the HE engine on the example models, against plaintext onnxruntime and TenSEAL
+measured in the same run.
+
+    python bench/run.py [--models digits-lr,digits-mlp,digits-cnn,cryptonets]
+                        [--workers N] [--tenseal] [--json out.json]
+
+Per model: key generation, encryption, upload bytes (input ciphertexts + relinearization
+key), seller-side evaluation (template checks, loading, evaluation, result serialization),
+download bytes, decryption, amortized ms per sample at the test-set size and at a full
+batch (one batch costs the same however many slots are filled), max error vs plaintext,
+top-1 agreement, and ratios to onnxruntime and (with --tenseal, an optional extra:
+`pip install tenseal`) to TenSEAL evaluating the identical plan.
+"""
+
+from __future__ import annotations
+
+import os
+
+# One OpenMP thread per process; the engine forks workers for parallelism (see DESIGN).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from rich.console import Console
+from rich.table import Table
+from skl2onnx import to_onnx
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import MinMaxScaler
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from common.he import engine  # noqa: E402
+from common.he.params import new_key_tag  # noqa: E402
+from common.he.plan import HEPlan  # noqa: E402
+from common.onnx_io import MAX_IR_VERSION, model_feed, run_model, session  # noqa: E402
+from examples.datasets import digits  # noqa: E402
+from seller_server.compiler import compile_model  # noqa: E402
+from seller_server.planner import choose_params  # noqa: E402
+
+FloatArray = npt.NDArray[np.float64]
+MODELS_DIR = ROOT / "examples" / "models"
+
+
+@dataclass
+class Row:
+    model: str
+    rows: int
+    params: str
+    keygen_s: float
+    encrypt_s: float
+    upload_mb: float
+    relin_key_mb: float
+    evaluate_s: float
+    download_mb: float
+    decrypt_s: float
+    trial_s: float
+    ms_per_sample: float
+    ms_per_sample_full_batch: float
+    max_error: float
+    top1_agreement: float
+    plaintext_us_per_sample: float
+    ratio_to_plaintext: float
+    tenseal_s: float | None = None
+    tenseal_packing: str = ""
+    speedup_vs_tenseal: float | None = None
+
+
+def _digits_lr() -> tuple[bytes, int]:
+    x_train, _x_test, y_train, _y_test = digits(8)
+    pipeline = make_pipeline(MinMaxScaler(), LogisticRegression(max_iter=3000))
+    pipeline.fit(x_train, y_train)
+    model = to_onnx(pipeline, x_train[:1].astype(np.float32),
+                    options={id(pipeline.steps[-1][1]): {"zipmap": False}},
+                    target_opset={"": 17, "ai.onnx.ml": 3})
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    return model.SerializeToString(), 8
+
+
+MODELS: dict[str, Callable[[], tuple[bytes, int]]] = {
+    "digits-lr": _digits_lr,
+    "digits-mlp": lambda: ((MODELS_DIR / "digits_square_mlp.onnx").read_bytes(), 8),
+    "digits-cnn": lambda: ((MODELS_DIR / "digits_cnn.onnx").read_bytes(), 8),
+    "cryptonets": lambda: ((MODELS_DIR / "cryptonets.onnx").read_bytes(), 28),
+}
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+def bench_model(name: str, workers: int, with_tenseal: bool, console: Console) -> Row:
+    model, side = MODELS[name]()
+    x_train, x_test, _y_train, _y_test = digits(side)
+    x_all = np.vstack([x_train, x_test])  # the whole dataset as the buyer's test set
+    compiled = compile_model(model, x_train)
+    plan = compiled.plan
+    params = choose_params(plan.depth(), 128, float(np.abs(plan.simulate(x_train)).max()))
+    rows = x_all[: params.slots]
+    console.print(f"[bold]{name}[/bold]: {len(rows)} rows, {params.describe()}, "
+                  f"{plan.scalar_multiplications()} scalar and "
+                  f"{plan.ciphertext_multiplications()} ciphertext multiplications")
+    cc = engine.build_context(params, 128)
+    tag = new_key_tag()
+
+    # buyer: keys and encryption
+    keygen_s, keys = _timed(lambda: engine.generate_keys(cc, tag))
+    secret, public = keys  # type: ignore[misc]
+    relin_key = engine.serialize_relin_key(tag)
+    encrypt_s, uploaded = _timed(lambda: [
+        engine.ciphertext_bytes(engine.encrypt_vector(cc, public, column)) for column in rows.T])
+    inputs_bytes: list[bytes] = uploaded  # type: ignore[assignment]
+
+    # seller: check, load, evaluate, serialize (as the worker does)
+    def seller() -> list[bytes]:
+        gate = engine.CiphertextGate(cc, tag, level=0)
+        inputs = [gate.load(blob, "input") for blob in inputs_bytes]
+        scores = engine.evaluate(cc, plan, inputs, lambda done, total: None, workers)
+        return [engine.ciphertext_bytes(ct) for ct in scores]
+
+    evaluate_s, results = _timed(seller)
+    result_bytes: list[bytes] = results  # type: ignore[assignment]
+
+    # buyer: check and decrypt
+    def decrypt() -> FloatArray:
+        gate = engine.CiphertextGate(cc, tag, engine.result_level(plan))
+        return np.array([engine.decrypt_vector(cc, secret, gate.load(blob, "result"),
+                                               len(rows)) for blob in result_bytes]).T
+
+    decrypt_s, decrypted = _timed(decrypt)
+    scores = np.asarray(decrypted)
+
+    # plaintext onnxruntime on the same rows, in the same run
+    reference = run_model(model, rows, compiled.tail.probability_output,
+                          compiled.tail.class_labels)
+    sess = session(model)
+    feed = model_feed(sess, rows)
+    repeats = 20
+    plain_s, _ = _timed(lambda: [sess.run(None, feed) for _ in range(repeats)])
+    plain_per_sample = plain_s / repeats / len(rows)
+    from common.tail import apply_tail  # the compared output is after the tail
+
+    ours = apply_tail(scores, compiled.tail.ops)
+    agreement = float(np.mean(ours.argmax(1) == reference.argmax(1)))
+    upload = sum(len(b) for b in inputs_bytes) + len(relin_key)
+    row = Row(
+        model=name, rows=len(rows), params=params.describe(), keygen_s=keygen_s,
+        encrypt_s=encrypt_s, upload_mb=upload / 1e6, relin_key_mb=len(relin_key) / 1e6,
+        evaluate_s=evaluate_s, download_mb=sum(len(b) for b in result_bytes) / 1e6,
+        decrypt_s=decrypt_s, trial_s=keygen_s + encrypt_s + evaluate_s + decrypt_s,
+        ms_per_sample=1e3 * evaluate_s / len(rows),
+        ms_per_sample_full_batch=1e3 * evaluate_s / params.slots,
+        max_error=float(np.abs(ours - reference).max()), top1_agreement=agreement,
+        plaintext_us_per_sample=1e6 * plain_per_sample,
+        ratio_to_plaintext=(evaluate_s / len(rows)) / plain_per_sample)
+    if with_tenseal:
+        row.tenseal_s, row.tenseal_packing = tenseal_best(plan, rows, params.ring_dimension)
+        row.speedup_vs_tenseal = row.tenseal_s / evaluate_s
+    return row
+
+
+def tenseal_best(plan: HEPlan, rows: FloatArray, ring: int) -> tuple[float, str]:
+    """TenSEAL evaluating the identical plan (affine + square stages), slot-per-sample
+    with one CKKS vector per column; its thread pool uses every core."""
+    import tenseal as ts
+
+    if any(stage.kind != "square" for stage in plan.stages):
+        raise SystemExit("the TenSEAL comparison covers exact (square) plans only")
+    depth = plan.depth()
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, ring, coeff_mod_bit_sizes=[60] + [40] * depth + [60])
+    ctx.global_scale = 2**40
+    columns = [ts.ckks_vector(ctx, column.tolist()) for column in rows.T]
+    start = time.perf_counter()
+    basis = list(columns)
+    for stage in plan.stages:
+        produced = []
+        for weights, bias in zip(stage.weights, stage.bias, strict=True):
+            u = _tenseal_sum(basis, weights) + float(bias)
+            produced.append(u.square())
+        basis.extend(produced)
+    for weights, bias in zip(plan.output.weights, plan.output.bias, strict=True):
+        _ = _tenseal_sum(basis, weights) + float(bias)
+    return time.perf_counter() - start, "slot-per-sample"
+
+
+def _tenseal_sum(basis: list[object], weights: FloatArray) -> object:
+    used = np.flatnonzero(weights)
+    total = basis[used[0]] * float(weights[used[0]])  # type: ignore[operator]
+    for j in used[1:]:
+        total += basis[j] * float(weights[j])  # type: ignore[operator]
+    return total
+
+
+FIGURES: list[tuple[str, Callable[[Row], str]]] = [
+    ("test rows (one batch)", lambda r: str(r.rows)),
+    ("CKKS parameters", lambda r: r.params),
+    ("key generation s", lambda r: f"{r.keygen_s:.2f}"),
+    ("encryption s", lambda r: f"{r.encrypt_s:.2f}"),
+    ("upload MB (relin key)", lambda r: f"{r.upload_mb:.1f} ({r.relin_key_mb:.1f})"),
+    ("seller evaluation s", lambda r: f"{r.evaluate_s:.2f}"),
+    ("download MB", lambda r: f"{r.download_mb:.2f}"),
+    ("decryption s", lambda r: f"{r.decrypt_s:.2f}"),
+    ("trial s (keygen..decrypt)", lambda r: f"{r.trial_s:.2f}"),
+    ("ms/sample (test set)", lambda r: f"{r.ms_per_sample:.3f}"),
+    ("ms/sample (full batch)", lambda r: f"{r.ms_per_sample_full_batch:.3f}"),
+    ("max |error| vs plaintext", lambda r: f"{r.max_error:.1e}"),
+    ("top-1 agreement", lambda r: f"{r.top1_agreement:.2%}"),
+    ("plaintext onnxruntime us/sample", lambda r: f"{r.plaintext_us_per_sample:.2f}"),
+    ("HE / plaintext per sample", lambda r: f"{r.ratio_to_plaintext:,.0f}x"),
+    ("TenSEAL evaluation s", lambda r: f"{r.tenseal_s:.2f} ({r.tenseal_packing})"
+     if r.tenseal_s is not None else "-"),
+    ("TenSEAL / Gimme", lambda r: f"{r.speedup_vs_tenseal:.1f}x"
+     if r.speedup_vs_tenseal is not None else "-"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--tenseal", action="store_true", help="also run TenSEAL")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+    console = Console()
+    results = [bench_model(name, args.workers, args.tenseal, console)
+               for name in args.models.split(",")]
+    table = Table("", *(r.model for r in results),
+                  title=f"Gimme HE engine, {args.workers} worker(s), 128-bit CKKS")
+    for label, show in FIGURES:
+        table.add_row(label, *(show(r) for r in results))
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+
+if __name__ == "__main__":
+    main()
