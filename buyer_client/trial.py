@@ -6,6 +6,7 @@ import base64
 import logging
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,14 +100,25 @@ def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, m
             raise BadInput("the seller acknowledged a different evaluation key than was sent")
         measures.update(relin_key_bytes=len(relin_key), upload_bytes=len(relin_key),
                         download_bytes=0, encrypt_s=0.0, evaluate_s=0.0)
-        for index, batch in enumerate(batches):
+
+        def encrypt(index: int) -> list[bytes]:
             tick = time.perf_counter()
-            encrypt_bar = bars.count(f"encrypt batch {index + 1}/{len(batches)}", batch.shape[1])
-            inputs = []
+            batch = batches[index]
+            bar = bars.count(f"encrypt batch {index + 1}/{len(batches)}", batch.shape[1])
+            blobs = []
             for column in batch.T:
-                inputs.append(engine.ciphertext_bytes(engine.encrypt_vector(cc, public, column)))
-                encrypt_bar(len(inputs))
+                blobs.append(engine.ciphertext_bytes(engine.encrypt_vector(cc, public, column)))
+                bar(len(blobs))
             measures["encrypt_s"] += time.perf_counter() - tick
+            return blobs
+
+        # batch k+1 is encrypted while the seller evaluates batch k (OpenFHE releases the GIL)
+        encryptor = ThreadPoolExecutor(1)
+        pending = encryptor.submit(encrypt, 0)
+        for index, batch in enumerate(batches):
+            inputs = pending.result()
+            if index + 1 < len(batches):
+                pending = encryptor.submit(encrypt, index + 1)
             upload = sum(len(b) for b in inputs)
             tick = time.perf_counter()
             results, receipt = client.evaluate(
@@ -128,6 +140,7 @@ def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, m
             measures["download_bytes"] += sum(len(r) for r in results)
             measures.setdefault("ciphertext_bytes", len(inputs[0]))
             measures.setdefault("result_bytes", len(results[0]))
+        encryptor.shutdown()
 
     tick = time.perf_counter()
     scores = np.concatenate([
@@ -136,6 +149,7 @@ def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, m
     measures["decrypt_s"] = time.perf_counter() - tick
     measures["total_s"] = time.perf_counter() - started
     np.save(folder.path / "scores.npy", scores)
+    measures["estimated"] = _estimate(offer, [len(b) for b in batches])
     report = _report(offer, scores, labels, measures)
     folder.save_json("report.json", report)
     _show(console, offer, report, folder)
@@ -178,6 +192,18 @@ def _max_result_bytes(offer: Offer) -> int:
     return _result_bytes_hint(offer) + (64 << 10)
 
 
+def _estimate(offer: Offer, batch_rows: list[int]) -> dict[str, Any]:
+    """What the seller's signed estimate predicts for these batches."""
+    e = offer.estimate
+    columns = len(offer.encoding.input_columns)
+    return {
+        "packing": e.packing,
+        "upload_bytes": e.relin_key_bytes + len(batch_rows) * columns * e.ciphertext_bytes,
+        "download_bytes": len(batch_rows) * offer.output.score_count * e.result_bytes,
+        "seller_compute_s": len(batch_rows) * e.evaluate_seconds,
+    }
+
+
 def _report(offer: Offer, scores: FloatArray, labels: tuple[str, ...] | None,
             measures: dict[str, Any]) -> dict[str, Any]:
     outputs = apply_tail(scores, offer.output.tail)
@@ -204,6 +230,12 @@ def _show(console: Console, offer: Offer, report: dict[str, Any], folder: TrialF
         f"{m['relin_key_bytes'] / 1e6:.1f} MB), seller {m['evaluate_s']:.2f}s, download "
         f"{m['download_bytes'] / 1e6:.1f} MB, decrypt {m['decrypt_s']:.2f}s, total "
         f"{m['total_s']:.2f}s")
+    e = m["estimated"]
+    console.print(
+        f"seller's estimate ({e['packing']}): upload {e['upload_bytes'] / 1e6:.1f} MB "
+        f"(measured {m['upload_bytes'] / 1e6:.1f}), download {e['download_bytes'] / 1e6:.1f} "
+        f"MB (measured {m['download_bytes'] / 1e6:.1f}), seller computing "
+        f"{e['seller_compute_s']:.2f}s (measured round trip {m['evaluate_s']:.2f}s)")
     if "metrics" in report:
         render_metrics(console, report["metrics"], f"{offer.model_id} on your data (encrypted)")
     else:

@@ -45,6 +45,17 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class Estimate:
+    """The seller's figures for one batch (from its self-test at listing time)."""
+
+    packing: str
+    relin_key_bytes: int
+    ciphertext_bytes: int
+    result_bytes: int
+    evaluate_seconds: float
+
+
+@dataclass(frozen=True)
 class Offer:
     trial_id: str
     model_id: str
@@ -61,6 +72,7 @@ class Offer:
     buyer_id: str
     issued_at: int
     seller_public_key: bytes
+    estimate: Estimate
 
 
 @dataclass(frozen=True)

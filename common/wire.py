@@ -12,6 +12,7 @@ from common.he.params import CkksParams
 from common.protocol import (
     DeliveryRecord,
     EncodingSpec,
+    Estimate,
     ModelListing,
     Offer,
     OutputSpec,
@@ -103,6 +104,13 @@ def offer_payload(offer: Offer) -> bytes:
         buyer_id=offer.buyer_id,
         issued_at=offer.issued_at,
         seller_public_key=offer.seller_public_key,
+        estimate=pb.Estimate(
+            packing=offer.estimate.packing,
+            relin_key_bytes=offer.estimate.relin_key_bytes,
+            ciphertext_bytes=offer.estimate.ciphertext_bytes,
+            result_bytes=offer.estimate.result_bytes,
+            evaluate_seconds=offer.estimate.evaluate_seconds,
+        ),
     )
     return message.SerializeToString(deterministic=True)
 
@@ -143,6 +151,9 @@ def offer_from_payload(payload: bytes) -> Offer:
         buyer_id=m.buyer_id,
         issued_at=m.issued_at,
         seller_public_key=m.seller_public_key,
+        estimate=Estimate(m.estimate.packing, m.estimate.relin_key_bytes,
+                          m.estimate.ciphertext_bytes, m.estimate.result_bytes,
+                          m.estimate.evaluate_seconds),
     )
 
 

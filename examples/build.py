@@ -7,6 +7,9 @@ DIR/data/ (held-out test rows for the buyer, with a label column `y`):
   * breast-cancer-lr: StandardScaler + LogisticRegression on breast_cancer (exact under HE)
   * digits-mlp: MinMaxScaler + MLPClassifier (64-32-10, tanh) on digits (tanh approximated
     by Chebyshev polynomials on calibrated ranges)
+With --cnn it adds the PyTorch-exported networks of examples/models/ (trained by
+examples/torch_models.py): digits-square-mlp, digits-cnn (8x8) and cryptonets (28x28
+upsampled digits); their calibration rows are .npz files.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from skl2onnx import to_onnx
-from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.datasets import load_breast_cancer
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -30,8 +35,8 @@ from sklearn.preprocessing import MinMaxScaler, StandardScaler
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.onnx_io import save_model
 from common.tabular import FloatArray, write_csv
+from examples.datasets import SEED, digits, pixel_columns
 
-SEED = 0
 OPSETS = {"": 17, "ai.onnx.ml": 3}
 
 
@@ -43,7 +48,7 @@ def _export(pipeline: Pipeline, sample: FloatArray, zipmap: bool) -> object:
 
 def _publish(out: Path, name: str, description: str, price: str, budget: int,
              pipeline: Pipeline, columns: list[str], x_train: FloatArray, x_test: FloatArray,
-             y_test: FloatArray, zipmap: bool) -> None:
+             y_test: npt.NDArray[Any], zipmap: bool) -> None:
     catalog, data = out / "catalog", out / "data"
     catalog.mkdir(parents=True, exist_ok=True)
     data.mkdir(parents=True, exist_ok=True)
@@ -66,7 +71,36 @@ def _publish(out: Path, name: str, description: str, price: str, budget: int,
     print(f"{name}: plaintext test accuracy {accuracy:.4f} on {len(y_test)} rows")
 
 
-def build(out: Path) -> None:
+TORCH_MODELS = {  # listing name: (file in examples/models, image side, price, description)
+    "digits-square-mlp": ("digits_square_mlp", 8, "30.00",
+                          "8x8 digits; MLP 64-32-10 with x*x activations (exact under CKKS)"),
+    "digits-cnn": ("digits_cnn", 8, "45.00",
+                   "8x8 digits; conv 3x3 (4 maps) + batch norm + square + average pool + "
+                   "dense"),
+    "cryptonets": ("cryptonets", 28, "60.00",
+                   "28x28 upsampled digits; CryptoNets shape: conv 5x5 stride 2, square, "
+                   "dense 100, square, dense 10"),
+}
+
+
+def build_torch_models(out: Path) -> None:
+    catalog, data = out / "catalog", out / "data"
+    for name, (stem, side, price, description) in TORCH_MODELS.items():
+        x_train, x_test, _y_train, y_test = digits(side)
+        columns = pixel_columns(side)
+        (catalog / f"{stem}.onnx").write_bytes(
+            (Path(__file__).resolve().parent / "models" / f"{stem}.onnx").read_bytes())
+        np.savez_compressed(catalog / f"{stem}_calibration.npz", X=x_train)
+        np.savez_compressed(data / f"{stem}_test.npz", X=x_test, y=y_test)
+        write_csv(data / f"{stem}_test.csv", columns, x_test, "y", list(y_test))
+        listing = {"name": name, "description": description, "model": f"{stem}.onnx",
+                   "calibration": f"{stem}_calibration.npz", "input_columns": columns,
+                   "price": price, "trial_budget_rows": 10000}
+        (catalog / f"{stem}.json").write_text(json.dumps(listing, indent=2) + "\n")
+        print(f"{name}: {len(columns)} inputs, {len(x_test)} test rows")
+
+
+def build(out: Path, cnn: bool = False) -> None:
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
     cancer = load_breast_cancer()
     x_train, x_test, y_train, y_test = train_test_split(
@@ -78,23 +112,25 @@ def build(out: Path) -> None:
              "25.00", 1000, lr, [str(c) for c in cancer.feature_names], x_train, x_test,
              y_test, zipmap=True)
 
-    digits = load_digits()
-    x_train, x_test, y_train, y_test = train_test_split(
-        digits.data, digits.target, test_size=0.3, random_state=SEED, stratify=digits.target)
+    x_train, x_test, y_train, y_test = digits(8)
     mlp = make_pipeline(MinMaxScaler(), MLPClassifier(
         (32,), activation="tanh", alpha=0.1, max_iter=1500, random_state=SEED)
     ).fit(x_train, y_train)
     _publish(out, "digits-mlp",
              "Handwritten digit recognition from 8x8 images (64 pixel intensities 0-16); "
              "min-max scaler + MLP 64-32-10 with tanh.",
-             "40.00", 2000, mlp, [str(c) for c in digits.feature_names], x_train, x_test,
-             y_test, zipmap=False)
+             "40.00", 2000, mlp, pixel_columns(8), x_train, x_test, y_test, zipmap=False)
+    if cnn:
+        build_torch_models(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "build")
-    build(parser.parse_args().out)
+    parser.add_argument("--cnn", action="store_true",
+                        help="also list the PyTorch-exported networks (square MLP, CNNs)")
+    args = parser.parse_args()
+    build(args.out, args.cnn)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from common.he import engine
 from common.he.params import CkksParams
 from common.he.plan import HEPlan
 from common.onnx_io import run_model
-from common.protocol import EncodingSpec, OutputSpec
+from common.protocol import EncodingSpec, Estimate, OutputSpec
 from common.signing import sha256
 from common.tabular import load_table
 from common.tail import apply_tail
@@ -103,6 +103,11 @@ class Listing:
     def encoding(self) -> EncodingSpec:
         return EncodingSpec(self.spec.input_columns, self.params.slots, self.input_min,
                             self.input_max)
+
+    def estimate(self) -> Estimate:
+        return Estimate("slot-per-sample", self.sizes.relin_key_bytes,
+                        self.sizes.ciphertext_bytes, self.sizes.result_bytes,
+                        self.self_test_seconds)
 
     def output(self) -> OutputSpec:
         return OutputSpec(self.plan.score_count, self.tail.ops, self.tail.class_labels,

@@ -119,6 +119,7 @@ class Seller:
             buyer_id=buyer_id,
             issued_at=int(time.time()),
             seller_public_key=self.signer.public_key,
+            estimate=listing.estimate(),
         )
         signed = self._sign(OFFER, offer_payload(offer))
         self.store.add_trial(TrialRow(offer.trial_id, model_id, buyer_id, offer.key_tag,

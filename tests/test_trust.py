@@ -15,6 +15,7 @@ from common.protocol import (
     PAYMENT,
     RECEIPT,
     EncodingSpec,
+    Estimate,
     Offer,
     OutputSpec,
     PaymentReceipt,
@@ -39,7 +40,8 @@ def _offer(signer: Signer, **changes: object) -> Offer:
         encoding=EncodingSpec(("a", "b"), PARAMS.slots, (), ()),
         output=OutputSpec(2, ("softmax",), ("x", "y"), 1, "probabilities", ""),
         tolerance=0.01, price_cents=100, trial_rows_remaining=10, key_tag=new_key_tag(),
-        buyer_id="alice", issued_at=1, seller_public_key=signer.public_key)
+        buyer_id="alice", issued_at=1, seller_public_key=signer.public_key,
+        estimate=Estimate("slot-per-sample", 1, 2, 3, 0.5))
     return dataclasses.replace(offer, **changes)  # type: ignore[arg-type]
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gimme/v1/gimme.proto\x12\x08gimme.v1\"<\n\x0eObjectManifest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"N\n\x05\x46rame\x12,\n\x08manifest\x18\x01 \x01(\x0b\x32\x18.gimme.v1.ObjectManifestH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"B\n\x0eSignedEnvelope\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\"\xb8\x02\n\x0cModelListing\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x13\n\x0bprice_cents\x18\x04 \x01(\x03\x12\x19\n\x11trial_budget_rows\x18\x05 \x01(\x04\x12\x1c\n\x14trial_rows_remaining\x18\x06 \x01(\x04\x12\x15\n\rinput_columns\x18\x07 \x03(\t\x12\x14\n\x0c\x63lass_labels\x18\x08 \x03(\t\x12\x18\n\x10model_commitment\x18\t \x01(\x0c\x12\x16\n\x0ering_dimension\x18\n \x01(\r\x12\x1c\n\x14multiplicative_depth\x18\x0b \x01(\r\x12\x11\n\ttolerance\x18\x0c \x01(\x01\x12\x15\n\rapproximation\x18\r \x01(\t\"W\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.gimme.v1.ModelListing\x12\x19\n\x11seller_public_key\x18\x02 \x01(\x0c\"\x98\x02\n\x0e\x43kksParameters\x12\x16\n\x0ering_dimension\x18\x01 \x01(\r\x12\x1c\n\x14multiplicative_depth\x18\x02 \x01(\r\x12\x18\n\x10scaling_mod_bits\x18\x03 \x01(\r\x12\x16\n\x0e\x66irst_mod_bits\x18\x04 \x01(\r\x12\x19\n\x11scaling_technique\x18\x05 \x01(\t\x12\x15\n\rkey_switching\x18\x06 \x01(\t\x12\x18\n\x10num_large_digits\x18\x07 \x01(\r\x12\x1f\n\x17secret_key_distribution\x18\x08 \x01(\t\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\x1d\n\x15\x63laimed_security_bits\x18\n \x01(\r\"y\n\x0c\x45ncodingSpec\x12\x0f\n\x07packing\x18\x01 \x01(\t\x12\x15\n\rinput_columns\x18\x02 \x03(\t\x12\x1b\n\x13rows_per_ciphertext\x18\x03 \x01(\r\x12\x11\n\tinput_min\x18\x04 \x03(\x01\x12\x11\n\tinput_max\x18\x05 \x03(\x01\"\x8d\x01\n\nOutputSpec\x12\x13\n\x0bscore_count\x18\x01 \x01(\r\x12\x0c\n\x04tail\x18\x02 \x03(\t\x12\x14\n\x0c\x63lass_labels\x18\x03 \x03(\t\x12\x14\n\x0cresult_level\x18\x04 \x01(\r\x12\x1a\n\x12probability_output\x18\x05 \x01(\t\x12\x14\n\x0clabel_output\x18\x06 \x01(\t\"\xfe\x02\n\x05Offer\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x18\n\x10model_commitment\x18\x04 \x01(\x0c\x12\x12\n\nmodel_size\x18\x05 \x01(\x04\x12(\n\x06params\x18\x06 \x01(\x0b\x32\x18.gimme.v1.CkksParameters\x12(\n\x08\x65ncoding\x18\x07 \x01(\x0b\x32\x16.gimme.v1.EncodingSpec\x12$\n\x06output\x18\x08 \x01(\x0b\x32\x14.gimme.v1.OutputSpec\x12\x11\n\ttolerance\x18\t \x01(\x01\x12\x13\n\x0bprice_cents\x18\n \x01(\x03\x12\x1c\n\x14trial_rows_remaining\x18\x0b \x01(\x04\x12\x0f\n\x07key_tag\x18\x0c \x01(\t\x12\x10\n\x08\x62uyer_id\x18\r \x01(\t\x12\x11\n\tissued_at\x18\x0e \x01(\x03\x12\x19\n\x11seller_public_key\x18\x0f \x01(\x0c\"$\n\x10OpenTrialRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"<\n\x11OpenTrialResponse\x12\'\n\x05offer\x18\x01 \x01(\x0b\x32\x18.gimme.v1.SignedEnvelope\"\x1c\n\x08TrialRef\x12\x10\n\x08trial_id\x18\x01 \x01(\t\"b\n\x11UploadKeysRequest\x12#\n\x05trial\x18\x01 \x01(\x0b\x32\x12.gimme.v1.TrialRefH\x00\x12 \n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.gimme.v1.FrameH\x00\x42\x06\n\x04\x62ody\".\n\x12UploadKeysResponse\x12\x18\n\x10relin_key_sha256\x18\x01 \x01(\x0c\"E\n\x0e\x45valuateHeader\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61tch_index\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\r\"g\n\x0f\x45valuateRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.gimme.v1.EvaluateHeaderH\x00\x12 \n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.gimme.v1.FrameH\x00\x42\x06\n\x04\x62ody\"6\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\"\x8e\x01\n\rEvaluateEvent\x12&\n\x08progress\x18\x01 \x01(\x0b\x32\x12.gimme.v1.ProgressH\x00\x12 \n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.gimme.v1.FrameH\x00\x12+\n\x07receipt\x18\x03 \x01(\x0b\x32\x18.gimme.v1.SignedEnvelopeH\x00\x42\x06\n\x04\x62ody\"\xcb\x01\n\x07Receipt\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61tch_index\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x14\n\x0coffer_sha256\x18\x04 \x01(\x0c\x12\x18\n\x10model_commitment\x18\x05 \x01(\x0c\x12\x18\n\x10relin_key_sha256\x18\x06 \x01(\x0c\x12\x14\n\x0cinput_sha256\x18\x07 \x03(\x0c\x12\x15\n\rresult_sha256\x18\x08 \x03(\x0c\x12\x14\n\x0c\x65valuated_at\x18\t \x01(\x03\"7\n\x0fPurchaseRequest\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\xcf\x01\n\x0ePaymentReceipt\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trial_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x10\n\x08\x62uyer_id\x18\x04 \x01(\t\x12\x14\n\x0c\x61mount_cents\x18\x05 \x01(\x03\x12\x1b\n\x13\x62\x61lance_after_cents\x18\x06 \x01(\x03\x12\x15\n\rledger_txn_id\x18\x07 \x01(\t\x12\x18\n\x10model_commitment\x18\x08 \x01(\x0c\x12\x0f\n\x07paid_at\x18\t \x01(\x03\"=\n\x10PurchaseResponse\x12)\n\x07payment\x18\x01 \x01(\x0b\x32\x18.gimme.v1.SignedEnvelope\"\"\n\x0e\x44\x65liverRequest\x12\x10\n\x08trial_id\x18\x01 \x01(\t\"t\n\x0e\x44\x65liveryRecord\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\x0c\x12\x12\n\nmodel_size\x18\x04 \x01(\x04\x12\x14\n\x0c\x64\x65livered_at\x18\x05 \x01(\x03\"d\n\x0c\x44\x65liverEvent\x12 \n\x05\x66rame\x18\x01 \x01(\x0b\x32\x0f.gimme.v1.FrameH\x00\x12*\n\x06record\x18\x02 \x01(\x0b\x32\x18.gimme.v1.SignedEnvelopeH\x00\x42\x06\n\x04\x62ody2\xa8\x03\n\x06Seller\x12G\n\nListModels\x12\x1b.gimme.v1.ListModelsRequest\x1a\x1c.gimme.v1.ListModelsResponse\x12\x44\n\tOpenTrial\x12\x1a.gimme.v1.OpenTrialRequest\x1a\x1b.gimme.v1.OpenTrialResponse\x12I\n\nUploadKeys\x12\x1b.gimme.v1.UploadKeysRequest\x1a\x1c.gimme.v1.UploadKeysResponse(\x01\x12\x42\n\x08\x45valuate\x12\x19.gimme.v1.EvaluateRequest\x1a\x17.gimme.v1.EvaluateEvent(\x01\x30\x01\x12\x41\n\x08Purchase\x12\x19.gimme.v1.PurchaseRequest\x1a\x1a.gimme.v1.PurchaseResponse\x12=\n\x07\x44\x65liver\x12\x18.gimme.v1.DeliverRequest\x1a\x16.gimme.v1.DeliverEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gimme/v1/gimme.proto\x12\x08gimme.v1\"<\n\x0eObjectManifest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"N\n\x05\x46rame\x12,\n\x08manifest\x18\x01 \x01(\x0b\x32\x18.gimme.v1.ObjectManifestH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"B\n\x0eSignedEnvelope\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\"\xb8\x02\n\x0cModelListing\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x13\n\x0bprice_cents\x18\x04 \x01(\x03\x12\x19\n\x11trial_budget_rows\x18\x05 \x01(\x04\x12\x1c\n\x14trial_rows_remaining\x18\x06 \x01(\x04\x12\x15\n\rinput_columns\x18\x07 \x03(\t\x12\x14\n\x0c\x63lass_labels\x18\x08 \x03(\t\x12\x18\n\x10model_commitment\x18\t \x01(\x0c\x12\x16\n\x0ering_dimension\x18\n \x01(\r\x12\x1c\n\x14multiplicative_depth\x18\x0b \x01(\r\x12\x11\n\ttolerance\x18\x0c \x01(\x01\x12\x15\n\rapproximation\x18\r \x01(\t\"W\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.gimme.v1.ModelListing\x12\x19\n\x11seller_public_key\x18\x02 \x01(\x0c\"\x98\x02\n\x0e\x43kksParameters\x12\x16\n\x0ering_dimension\x18\x01 \x01(\r\x12\x1c\n\x14multiplicative_depth\x18\x02 \x01(\r\x12\x18\n\x10scaling_mod_bits\x18\x03 \x01(\r\x12\x16\n\x0e\x66irst_mod_bits\x18\x04 \x01(\r\x12\x19\n\x11scaling_technique\x18\x05 \x01(\t\x12\x15\n\rkey_switching\x18\x06 \x01(\t\x12\x18\n\x10num_large_digits\x18\x07 \x01(\r\x12\x1f\n\x17secret_key_distribution\x18\x08 \x01(\t\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\x1d\n\x15\x63laimed_security_bits\x18\n \x01(\r\"y\n\x0c\x45ncodingSpec\x12\x0f\n\x07packing\x18\x01 \x01(\t\x12\x15\n\rinput_columns\x18\x02 \x03(\t\x12\x1b\n\x13rows_per_ciphertext\x18\x03 \x01(\r\x12\x11\n\tinput_min\x18\x04 \x03(\x01\x12\x11\n\tinput_max\x18\x05 \x03(\x01\"\x8d\x01\n\nOutputSpec\x12\x13\n\x0bscore_count\x18\x01 \x01(\r\x12\x0c\n\x04tail\x18\x02 \x03(\t\x12\x14\n\x0c\x63lass_labels\x18\x03 \x03(\t\x12\x14\n\x0cresult_level\x18\x04 \x01(\r\x12\x1a\n\x12probability_output\x18\x05 \x01(\t\x12\x14\n\x0clabel_output\x18\x06 \x01(\t\"~\n\x08\x45stimate\x12\x0f\n\x07packing\x18\x01 \x01(\t\x12\x17\n\x0frelin_key_bytes\x18\x02 \x01(\x04\x12\x18\n\x10\x63iphertext_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cresult_bytes\x18\x04 \x01(\x04\x12\x18\n\x10\x65valuate_seconds\x18\x05 \x01(\x01\"\xa4\x03\n\x05Offer\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x18\n\x10model_commitment\x18\x04 \x01(\x0c\x12\x12\n\nmodel_size\x18\x05 \x01(\x04\x12(\n\x06params\x18\x06 \x01(\x0b\x32\x18.gimme.v1.CkksParameters\x12(\n\x08\x65ncoding\x18\x07 \x01(\x0b\x32\x16.gimme.v1.EncodingSpec\x12$\n\x06output\x18\x08 \x01(\x0b\x32\x14.gimme.v1.OutputSpec\x12\x11\n\ttolerance\x18\t \x01(\x01\x12\x13\n\x0bprice_cents\x18\n \x01(\x03\x12\x1c\n\x14trial_rows_remaining\x18\x0b \x01(\x04\x12\x0f\n\x07key_tag\x18\x0c \x01(\t\x12\x10\n\x08\x62uyer_id\x18\r \x01(\t\x12\x11\n\tissued_at\x18\x0e \x01(\x03\x12\x19\n\x11seller_public_key\x18\x0f \x01(\x0c\x12$\n\x08\x65stimate\x18\x10 \x01(\x0b\x32\x12.gimme.v1.Estimate\"$\n\x10OpenTrialRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"<\n\x11OpenTrialResponse\x12\'\n\x05offer\x18\x01 \x01(\x0b\x32\x18.gimme.v1.SignedEnvelope\"\x1c\n\x08TrialRef\x12\x10\n\x08trial_id\x18\x01 \x01(\t\"b\n\x11UploadKeysRequest\x12#\n\x05trial\x18\x01 \x01(\x0b\x32\x12.gimme.v1.TrialRefH\x00\x12 \n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.gimme.v1.FrameH\x00\x42\x06\n\x04\x62ody\".\n\x12UploadKeysResponse\x12\x18\n\x10relin_key_sha256\x18\x01 \x01(\x0c\"E\n\x0e\x45valuateHeader\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61tch_index\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\r\"g\n\x0f\x45valuateRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.gimme.v1.EvaluateHeaderH\x00\x12 \n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.gimme.v1.FrameH\x00\x42\x06\n\x04\x62ody\"6\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\"\x8e\x01\n\rEvaluateEvent\x12&\n\x08progress\x18\x01 \x01(\x0b\x32\x12.gimme.v1.ProgressH\x00\x12 \n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.gimme.v1.FrameH\x00\x12+\n\x07receipt\x18\x03 \x01(\x0b\x32\x18.gimme.v1.SignedEnvelopeH\x00\x42\x06\n\x04\x62ody\"\xcb\x01\n\x07Receipt\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61tch_index\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x14\n\x0coffer_sha256\x18\x04 \x01(\x0c\x12\x18\n\x10model_commitment\x18\x05 \x01(\x0c\x12\x18\n\x10relin_key_sha256\x18\x06 \x01(\x0c\x12\x14\n\x0cinput_sha256\x18\x07 \x03(\x0c\x12\x15\n\rresult_sha256\x18\x08 \x03(\x0c\x12\x14\n\x0c\x65valuated_at\x18\t \x01(\x03\"7\n\x0fPurchaseRequest\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\xcf\x01\n\x0ePaymentReceipt\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trial_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x10\n\x08\x62uyer_id\x18\x04 \x01(\t\x12\x14\n\x0c\x61mount_cents\x18\x05 \x01(\x03\x12\x1b\n\x13\x62\x61lance_after_cents\x18\x06 \x01(\x03\x12\x15\n\rledger_txn_id\x18\x07 \x01(\t\x12\x18\n\x10model_commitment\x18\x08 \x01(\x0c\x12\x0f\n\x07paid_at\x18\t \x01(\x03\"=\n\x10PurchaseResponse\x12)\n\x07payment\x18\x01 \x01(\x0b\x32\x18.gimme.v1.SignedEnvelope\"\"\n\x0e\x44\x65liverRequest\x12\x10\n\x08trial_id\x18\x01 \x01(\t\"t\n\x0e\x44\x65liveryRecord\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\x0c\x12\x12\n\nmodel_size\x18\x04 \x01(\x04\x12\x14\n\x0c\x64\x65livered_at\x18\x05 \x01(\x03\"d\n\x0c\x44\x65liverEvent\x12 \n\x05\x66rame\x18\x01 \x01(\x0b\x32\x0f.gimme.v1.FrameH\x00\x12*\n\x06record\x18\x02 \x01(\x0b\x32\x18.gimme.v1.SignedEnvelopeH\x00\x42\x06\n\x04\x62ody2\xa8\x03\n\x06Seller\x12G\n\nListModels\x12\x1b.gimme.v1.ListModelsRequest\x1a\x1c.gimme.v1.ListModelsResponse\x12\x44\n\tOpenTrial\x12\x1a.gimme.v1.OpenTrialRequest\x1a\x1b.gimme.v1.OpenTrialResponse\x12I\n\nUploadKeys\x12\x1b.gimme.v1.UploadKeysRequest\x1a\x1c.gimme.v1.UploadKeysResponse(\x01\x12\x42\n\x08\x45valuate\x12\x19.gimme.v1.EvaluateRequest\x1a\x17.gimme.v1.EvaluateEvent(\x01\x30\x01\x12\x41\n\x08Purchase\x12\x19.gimme.v1.PurchaseRequest\x1a\x1a.gimme.v1.PurchaseResponse\x12=\n\x07\x44\x65liver\x12\x18.gimme.v1.DeliverRequest\x1a\x16.gimme.v1.DeliverEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,40 +49,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODINGSPEC']._serialized_end=1073
   _globals['_OUTPUTSPEC']._serialized_start=1076
   _globals['_OUTPUTSPEC']._serialized_end=1217
-  _globals['_OFFER']._serialized_start=1220
-  _globals['_OFFER']._serialized_end=1602
-  _globals['_OPENTRIALREQUEST']._serialized_start=1604
-  _globals['_OPENTRIALREQUEST']._serialized_end=1640
-  _globals['_OPENTRIALRESPONSE']._serialized_start=1642
-  _globals['_OPENTRIALRESPONSE']._serialized_end=1702
-  _globals['_TRIALREF']._serialized_start=1704
-  _globals['_TRIALREF']._serialized_end=1732
-  _globals['_UPLOADKEYSREQUEST']._serialized_start=1734
-  _globals['_UPLOADKEYSREQUEST']._serialized_end=1832
-  _globals['_UPLOADKEYSRESPONSE']._serialized_start=1834
-  _globals['_UPLOADKEYSRESPONSE']._serialized_end=1880
-  _globals['_EVALUATEHEADER']._serialized_start=1882
-  _globals['_EVALUATEHEADER']._serialized_end=1951
-  _globals['_EVALUATEREQUEST']._serialized_start=1953
-  _globals['_EVALUATEREQUEST']._serialized_end=2056
-  _globals['_PROGRESS']._serialized_start=2058
-  _globals['_PROGRESS']._serialized_end=2112
-  _globals['_EVALUATEEVENT']._serialized_start=2115
-  _globals['_EVALUATEEVENT']._serialized_end=2257
-  _globals['_RECEIPT']._serialized_start=2260
-  _globals['_RECEIPT']._serialized_end=2463
-  _globals['_PURCHASEREQUEST']._serialized_start=2465
-  _globals['_PURCHASEREQUEST']._serialized_end=2520
-  _globals['_PAYMENTRECEIPT']._serialized_start=2523
-  _globals['_PAYMENTRECEIPT']._serialized_end=2730
-  _globals['_PURCHASERESPONSE']._serialized_start=2732
-  _globals['_PURCHASERESPONSE']._serialized_end=2793
-  _globals['_DELIVERREQUEST']._serialized_start=2795
-  _globals['_DELIVERREQUEST']._serialized_end=2829
-  _globals['_DELIVERYRECORD']._serialized_start=2831
-  _globals['_DELIVERYRECORD']._serialized_end=2947
-  _globals['_DELIVEREVENT']._serialized_start=2949
-  _globals['_DELIVEREVENT']._serialized_end=3049
-  _globals['_SELLER']._serialized_start=3052
-  _globals['_SELLER']._serialized_end=3476
+  _globals['_ESTIMATE']._serialized_start=1219
+  _globals['_ESTIMATE']._serialized_end=1345
+  _globals['_OFFER']._serialized_start=1348
+  _globals['_OFFER']._serialized_end=1768
+  _globals['_OPENTRIALREQUEST']._serialized_start=1770
+  _globals['_OPENTRIALREQUEST']._serialized_end=1806
+  _globals['_OPENTRIALRESPONSE']._serialized_start=1808
+  _globals['_OPENTRIALRESPONSE']._serialized_end=1868
+  _globals['_TRIALREF']._serialized_start=1870
+  _globals['_TRIALREF']._serialized_end=1898
+  _globals['_UPLOADKEYSREQUEST']._serialized_start=1900
+  _globals['_UPLOADKEYSREQUEST']._serialized_end=1998
+  _globals['_UPLOADKEYSRESPONSE']._serialized_start=2000
+  _globals['_UPLOADKEYSRESPONSE']._serialized_end=2046
+  _globals['_EVALUATEHEADER']._serialized_start=2048
+  _globals['_EVALUATEHEADER']._serialized_end=2117
+  _globals['_EVALUATEREQUEST']._serialized_start=2119
+  _globals['_EVALUATEREQUEST']._serialized_end=2222
+  _globals['_PROGRESS']._serialized_start=2224
+  _globals['_PROGRESS']._serialized_end=2278
+  _globals['_EVALUATEEVENT']._serialized_start=2281
+  _globals['_EVALUATEEVENT']._serialized_end=2423
+  _globals['_RECEIPT']._serialized_start=2426
+  _globals['_RECEIPT']._serialized_end=2629
+  _globals['_PURCHASEREQUEST']._serialized_start=2631
+  _globals['_PURCHASEREQUEST']._serialized_end=2686
+  _globals['_PAYMENTRECEIPT']._serialized_start=2689
+  _globals['_PAYMENTRECEIPT']._serialized_end=2896
+  _globals['_PURCHASERESPONSE']._serialized_start=2898
+  _globals['_PURCHASERESPONSE']._serialized_end=2959
+  _globals['_DELIVERREQUEST']._serialized_start=2961
+  _globals['_DELIVERREQUEST']._serialized_end=2995
+  _globals['_DELIVERYRECORD']._serialized_start=2997
+  _globals['_DELIVERYRECORD']._serialized_end=3113
+  _globals['_DELIVEREVENT']._serialized_start=3115
+  _globals['_DELIVEREVENT']._serialized_end=3215
+  _globals['_SELLER']._serialized_start=3218
+  _globals['_SELLER']._serialized_end=3642
 # @@protoc_insertion_point(module_scope)

@@ -338,6 +338,45 @@ class OutputSpec(_message.Message):
 Global___OutputSpec: _TypeAlias = OutputSpec  # noqa: Y015
 
 @_typing.final
+class Estimate(_message.Message):
+    """The seller's figures for one batch, from its own self-test at listing time; the buyer
+    prints them beside what it measures.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKING_FIELD_NUMBER: _builtins.int
+    RELIN_KEY_BYTES_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_BYTES_FIELD_NUMBER: _builtins.int
+    RESULT_BYTES_FIELD_NUMBER: _builtins.int
+    EVALUATE_SECONDS_FIELD_NUMBER: _builtins.int
+    packing: _builtins.str
+    """"slot-per-sample" """
+    relin_key_bytes: _builtins.int
+    ciphertext_bytes: _builtins.int
+    """one input ciphertext"""
+    result_bytes: _builtins.int
+    """one result ciphertext"""
+    evaluate_seconds: _builtins.float
+    """one batch, on the seller"""
+    def __init__(
+        self,
+        *,
+        packing: _builtins.str = ...,
+        relin_key_bytes: _builtins.int = ...,
+        ciphertext_bytes: _builtins.int = ...,
+        result_bytes: _builtins.int = ...,
+        evaluate_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext_bytes", b"ciphertext_bytes", "evaluate_seconds", b"evaluate_seconds", "packing", b"packing", "relin_key_bytes", b"relin_key_bytes", "result_bytes", b"result_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Estimate: _TypeAlias = Estimate  # noqa: Y015
+
+@_typing.final
 class Offer(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -356,6 +395,7 @@ class Offer(_message.Message):
     BUYER_ID_FIELD_NUMBER: _builtins.int
     ISSUED_AT_FIELD_NUMBER: _builtins.int
     SELLER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    ESTIMATE_FIELD_NUMBER: _builtins.int
     trial_id: _builtins.str
     model_id: _builtins.str
     model_name: _builtins.str
@@ -377,6 +417,8 @@ class Offer(_message.Message):
     def encoding(self) -> Global___EncodingSpec: ...
     @_builtins.property
     def output(self) -> Global___OutputSpec: ...
+    @_builtins.property
+    def estimate(self) -> Global___Estimate: ...
     def __init__(
         self,
         *,
@@ -395,10 +437,11 @@ class Offer(_message.Message):
         buyer_id: _builtins.str = ...,
         issued_at: _builtins.int = ...,
         seller_public_key: _builtins.bytes = ...,
+        estimate: Global___Estimate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "output", b"output", "params", b"params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "estimate", b"estimate", "output", b"output", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buyer_id", b"buyer_id", "encoding", b"encoding", "issued_at", b"issued_at", "key_tag", b"key_tag", "model_commitment", b"model_commitment", "model_id", b"model_id", "model_name", b"model_name", "model_size", b"model_size", "output", b"output", "params", b"params", "price_cents", b"price_cents", "seller_public_key", b"seller_public_key", "tolerance", b"tolerance", "trial_id", b"trial_id", "trial_rows_remaining", b"trial_rows_remaining"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buyer_id", b"buyer_id", "encoding", b"encoding", "estimate", b"estimate", "issued_at", b"issued_at", "key_tag", b"key_tag", "model_commitment", b"model_commitment", "model_id", b"model_id", "model_name", b"model_name", "model_size", b"model_size", "output", b"output", "params", b"params", "price_cents", b"price_cents", "seller_public_key", b"seller_public_key", "tolerance", b"tolerance", "trial_id", b"trial_id", "trial_rows_remaining", b"trial_rows_remaining"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
