@@ -92,7 +92,7 @@ def evaluate_batch(request: Json, report: ProgressFn) -> Json:
     report({"stage": "loading relinearization key"})
     engine.load_relin_key(relin_key, key_template)
     report({"stage": "loading ciphertexts"})
-    inputs = [gate.load(b, f"ciphertext {i}") for i, b in enumerate(blobs)]
+    inputs = gate.load_all(blobs, "ciphertext", threads=int(request["workers"]))
     del blobs
     start = time.perf_counter()
     scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report),

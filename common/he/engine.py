@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -179,6 +180,13 @@ class CiphertextGate:
         ct = self._shell.Clone()
         ct.SetElements(loaded.GetElements())
         return ct
+
+    def load_all(self, blobs: Sequence[bytes], what: str, threads: int) -> list[Ciphertext]:
+        """`load` every blob (named "what i"); deserialization releases the GIL, so threads
+        run in parallel."""
+        with ThreadPoolExecutor(max(threads, 1)) as pool:
+            return list(pool.map(lambda item: self.load(item[1], f"{what} {item[0]}"),
+                                 enumerate(blobs)))
 
 
 def relin_key_template(cc: Context, key_tag: str) -> ByteTemplate:
