@@ -112,7 +112,8 @@ def bench_model(name: str, workers: int, with_tenseal: bool, console: Console) -
     x_all = np.vstack([x_train, x_test])  # the whole dataset as the buyer's test set
     compiled = compile_model(model, x_train)
     plan = compiled.plan
-    params = choose_params(plan.depth(), 128, float(np.abs(plan.simulate(x_train)).max()))
+    params = choose_params(engine.levels_needed(plan), 128,
+                           float(np.abs(plan.simulate(x_train)).max()))
     rows = x_all[: params.slots]
     console.print(f"[bold]{name}[/bold]: {len(rows)} rows, {params.describe()}, "
                   f"{plan.scalar_multiplications()} scalar and "
@@ -135,7 +136,8 @@ def bench_model(name: str, workers: int, with_tenseal: bool, console: Console) -
         seconds, scores = _timed(
             lambda: engine.evaluate(cc, plan, inputs, lambda done, total: None, workers))
         compute.append(seconds)
-        return [engine.ciphertext_bytes(ct) for ct in scores]
+        finished = engine.finish(cc, scores, len(rows), public, 0.0, np.random.default_rng())
+        return [engine.ciphertext_bytes(ct) for ct in finished]
 
     evaluate_s, result_bytes = _timed(seller)
 

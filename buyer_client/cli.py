@@ -17,6 +17,7 @@ from buyer_client.trial import run_trial, seller_key
 from buyer_client.verify import verify_delivery
 from buyer_client.workspace import Workspace
 from common.cli import run_command
+from common.errors import BadInput
 from common.rpc import TlsFiles
 from common.signing import fingerprint
 
@@ -24,8 +25,13 @@ console = Console()
 
 
 def _client(args: argparse.Namespace) -> SellerClient:
-    tls = None if args.insecure else TlsFiles.in_dir(args.tls_dir, args.identity)
-    return SellerClient(args.seller, tls, buyer_name=args.identity)
+    if args.insecure:
+        if not args.token:
+            raise BadInput("without TLS the seller identifies you by an API token: pass "
+                           "--token (or set GIMME_TOKEN); the seller creates one with "
+                           "'gimme-seller token create NAME'")
+        return SellerClient(args.seller, None, token=args.token)
+    return SellerClient(args.seller, TlsFiles.in_dir(args.tls_dir, args.identity))
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -44,8 +50,10 @@ def cmd_models(args: argparse.Namespace) -> None:
                       f"{m.tolerance:.2g}")
     console.print(table)
     for m in listings:
-        console.print(f"[bold]{m.model_id}[/bold]: {m.description or '(no description)'} "
-                      f"[dim]HE plan: {m.approximation}[/dim]")
+        console.print(f"[bold]{m.model_id}[/bold]: {m.description or '(no description)'}\n"
+                      f"  HE plan: {m.approximation}; output: {m.output_policy}; trial "
+                      f"rows cost {m.trial_price_per_row_cents / 100:.2f} each\n"
+                      f"  extraction risk: {m.extraction_risk}")
 
 
 def cmd_trial(args: argparse.Namespace) -> None:
@@ -87,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(env GIMME_TLS_DIR)")
     common.add_argument("--insecure", action="store_true",
                         default=os.environ.get("GIMME_INSECURE") == "1",
-                        help="connect without TLS (local experiments only)")
+                        help="connect without TLS (local experiments only; needs --token)")
+    common.add_argument("--token", default=os.environ.get("GIMME_TOKEN"),
+                        help="API token naming you to a seller without TLS (env GIMME_TOKEN)")
     common.add_argument("-v", "--verbose", action="store_true")
 
     parser = argparse.ArgumentParser(

@@ -15,7 +15,7 @@ from common.protocol import ModelListing, Progress, Signed
 from common.rpc import TlsFiles, make_channel
 from common.transfer import receive_object, send_object
 
-BUYER_HEADER = "x-gimme-buyer"
+TOKEN_HEADER = "x-gimme-token"
 T = TypeVar("T")
 E = TypeVar("E", pb.EvaluateEvent, pb.DeliverEvent)
 BytesFn = Callable[[int], None]
@@ -48,13 +48,13 @@ def _seller_errors(method: Callable[..., T]) -> Callable[..., T]:
 
 
 class SellerClient:
-    def __init__(self, address: str, tls: TlsFiles | None, buyer_name: str | None = None,
+    def __init__(self, address: str, tls: TlsFiles | None, token: str | None = None,
                  timeout: float = 3600.0) -> None:
         self.address = address
         self.channel = make_channel(address, tls)
         self.stub = pb_grpc.SellerStub(self.channel)
         self.metadata: tuple[tuple[str, str | bytes], ...] = (
-            ((BUYER_HEADER, buyer_name),) if buyer_name else ())
+            ((TOKEN_HEADER, token),) if token else ())
         self.timeout = timeout
 
     def close(self) -> None:
@@ -73,15 +73,17 @@ class SellerClient:
         return wire.envelope_from_pb(response.offer)
 
     @_seller_errors
-    def upload_keys(self, trial_id: str, relin_key: bytes, on_bytes: BytesFn) -> bytes:
+    def upload_keys(self, trial_id: str, relin_key: bytes, public_key: bytes,
+                    on_bytes: BytesFn) -> bytes:
         def requests() -> Iterator[pb.UploadKeysRequest]:
             yield pb.UploadKeysRequest(trial=pb.TrialRef(trial_id=trial_id))
-            for frame in send_object("relin_key", relin_key, on_bytes):
-                yield pb.UploadKeysRequest(frame=frame)
+            for name, data in (("relin_key", relin_key), ("public_key", public_key)):
+                for frame in send_object(name, data, on_bytes):
+                    yield pb.UploadKeysRequest(frame=frame)
 
         response = self.stub.UploadKeys(requests(), metadata=self.metadata,
                                         timeout=self.timeout)
-        return bytes(response.relin_key_sha256)
+        return bytes(response.keys_sha256)
 
     @_seller_errors
     def evaluate(

@@ -25,7 +25,7 @@ from common.errors import BadInput, Exhausted
 from common.guarded import Limits, run_guarded
 from common.he import engine
 from common.protocol import Offer, Signed
-from common.signing import fingerprint, sha256
+from common.signing import fingerprint, keys_digest
 from common.tabular import load_table
 from common.tail import apply_tail, predicted_labels
 
@@ -94,11 +94,14 @@ def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, m
     batches = [rows[i:i + slots] for i in range(0, len(rows), slots)]
     result_paths: list[list[str]] = []
     with Bars(console) as bars:
-        relin_digest = client.upload_keys(offer.trial_id, relin_key,
-                                          bars.transfer("upload evaluation key", len(relin_key)))
-        if relin_digest != sha256(relin_key):
-            raise BadInput("the seller acknowledged a different evaluation key than was sent")
-        measures.update(relin_key_bytes=len(relin_key), upload_bytes=len(relin_key),
+        public_key = engine.serialize(public)
+        uploaded_keys = client.upload_keys(
+            offer.trial_id, relin_key, public_key,
+            bars.transfer("upload keys", len(relin_key) + len(public_key)))
+        if uploaded_keys != keys_digest(relin_key, public_key):
+            raise BadInput("the seller acknowledged other keys than were sent")
+        measures.update(relin_key_bytes=len(relin_key),
+                        upload_bytes=len(relin_key) + len(public_key),
                         download_bytes=0, encrypt_s=0.0, evaluate_s=0.0)
 
         def encrypt(index: int) -> list[bytes]:
@@ -132,7 +135,7 @@ def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, m
             )
             measures["evaluate_s"] += time.perf_counter() - tick
             open_receipt(receipt, key, offer, signed_offer.payload, index, len(batch),
-                         relin_digest, inputs, results)
+                         uploaded_keys, inputs, results)
             folder.save_signed(f"receipt-{index}", receipt)
             result_paths.append([str(folder.write(f"results/batch-{index}/score-{i}.bin", r))
                                  for i, r in enumerate(results)])

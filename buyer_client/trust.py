@@ -96,14 +96,14 @@ def check_security(params: CkksParams, policy_bits: int) -> int:
 
 
 def open_receipt(signed: Signed, seller_key: bytes, offer: Offer, offer_payload: bytes,
-                 batch_index: int, rows: int, relin_key_sha256: bytes,
+                 batch_index: int, rows: int, keys_sha256: bytes,
                  inputs: Sequence[bytes], results: Sequence[bytes]) -> Receipt:
     """A receipt must bind exactly this offer, batch, upload and these results."""
     receipt = receipt_from_payload(_verified(signed, RECEIPT, seller_key))
     expected = Receipt(
         trial_id=offer.trial_id, batch_index=batch_index, rows=rows,
         offer_sha256=sha256(offer_payload), model_commitment=offer.model_commitment,
-        relin_key_sha256=relin_key_sha256, input_sha256=tuple(sha256(b) for b in inputs),
+        keys_sha256=keys_sha256, input_sha256=tuple(sha256(b) for b in inputs),
         result_sha256=tuple(sha256(r) for r in results), evaluated_at=receipt.evaluated_at)
     if receipt != expected:
         wrong = [f for f in expected.__dataclass_fields__

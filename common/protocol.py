@@ -35,6 +35,13 @@ class EncodingSpec:
 
 
 @dataclass(frozen=True)
+class OutputPolicy:
+    kind: str = "full"  # "full", "noisy" or "rounded"
+    noise_std: float = 0.0
+    grid: float = 0.0
+
+
+@dataclass(frozen=True)
 class OutputSpec:
     score_count: int
     tail: tuple[str, ...]
@@ -42,6 +49,9 @@ class OutputSpec:
     result_level: int
     probability_output: str
     label_output: str
+    policy: OutputPolicy
+    circuit_privacy: bool
+    flooding_std: float
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,7 @@ class Offer:
     issued_at: int
     seller_public_key: bytes
     estimate: Estimate
+    trial_price_per_row_cents: int
 
 
 @dataclass(frozen=True)
@@ -82,7 +93,7 @@ class Receipt:
     rows: int
     offer_sha256: bytes
     model_commitment: bytes
-    relin_key_sha256: bytes
+    keys_sha256: bytes
     input_sha256: tuple[bytes, ...]
     result_sha256: tuple[bytes, ...]
     evaluated_at: int
@@ -125,6 +136,9 @@ class ModelListing:
     multiplicative_depth: int
     tolerance: float
     approximation: str
+    trial_price_per_row_cents: int
+    extraction_risk: str
+    output_policy: str
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,11 @@ def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def keys_digest(relin_key: bytes, public_key: bytes) -> bytes:
+    """One digest binding a trial's uploaded keys (receipts carry it)."""
+    return sha256(sha256(relin_key) + sha256(public_key))
+
+
 def signed_bytes(kind: str, payload: bytes) -> bytes:
     """Domain separation: a receipt can never be replayed as an offer."""
     return kind.encode() + b"\x00" + payload

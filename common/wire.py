@@ -15,6 +15,7 @@ from common.protocol import (
     Estimate,
     ModelListing,
     Offer,
+    OutputPolicy,
     OutputSpec,
     PaymentReceipt,
     Progress,
@@ -96,6 +97,11 @@ def offer_payload(offer: Offer) -> bytes:
             result_level=offer.output.result_level,
             probability_output=offer.output.probability_output,
             label_output=offer.output.label_output,
+            policy=pb.OutputPolicy(kind=offer.output.policy.kind,
+                                   noise_std=offer.output.policy.noise_std,
+                                   grid=offer.output.policy.grid),
+            circuit_privacy=offer.output.circuit_privacy,
+            flooding_std=offer.output.flooding_std,
         ),
         tolerance=offer.tolerance,
         price_cents=offer.price_cents,
@@ -111,6 +117,7 @@ def offer_payload(offer: Offer) -> bytes:
             result_bytes=offer.estimate.result_bytes,
             evaluate_seconds=offer.estimate.evaluate_seconds,
         ),
+        trial_price_per_row_cents=offer.trial_price_per_row_cents,
     )
     return message.SerializeToString(deterministic=True)
 
@@ -143,6 +150,10 @@ def offer_from_payload(payload: bytes) -> Offer:
             result_level=m.output.result_level,
             probability_output=m.output.probability_output,
             label_output=m.output.label_output,
+            policy=OutputPolicy(m.output.policy.kind, m.output.policy.noise_std,
+                                m.output.policy.grid),
+            circuit_privacy=m.output.circuit_privacy,
+            flooding_std=m.output.flooding_std,
         ),
         tolerance=m.tolerance,
         price_cents=m.price_cents,
@@ -154,6 +165,7 @@ def offer_from_payload(payload: bytes) -> Offer:
         estimate=Estimate(m.estimate.packing, m.estimate.relin_key_bytes,
                           m.estimate.ciphertext_bytes, m.estimate.result_bytes,
                           m.estimate.evaluate_seconds),
+        trial_price_per_row_cents=m.trial_price_per_row_cents,
     )
 
 
@@ -166,7 +178,7 @@ def receipt_payload(receipt: Receipt) -> bytes:
         rows=receipt.rows,
         offer_sha256=receipt.offer_sha256,
         model_commitment=receipt.model_commitment,
-        relin_key_sha256=receipt.relin_key_sha256,
+        keys_sha256=receipt.keys_sha256,
         input_sha256=receipt.input_sha256,
         result_sha256=receipt.result_sha256,
         evaluated_at=receipt.evaluated_at,
@@ -177,7 +189,7 @@ def receipt_from_payload(payload: bytes) -> Receipt:
     m = pb.Receipt()
     _parse(m, payload, "receipt")
     return Receipt(m.trial_id, m.batch_index, m.rows, m.offer_sha256, m.model_commitment,
-                   m.relin_key_sha256, tuple(m.input_sha256), tuple(m.result_sha256),
+                   m.keys_sha256, tuple(m.input_sha256), tuple(m.result_sha256),
                    m.evaluated_at)
 
 
@@ -237,6 +249,9 @@ def listing_to_pb(listing: ModelListing) -> pb.ModelListing:
         multiplicative_depth=listing.multiplicative_depth,
         tolerance=listing.tolerance,
         approximation=listing.approximation,
+        trial_price_per_row_cents=listing.trial_price_per_row_cents,
+        extraction_risk=listing.extraction_risk,
+        output_policy=listing.output_policy,
     )
 
 
@@ -244,7 +259,8 @@ def listing_from_pb(m: pb.ModelListing) -> ModelListing:
     return ModelListing(m.model_id, m.name, m.description, m.price_cents, m.trial_budget_rows,
                         m.trial_rows_remaining, tuple(m.input_columns), tuple(m.class_labels),
                         m.model_commitment, m.ring_dimension, m.multiplicative_depth,
-                        m.tolerance, m.approximation)
+                        m.tolerance, m.approximation, m.trial_price_per_row_cents,
+                        m.extraction_risk, m.output_policy)
 
 
 def progress_to_pb(progress: Progress) -> pb.Progress:

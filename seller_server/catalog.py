@@ -6,12 +6,18 @@ A catalog directory holds one `NAME.json` listing per model:
       "name": "digits-mlp",                      # model id buyers use
       "description": "...",
       "model": "digits_mlp.onnx",                # relative to the listing file
-      "calibration": "digits_calibration.csv",   # seller rows: ranges + tolerance
-      "input_columns": ["pixel_0", ...],
+      "calibration": "digits_calibration.csv",   # seller rows (.csv or .npz with X)
+      "input_columns": ["pixel_0_0", ...],
       "price": "40.00",
-      "trial_budget_rows": 2000,
+      "trial_budget_rows": 2000,                 # k: rows a buyer may test
+      "trial_price_per_row": "0.01",             # optional, default 0 (free trials)
       "activation_degree": null,                 # optional: fix the Chebyshev degree
-      "max_error": 0.01                          # optional: approximation error target
+      "max_error": 0.01,                         # optional: approximation error target
+      "output_policy": {"kind": "noisy", "noise_std": 0.05},  # optional, default full
+      "circuit_privacy": true,                   # optional, default true
+      "flooding_bits": 4,                        # optional: noise = 2^bits x CKKS error
+      "extraction_criterion": "warn",            # optional: "warn" or "refuse"
+      "criterion_factor": 10                     # optional: c in criterion 1
     }
 
 Compiling and self-testing takes seconds per model, so results are cached in the state
@@ -21,6 +27,7 @@ database under a key covering every input (model, listing, calibration, engine v
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,14 +41,16 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import onnx
+from onnx import numpy_helper
 
 from common.errors import BadInput, GimmeError
 from common.guarded import run_guarded
 from common.he import engine
 from common.he.params import CkksParams
 from common.he.plan import HEPlan
-from common.onnx_io import run_model
-from common.protocol import EncodingSpec, Estimate, OutputSpec
+from common.onnx_io import parse_model, run_model
+from common.protocol import EncodingSpec, Estimate, OutputPolicy, OutputSpec
 from common.signing import sha256
 from common.tabular import load_table
 from common.tail import apply_tail
@@ -52,7 +61,7 @@ from seller_server.worker import Capacity
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "gimme-he-4"  # bump when compiled results would change
+ENGINE_VERSION = "gimme-he-6"  # bump when compiled results would change
 TOLERANCE_FACTOR = 3.0
 TOLERANCE_FLOOR = 1e-4
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -69,15 +78,28 @@ class ListingSpec:
     input_columns: tuple[str, ...]
     price_cents: int
     trial_budget_rows: int
+    trial_price_per_row_cents: int
     activation_degree: int | None
     max_error: float
+    output_policy: OutputPolicy
+    circuit_privacy: bool
+    flooding_bits: int
+    extraction_criterion: str
+    criterion_factor: float
 
 
 @dataclass(frozen=True)
-class ObjectSizes:
+class Measured:
+    """What the encrypted self-test measured at listing time."""
+
     ciphertext_bytes: int
     relin_key_bytes: int
+    public_key_bytes: int
     result_bytes: int
+    evaluate_seconds: float
+    computation_error: float  # max |decrypted - plan| before finishing
+    flooding_std: float
+    he_error: float  # max |tail(finished result) - onnxruntime| on the compared output
 
 
 @dataclass(frozen=True)
@@ -92,9 +114,8 @@ class Listing:
     input_min: tuple[float, ...]
     input_max: tuple[float, ...]
     approximation: str
-    sizes: ObjectSizes
-    self_test_error: float
-    self_test_seconds: float
+    measured: Measured
+    extraction_risk: str
 
     @property
     def model_id(self) -> str:
@@ -105,14 +126,22 @@ class Listing:
                             self.input_max)
 
     def estimate(self) -> Estimate:
-        return Estimate("slot-per-sample", self.sizes.relin_key_bytes,
-                        self.sizes.ciphertext_bytes, self.sizes.result_bytes,
-                        self.self_test_seconds)
+        m = self.measured
+        return Estimate("slot-per-sample", m.relin_key_bytes + m.public_key_bytes,
+                        m.ciphertext_bytes, m.result_bytes, m.evaluate_seconds)
+
+    def describe_output(self) -> str:
+        policy = self.spec.output_policy
+        text = policy.kind + (f" (noise std {policy.noise_std:g})" if policy.noise_std else "")
+        if self.spec.circuit_privacy:
+            text += f"; circuit privacy (flooding std {self.measured.flooding_std:.1g})"
+        return text
 
     def output(self) -> OutputSpec:
         return OutputSpec(self.plan.score_count, self.tail.ops, self.tail.class_labels,
                           engine.result_level(self.plan), self.tail.probability_output,
-                          self.tail.label_output)
+                          self.tail.label_output, self.spec.output_policy,
+                          self.spec.circuit_privacy, self.measured.flooding_std)
 
 
 def read_listing(path: Path) -> ListingSpec:
@@ -133,12 +162,6 @@ def read_listing(path: Path) -> ListingSpec:
     columns = raw["input_columns"]
     if not isinstance(columns, list) or not columns or len(set(columns)) != len(columns):
         raise BadInput(f"{path}: input_columns must be a non-empty list of distinct names")
-    try:
-        price = Decimal(str(raw["price"]))
-    except InvalidOperation:
-        raise BadInput(f"{path}: price {raw['price']!r} is not a number") from None
-    if price < 0 or price != price.quantize(Decimal("0.01")):
-        raise BadInput(f"{path}: price must be non-negative with at most 2 decimals")
     budget = raw["trial_budget_rows"]
     if not isinstance(budget, int) or budget < 1:
         raise BadInput(f"{path}: trial_budget_rows must be a positive integer")
@@ -148,10 +171,48 @@ def read_listing(path: Path) -> ListingSpec:
     max_error = float(raw.get("max_error", 0.01))
     if not 0 < max_error < 1:
         raise BadInput(f"{path}: max_error must be in (0, 1)")
+    flooding_bits = raw.get("flooding_bits", 4)
+    if not isinstance(flooding_bits, int) or not 0 <= flooding_bits <= 20:
+        raise BadInput(f"{path}: flooding_bits must be an integer in [0, 20]")
+    criterion = raw.get("extraction_criterion", "warn")
+    if criterion not in ("warn", "refuse"):
+        raise BadInput(f"{path}: extraction_criterion must be 'warn' or 'refuse'")
+    factor = float(raw.get("criterion_factor", 10))
+    if factor < 1:
+        raise BadInput(f"{path}: criterion_factor must be at least 1")
     base = path.parent
-    return ListingSpec(path, model_id, str(raw.get("description", "")), base / raw["model"],
-                       base / raw["calibration"], tuple(str(c) for c in columns),
-                       int(price * 100), budget, degree, max_error)
+    return ListingSpec(
+        path, model_id, str(raw.get("description", "")), base / raw["model"],
+        base / raw["calibration"], tuple(str(c) for c in columns),
+        _cents(path, "price", raw["price"]), budget,
+        _cents(path, "trial_price_per_row", raw.get("trial_price_per_row", "0")), degree,
+        max_error, _output_policy(path, raw.get("output_policy", {"kind": "full"})),
+        bool(raw.get("circuit_privacy", True)), flooding_bits, criterion, factor)
+
+
+def _cents(path: Path, field: str, value: object) -> int:
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise BadInput(f"{path}: {field} {value!r} is not a number") from None
+    if amount < 0 or amount != amount.quantize(Decimal("0.01")):
+        raise BadInput(f"{path}: {field} must be non-negative with at most 2 decimals")
+    return int(amount * 100)
+
+
+def _output_policy(path: Path, raw: object) -> OutputPolicy:
+    if not isinstance(raw, dict) or raw.get("kind") not in ("full", "noisy", "rounded"):
+        raise BadInput(f"{path}: output_policy must be {{\"kind\": \"full\"}} or "
+                       f"{{\"kind\": \"noisy\", \"noise_std\": 0.05}}")
+    if raw["kind"] == "rounded":
+        raise BadInput(f"{path}: output policy 'rounded' cannot be computed on ciphertexts "
+                       f"(a rounding staircase needs a polynomial of degree ~ 2*pi*range/"
+                       f"grid); use 'noisy' with noise_std = grid/sqrt(12) for a similar "
+                       f"loss of information. 'gimme-seller audit' compares both")
+    noise = float(raw.get("noise_std", 0.0))
+    if raw["kind"] == "noisy" and noise <= 0:
+        raise BadInput(f"{path}: output policy 'noisy' needs a positive noise_std")
+    return OutputPolicy(str(raw["kind"]), noise if raw["kind"] == "noisy" else 0.0, 0.0)
 
 
 def load_catalog(
@@ -178,9 +239,12 @@ def load_catalog(
             refused.append(f"{path.name}: duplicate model name {listing.model_id!r}")
             continue
         listings.append(listing)
-        log.info("listed %s: %s; %s; tolerance %.2g; self-test %.2fs, error %.2g",
-                 listing.model_id, listing.params.describe(), listing.approximation,
-                 listing.tolerance, listing.self_test_seconds, listing.self_test_error)
+        m = listing.measured
+        log.info("listed %s: %s; %s; tolerance %.2g; self-test %.2fs, CKKS error %.2g, "
+                 "flooding %.2g; extraction risk: %s", listing.model_id,
+                 listing.params.describe(), listing.approximation, listing.tolerance,
+                 m.evaluate_seconds, m.computation_error, m.flooding_std,
+                 listing.extraction_risk)
     return listings, refused
 
 
@@ -196,43 +260,68 @@ def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_r
         ENGINE_VERSION.encode(), model_bytes, spec.path.read_bytes(), calibration_bytes,
         str((security_bits, insecure_ring)).encode()])).hexdigest()
     cached = store.compiled(key)
-    if cached is not None:
-        return _from_cache(spec, model_bytes, json.loads(cached))
+    if cached is None:
+        record = _compile_and_test(spec, model_bytes, rows, security_bits, insecure_ring,
+                                   capacity)
+        store.save_compiled(key, json.dumps(record).encode())
+    else:
+        record = json.loads(cached)
+    ops, labels, probability_output, label_output = record["tail"]
+    plan = HEPlan.from_bytes(base64.b64decode(record["plan"]))
+    risk, safe = extraction_risk(spec, model_bytes, linear=not plan.stages)
+    if not safe and spec.extraction_criterion == "refuse":
+        raise BadInput(f"extraction criterion not met ({risk}); lower trial_budget_rows or "
+                       f"set extraction_criterion to 'warn'")
+    return Listing(
+        spec=spec,
+        model_bytes=model_bytes,
+        commitment=sha256(model_bytes),
+        plan=plan,
+        tail=Tail(tuple(ops), tuple(labels), probability_output, label_output),
+        params=CkksParams(**record["params"]),
+        tolerance=float(record["tolerance"]),
+        input_min=tuple(record["input_min"]),
+        input_max=tuple(record["input_max"]),
+        approximation=record["approximation"],
+        measured=Measured(**record["measured"]),
+        extraction_risk=risk,
+    )
+
+
+def _compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
+                      security_bits: int, insecure_ring: int, capacity: Capacity
+                      ) -> dict[str, Any]:
     compiled = compile_model(model_bytes, rows, degree=spec.activation_degree,
                              error_target=spec.max_error)
     if compiled.approximation_error > spec.max_error:
         log.warning("%s: best approximation error %.3g exceeds max_error %.3g",
                     spec.model_id, compiled.approximation_error, spec.max_error)
     scores = compiled.plan.simulate(rows)
-    params = choose_params(compiled.plan.depth(), security_bits, float(np.abs(scores).max()),
-                           insecure_ring)
+    params = choose_params(engine.levels_needed(compiled.plan), security_bits,
+                           float(np.abs(scores).max()), insecure_ring)
     test_rows = rows[: params.slots]
-    decrypted, measured = _self_test(params, security_bits, compiled.plan, test_rows, capacity)
+    decrypted, measured = _self_test(spec, params, security_bits, compiled.plan, test_rows,
+                                     capacity)
     reference = run_model(model_bytes, test_rows, compiled.tail.probability_output,
                           compiled.tail.class_labels)
     he_error = float(np.abs(apply_tail(decrypted, compiled.tail.ops) - reference).max())
-    tolerance = max(TOLERANCE_FACTOR * max(he_error, compiled.approximation_error),
-                    TOLERANCE_FLOOR)
-    record = {
+    return {
         "plan": base64.b64encode(compiled.plan.to_bytes()).decode(),
         "tail": [list(compiled.tail.ops), list(compiled.tail.class_labels),
                  compiled.tail.probability_output, compiled.tail.label_output],
         "params": params.to_dict(),
-        "tolerance": tolerance,
+        "tolerance": max(TOLERANCE_FACTOR * max(he_error, compiled.approximation_error),
+                         TOLERANCE_FLOOR),
         # ranges matter only where activations are approximated
         "input_min": rows.min(axis=0).tolist() if compiled.degree else [],
         "input_max": rows.max(axis=0).tolist() if compiled.degree else [],
         "approximation": compiled.approximation,
-        "sizes": [measured["ciphertext_bytes"], measured["relin_key_bytes"],
-                  measured["result_bytes"]],
-        "self_test": [he_error, measured["evaluate_seconds"]],
+        "measured": dataclasses.asdict(Measured(**measured, he_error=he_error)),
     }
-    store.save_compiled(key, json.dumps(record).encode())
-    return _from_cache(spec, model_bytes, record)
 
 
-def _self_test(params: CkksParams, security_bits: int, plan: HEPlan, rows: FloatArray,
-               capacity: Capacity) -> tuple[FloatArray, dict[str, Any]]:
+def _self_test(spec: ListingSpec, params: CkksParams, security_bits: int, plan: HEPlan,
+               rows: FloatArray, capacity: Capacity) -> tuple[FloatArray, dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="gimme-selftest-") as tmp:
         plan_path, rows_path, out_path = (Path(tmp) / n for n in ("plan", "rows.npz", "out.npy"))
         plan_path.write_bytes(plan.to_bytes())
@@ -240,26 +329,40 @@ def _self_test(params: CkksParams, security_bits: int, plan: HEPlan, rows: Float
         measured = run_guarded("seller_server.worker:self_test", {
             "params": params.to_dict(), "security_bits": security_bits,
             "plan_path": str(plan_path), "rows_path": str(rows_path),
-            "out_path": str(out_path), "workers": capacity.workers_per_evaluation},
+            "out_path": str(out_path), "workers": capacity.workers_per_evaluation,
+            "circuit_privacy": spec.circuit_privacy, "flooding_bits": spec.flooding_bits,
+            "policy_noise_std": spec.output_policy.noise_std},
             limits=capacity.limits)
         return np.load(out_path), measured
 
 
-def _from_cache(spec: ListingSpec, model_bytes: bytes, record: dict[str, Any]) -> Listing:
-    ops, labels, probability_output, label_output = record["tail"]
-    sizes = record["sizes"]
-    return Listing(
-        spec=spec,
-        model_bytes=model_bytes,
-        commitment=sha256(model_bytes),
-        plan=HEPlan.from_bytes(base64.b64decode(record["plan"])),
-        tail=Tail(tuple(ops), tuple(labels), probability_output, label_output),
-        params=CkksParams(**record["params"]),
-        tolerance=float(record["tolerance"]),
-        input_min=tuple(record["input_min"]),
-        input_max=tuple(record["input_max"]),
-        approximation=record["approximation"],
-        sizes=ObjectSizes(*sizes),
-        self_test_error=float(record["self_test"][0]),
-        self_test_seconds=float(record["self_test"][1]),
-    )
+def extraction_risk(spec: ListingSpec, model_bytes: bytes, linear: bool) -> tuple[str, bool]:
+    """Criterion 1 of seed 000 §3.4 against k = the trial budget: a linear model with d
+    features has d+1 unknowns per class, solvable from k >= d+1 exact outputs, so it needs
+    d >= c (k+1); a network needs its parameter count >= c k. Returns (summary, met)."""
+    k, c = spec.trial_budget_rows, spec.criterion_factor
+    parameters = parameter_count(parse_model(model_bytes, "the model"))
+    if linear:
+        d = len(spec.input_columns)
+        needed = int(c * (k + 1))
+        met = d >= needed
+        detail = (f"linear model with {d} features; k={k} trial rows "
+                  f"{'<' if k + 1 <= d else '>='} {d + 1} unknowns per class; criterion 1 "
+                  f"needs >= {needed} features")
+    else:
+        needed = int(c * k)
+        met = parameters >= needed
+        detail = (f"{parameters} parameters vs k={k} trial rows; criterion 1 needs >= "
+                  f"{needed}")
+    return (f"{'low' if met else 'HIGH'}: {detail}", met)
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """Trained numbers in the model: float initializers and ML operators' coefficients."""
+    count = sum(numpy_helper.to_array(init).size for init in model.graph.initializer
+                if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE))
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.FLOATS:
+                count += len(attribute.floats)
+    return int(count)

@@ -82,6 +82,15 @@ def cmd_topup(args: argparse.Namespace) -> None:
     console.print(f"{args.buyer}: balance {balance / 100:.2f}{note}")
 
 
+def cmd_token(args: argparse.Namespace) -> None:
+    store = Store(args.state / "gimme.sqlite")
+    if args.action == "create":
+        print(store.create_token(args.buyer))
+        console.print(f"API token for {args.buyer} (shown once; only its hash is stored)")
+    else:
+        console.print(f"revoked {store.revoke_tokens(args.buyer)} token(s) of {args.buyer}")
+
+
 def cmd_balances(args: argparse.Namespace) -> None:
     table = Table("account", "balance")
     for account, cents in Store(args.state / "gimme.sqlite").balances():
@@ -141,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-id", help="idempotency key: repeating it adds nothing")
     p.add_argument("--state", type=Path, default=DEFAULT_STATE)
     p.set_defaults(func=cmd_topup)
+
+    p = sub.add_parser("token", help="create or revoke a buyer's API token (used when "
+                                     "serving without TLS)")
+    p.add_argument("action", choices=("create", "revoke"))
+    p.add_argument("buyer", help="buyer identity")
+    p.add_argument("--state", type=Path, default=DEFAULT_STATE)
+    p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("balances", help="show the ledger's account balances")
     p.add_argument("--state", type=Path, default=DEFAULT_STATE)

@@ -364,8 +364,10 @@ class _Tracer:
              target: FloatArray) -> tuple[int, FloatArray, float]:
         """Chebyshev interpolants of every unit's function on its interval: the fixed degree,
         or the smallest whose error on the calibrated inputs is within the local bound (the
-        largest tried when none is). Returns (degree, coefficients (degree+1, units), error)."""
+        largest degree tried when none is). Returns (degree, coefficients (degree+1, units),
+        error)."""
         degrees = (self.degree,) if self.degree is not None else DEGREES
+        bound = self.local_bound
         best: tuple[int, FloatArray, float] | None = None
         for degree in degrees:
             nodes = np.polynomial.chebyshev.chebpts1(degree + 1)
@@ -376,10 +378,10 @@ class _Tracer:
             error = float(np.abs(_chebyshev_values(u, coeffs) - target).max())
             if best is None or error < best[2]:
                 best = (degree, coeffs, error)
-            if self.local_bound is not None and error <= self.local_bound:
+            if bound is not None and error <= bound:
                 return degree, coeffs, error
         assert best is not None
-        return best if self.degree is None else (degrees[0], best[1], best[2])
+        return best
 
     def _add_stage(self, stage: PolyStage, combine: FloatArray, constant: FloatArray,
                    shape: tuple[int, ...]) -> Affine:

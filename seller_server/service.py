@@ -14,14 +14,14 @@ from gimme.v1 import gimme_pb2 as pb
 from gimme.v1 import gimme_pb2_grpc as pb_grpc
 
 from common import wire
-from common.errors import BadInput, GimmeError, Unavailable
+from common.errors import BadInput, GimmeError, Refused, Unavailable
 from common.protocol import Progress
 from common.rpc import peer_identity
 from common.transfer import receive_object, send_object
 from seller_server.trade import Evaluation, Seller
 
 log = logging.getLogger(__name__)
-BUYER_HEADER = "x-gimme-buyer"
+TOKEN_HEADER = "x-gimme-token"
 T = TypeVar("T")
 
 
@@ -72,14 +72,19 @@ class SellerServicer(pb_grpc.SellerServicer):
         self._seller = seller
 
     def _buyer(self, context: grpc.ServicerContext) -> str:
-        """The TLS client certificate's name; without TLS, the declared x-gimme-buyer."""
+        """The TLS client certificate's name; without TLS, the buyer an API token names."""
         identity = peer_identity(context)
         if identity is not None:
             return identity
         if self.require_tls_identity:
-            raise BadInput("no client certificate: connect with the buyer certificate")
-        declared = dict(context.invocation_metadata()).get(BUYER_HEADER, "anonymous")
-        return str(declared)[:64]
+            raise Refused("no client certificate: connect with the buyer certificate")
+        token = dict(context.invocation_metadata()).get(TOKEN_HEADER)
+        buyer = self.seller.store.buyer_for_token(str(token)) if token else None
+        if buyer is None:
+            raise Refused("unknown or missing API token: without TLS the seller identifies "
+                          "buyers by token (gimme-seller token create NAME); pass it with "
+                          "--token or GIMME_TOKEN")
+        return buyer
 
     @_guard
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext
@@ -103,11 +108,14 @@ class SellerServicer(pb_grpc.SellerServicer):
         if first is None or not first.HasField("trial"):
             raise BadInput("UploadKeys: the first message must name the trial")
         trial_id = first.trial.trial_id
-        size = self.seller.relin_key_size(buyer, trial_id)
-        key = receive_object(_frames(request_iterator), expected_name="relin_key",
-                             max_size=size, exact_size=size, what="UploadKeys")
-        digest = self.seller.accept_relin_key(buyer, trial_id, key.data)
-        return pb.UploadKeysResponse(relin_key_sha256=digest)
+        relin_size, public_size = self.seller.key_sizes(buyer, trial_id)
+        frames = _frames(request_iterator)
+        relin = receive_object(frames, expected_name="relin_key", max_size=relin_size,
+                               exact_size=relin_size, what="UploadKeys")
+        public = receive_object(frames, expected_name="public_key", max_size=public_size,
+                                exact_size=public_size, what="UploadKeys")
+        digest = self.seller.accept_keys(buyer, trial_id, relin.data, public.data)
+        return pb.UploadKeysResponse(keys_sha256=digest)
 
     @_guard_stream
     def Evaluate(self, request_iterator: Iterator[pb.EvaluateRequest],

@@ -6,6 +6,8 @@ receipts, a double-entry ledger, purchases (idempotent by request id), deliverie
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import sqlite3
 import threading
 import time
@@ -32,7 +34,7 @@ CREATE TABLE IF NOT EXISTS trials (
   model_commitment BLOB NOT NULL,
   offer_payload BLOB NOT NULL,
   offer_signature BLOB NOT NULL,
-  relin_key_sha256 BLOB,
+  keys_sha256 BLOB,
   created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS budgets (
@@ -71,6 +73,12 @@ CREATE TABLE IF NOT EXISTS purchases (
   receipt_payload BLOB NOT NULL,
   receipt_signature BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tokens (
+  token_sha256 TEXT PRIMARY KEY,
+  buyer_id TEXT NOT NULL,
+  created_at REAL NOT NULL,
+  revoked INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS deliveries (
   trial_id TEXT NOT NULL,
   delivered_at REAL NOT NULL,
@@ -83,11 +91,24 @@ CREATE TABLE IF NOT EXISTS deliveries (
 PurchaseSigner = Callable[[str, int], Signed]
 
 REVENUE_ACCOUNT = "seller:revenue"
+TRIAL_REVENUE_ACCOUNT = "seller:trial-revenue"
 TOPUP_ACCOUNT = "external:topups"
 
 
 def buyer_account(buyer_id: str) -> str:
     return f"buyer:{buyer_id}"
+
+
+def budget_exhausted(model_id: str, remaining: int, budget: int, rows: int,
+                     price_per_row_cents: int) -> Exhausted:
+    return Exhausted(f"trial budget exhausted for {model_id!r}: {remaining} of {budget} rows "
+                     f"remain and this batch has {rows} (trial price "
+                     f"{price_per_row_cents / 100:.2f} per row); test fewer rows or buy the "
+                     f"model")
+
+
+def _charge_id(trial_id: str, batch_index: int) -> str:
+    return f"trial:{trial_id}:{batch_index}"
 
 
 @dataclass(frozen=True)
@@ -99,7 +120,7 @@ class TrialRow:
     model_commitment: bytes
     offer_payload: bytes
     offer_signature: bytes
-    relin_key_sha256: bytes | None
+    keys_sha256: bytes | None
 
 
 class Store:
@@ -155,7 +176,7 @@ class Store:
         with self._lock:
             row = self._db.execute(
                 "SELECT trial_id, model_id, buyer_id, key_tag, model_commitment, offer_payload, "
-                "offer_signature, relin_key_sha256 FROM trials WHERE trial_id = ?",
+                "offer_signature, keys_sha256 FROM trials WHERE trial_id = ?",
                 (trial_id,)).fetchone()
         if row is None or row[2] != buyer_id:
             raise NotFound(f"no trial {trial_id!r} for buyer {buyer_id!r}; open one with "
@@ -163,9 +184,9 @@ class Store:
         return TrialRow(row[0], row[1], row[2], row[3], bytes(row[4]), bytes(row[5]),
                         bytes(row[6]), bytes(row[7]) if row[7] is not None else None)
 
-    def set_relin_key(self, trial_id: str, sha256: bytes) -> None:
+    def set_keys(self, trial_id: str, sha256: bytes) -> None:
         with self.transaction() as db:
-            db.execute("UPDATE trials SET relin_key_sha256 = ? WHERE trial_id = ?",
+            db.execute("UPDATE trials SET keys_sha256 = ? WHERE trial_id = ?",
                        (sha256, trial_id))
 
     def rows_used(self, buyer_id: str, model_id: str) -> int:
@@ -175,8 +196,10 @@ class Store:
                 (buyer_id, model_id)).fetchone()
         return int(row[0]) if row else 0
 
-    def reserve_rows(self, trial: TrialRow, batch_index: int, rows: int, budget: int) -> None:
-        """Charge `rows` to the buyer's trial budget for this model, or refuse."""
+    def reserve_rows(self, trial: TrialRow, batch_index: int, rows: int, budget: int,
+                     price_per_row_cents: int = 0) -> None:
+        """Charge `rows` to the buyer's trial budget for this model (and their price to its
+        prepaid balance), or refuse."""
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM evaluations WHERE trial_id = ? AND batch_index = ?",
                           (trial.trial_id, batch_index)).fetchone():
@@ -186,9 +209,19 @@ class Store:
                              (trial.buyer_id, trial.model_id)).fetchone()
             used = int(row[0]) if row else 0
             if used + rows > budget:
-                raise Exhausted(f"trial budget exhausted for model {trial.model_id!r}: "
-                                f"{budget - used} of {budget} rows remain and this batch has "
-                                f"{rows}; test fewer rows or buy the model")
+                raise budget_exhausted(trial.model_id, budget - used, budget, rows,
+                                       price_per_row_cents)
+            cost = rows * price_per_row_cents
+            if cost:
+                account = buyer_account(trial.buyer_id)
+                balance = self._balance(db, account)
+                if balance < cost:
+                    raise Exhausted(f"insufficient prepaid balance for {rows} trial rows at "
+                                    f"{price_per_row_cents / 100:.2f} each: "
+                                    f"{balance / 100:.2f} available, {cost / 100:.2f} needed")
+                self._post(db, _charge_id(trial.trial_id, batch_index), "trial",
+                           f"{rows} trial rows of {trial.model_id} (trial {trial.trial_id})",
+                           [(account, -cost), (TRIAL_REVENUE_ACCOUNT, cost)])
             db.execute("INSERT INTO budgets VALUES (?, ?, ?) ON CONFLICT(buyer_id, model_id) "
                        "DO UPDATE SET rows_used = rows_used + excluded.rows_used",
                        (trial.buyer_id, trial.model_id, rows))
@@ -209,6 +242,14 @@ class Store:
             return
         db.execute("UPDATE budgets SET rows_used = rows_used - ? WHERE buyer_id = ? AND "
                    "model_id = ?", (row[0], row[1], row[2]))
+        charge = db.execute("SELECT txn_id FROM ledger_txns WHERE request_id = ?",
+                            (_charge_id(trial_id, batch_index),)).fetchone()
+        if charge is not None:  # a reversing transaction: the ledger keeps both
+            entries = db.execute("SELECT account, amount_cents FROM ledger_entries WHERE "
+                                 "txn_id = ?", (charge[0],)).fetchall()
+            self._post(db, f"refund:{charge[0]}", "refund",
+                       f"evaluation {trial_id}/{batch_index} did not complete",
+                       [(account, -amount) for account, amount in entries])
         db.execute("DELETE FROM evaluations WHERE trial_id = ? AND batch_index = ?",
                    (trial_id, batch_index))
 
@@ -305,6 +346,27 @@ class Store:
         with self.transaction() as db:
             db.execute("INSERT INTO deliveries VALUES (?, ?, ?, ?)",
                        (trial_id, time.time(), record.payload, record.signature))
+
+    # ----- API tokens (buyer identity when TLS client authentication is off) -----
+
+    def create_token(self, buyer_id: str) -> str:
+        token = secrets.token_urlsafe(24)
+        with self.transaction() as db:
+            db.execute("INSERT INTO tokens VALUES (?, ?, ?, 0)",
+                       (hashlib.sha256(token.encode()).hexdigest(), buyer_id, time.time()))
+        return token
+
+    def revoke_tokens(self, buyer_id: str) -> int:
+        with self.transaction() as db:
+            return db.execute("UPDATE tokens SET revoked = 1 WHERE buyer_id = ? AND revoked = 0",
+                              (buyer_id,)).rowcount
+
+    def buyer_for_token(self, token: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT buyer_id FROM tokens WHERE token_sha256 = ? AND "
+                                   "revoked = 0",
+                                   (hashlib.sha256(token.encode()).hexdigest(),)).fetchone()
+        return str(row[0]) if row else None
 
     def balances(self) -> list[tuple[str, int]]:
         with self._lock:

@@ -31,10 +31,10 @@ from common.protocol import (
     Receipt,
     Signed,
 )
-from common.signing import Signer, sha256
+from common.signing import Signer, keys_digest, sha256
 from common.wire import delivery_payload, offer_payload, payment_payload, receipt_payload
 from seller_server.catalog import Listing
-from seller_server.store import Store, TrialRow
+from seller_server.store import Store, TrialRow, budget_exhausted
 from seller_server.worker import UNTRUSTED_STAGES, Capacity
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,9 @@ class Seller:
                 multiplicative_depth=listing.params.multiplicative_depth,
                 tolerance=listing.tolerance,
                 approximation=listing.approximation,
+                trial_price_per_row_cents=listing.spec.trial_price_per_row_cents,
+                extraction_risk=listing.extraction_risk,
+                output_policy=listing.describe_output(),
             )
             for listing in self.listings.values()
         ]
@@ -120,6 +123,7 @@ class Seller:
             issued_at=int(time.time()),
             seller_public_key=self.signer.public_key,
             estimate=listing.estimate(),
+            trial_price_per_row_cents=listing.spec.trial_price_per_row_cents,
         )
         signed = self._sign(OFFER, offer_payload(offer))
         self.store.add_trial(TrialRow(offer.trial_id, model_id, buyer_id, offer.key_tag,
@@ -140,21 +144,26 @@ class Seller:
 
     # ----- step 4: keys -----
 
-    def relin_key_size(self, buyer_id: str, trial_id: str) -> int:
-        return self._trial(buyer_id, trial_id)[1].sizes.relin_key_bytes
+    def key_sizes(self, buyer_id: str, trial_id: str) -> tuple[int, int]:
+        """Exact sizes of the (relinearization key, public key) this trial takes."""
+        measured = self._trial(buyer_id, trial_id)[1].measured
+        return measured.relin_key_bytes, measured.public_key_bytes
 
-    def accept_relin_key(self, buyer_id: str, trial_id: str, data: bytes) -> bytes:
+    def accept_keys(self, buyer_id: str, trial_id: str, relin_key: bytes,
+                    public_key: bytes) -> bytes:
         trial, listing = self._trial(buyer_id, trial_id)
         directory = self._trial_dir(trial_id)
-        path = directory / "relin.key"
-        path.write_bytes(data)
-        run_guarded("seller_server.worker:check_relin_key", {
+        (directory / "relin.key").write_bytes(relin_key)
+        (directory / "public.key").write_bytes(public_key)
+        run_guarded("seller_server.worker:check_keys", {
             "params": listing.params.to_dict(), "security_bits": self.security_bits,
             "plan_path": str(self._plan_file(listing)), "key_tag": trial.key_tag,
-            "relin_key_path": str(path)}, limits=self.capacity.limits)
-        digest = sha256(data)
-        self.store.set_relin_key(trial_id, digest)
-        log.info("trial %s: relinearization key accepted (%d bytes)", trial_id, len(data))
+            "relin_key_path": str(directory / "relin.key"),
+            "public_key_path": str(directory / "public.key")}, limits=self.capacity.limits)
+        digest = keys_digest(relin_key, public_key)
+        self.store.set_keys(trial_id, digest)
+        log.info("trial %s: keys accepted (%d + %d bytes)", trial_id, len(relin_key),
+                 len(public_key))
         return digest
 
     # ----- steps 4-5: evaluation -----
@@ -163,7 +172,7 @@ class Seller:
                     ) -> tuple[int, int]:
         """Check a batch before its upload; returns (ciphertext count, exact size of each)."""
         trial, listing = self._trial(buyer_id, trial_id)
-        if trial.relin_key_sha256 is None:
+        if trial.keys_sha256 is None:
             raise WrongState(f"trial {trial_id}: upload the evaluation keys before data")
         if not 0 < rows <= listing.params.slots:
             raise BadInput(f"a batch holds 1..{listing.params.slots} rows, not {rows}")
@@ -171,16 +180,16 @@ class Seller:
             raise BadInput(f"batch index {batch_index} is out of range")
         remaining = self._remaining(buyer_id, listing)
         if rows > remaining:
-            raise Exhausted(f"trial budget exhausted for {listing.model_id!r}: {remaining} of "
-                            f"{listing.spec.trial_budget_rows} rows remain, this batch has "
-                            f"{rows}; price of the model: {listing.spec.price_cents / 100:.2f}")
-        return len(listing.spec.input_columns), listing.sizes.ciphertext_bytes
+            raise budget_exhausted(listing.model_id, remaining, listing.spec.trial_budget_rows,
+                                   rows, listing.spec.trial_price_per_row_cents)
+        return len(listing.spec.input_columns), listing.measured.ciphertext_bytes
 
     def evaluate(self, buyer_id: str, trial_id: str, batch_index: int, rows: int,
                  inputs: Sequence[bytes], on_progress: ProgressFn) -> Evaluation:
         trial, listing = self._trial(buyer_id, trial_id)
-        assert trial.relin_key_sha256 is not None
-        self.store.reserve_rows(trial, batch_index, rows, listing.spec.trial_budget_rows)
+        assert trial.keys_sha256 is not None
+        self.store.reserve_rows(trial, batch_index, rows, listing.spec.trial_budget_rows,
+                                listing.spec.trial_price_per_row_cents)
         batch_dir = self._trial_dir(trial_id) / f"batch-{batch_index}"
         try:
             batch_dir.mkdir(parents=True, exist_ok=True)
@@ -196,6 +205,10 @@ class Seller:
                     {"params": listing.params.to_dict(), "security_bits": self.security_bits,
                      "plan_path": str(self._plan_file(listing)), "key_tag": trial.key_tag,
                      "relin_key_path": str(self._trial_dir(trial_id) / "relin.key"),
+                     "public_key_path": str(self._trial_dir(trial_id) / "public.key"),
+                     "rows": rows, "circuit_privacy": listing.spec.circuit_privacy,
+                     "flooding_std": listing.measured.flooding_std,
+                     "policy_noise_std": listing.spec.output_policy.noise_std,
                      "ciphertext_paths": paths, "out_dir": str(batch_dir / "out"),
                      "workers": self.capacity.workers_per_evaluation},
                     limits=self.capacity.limits,
@@ -210,7 +223,7 @@ class Seller:
                 rows=rows,
                 offer_sha256=sha256(trial.offer_payload),
                 model_commitment=listing.commitment,
-                relin_key_sha256=trial.relin_key_sha256,
+                keys_sha256=trial.keys_sha256,
                 input_sha256=tuple(sha256(b) for b in inputs),
                 result_sha256=tuple(sha256(r) for r in results),
                 evaluated_at=int(time.time()),

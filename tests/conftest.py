@@ -72,6 +72,7 @@ class Daemon:
             time.sleep(0.05)
         self.address = f"127.0.0.1:{port_file.read_text()}"
         self.statuses: list[str] = []
+        self._tokens: dict[str, str] = {}
 
     def _check_alive(self) -> None:
         if self.process.poll() is not None:
@@ -111,6 +112,13 @@ class Daemon:
     def logs(self) -> str:
         return self.log_path.read_text()
 
+    def token(self, buyer: str) -> str:
+        if buyer not in self._tokens:
+            self._tokens[buyer] = subprocess.run(
+                [str(BIN / "gimme-seller"), "token", "create", buyer, "--state", str(self.state)],
+                check=True, capture_output=True, text=True).stdout.strip()
+        return self._tokens[buyer]
+
 
 @pytest.fixture(scope="session")
 def lr_seller(lr_catalog: Path, tls_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -137,6 +145,10 @@ def buyer_cli(seller: Daemon | tuple[str, Path], home: Path, identity: str, *arg
                         else seller)
     base = [str(BIN / "gimme-buyer"), args[0], "--seller", address, "--home", str(home),
             "--identity", identity]
-    base += ["--tls-dir", str(tls_dir)] if tls_dir else ["--insecure"]
+    if tls_dir:
+        base += ["--tls-dir", str(tls_dir)]
+    else:  # without TLS the seller knows buyers by API token
+        assert isinstance(seller, Daemon)
+        base += ["--insecure", "--token", seller.token(identity)]
     return subprocess.run([*base, *args[1:]], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=600)

@@ -4,6 +4,7 @@ digits MLP (approximated activations) trades end to end."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def test_digits_mlp_trade_end_to_end(examples: Path, tls_dir: Path, tmp_path: Pa
         assert buyer_cli(daemon, home, "alice", "buy", "digits-mlp").returncode == 0
         verified = buyer_cli(daemon, home, "alice", "verify", "digits-mlp")
         assert verified.returncode == 0, verified.stdout
-        assert "top-1 agreement 100.00% on 540 rows" in verified.stdout
+        agreement = re.search(r"top-1 agreement ([\d.]+)% on 540 rows", verified.stdout)
+        assert agreement and float(agreement.group(1)) >= 99.0, verified.stdout
     finally:
         daemon.stop()

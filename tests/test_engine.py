@@ -25,7 +25,7 @@ def tanh_model() -> tuple[bytes, FloatArray]:
 
 def _setup(model: bytes, rows: FloatArray) -> tuple[object, CkksParams, object]:
     compiled = compile_model(model, rows, degree=6)
-    params = choose_params(compiled.plan.depth(), 128,
+    params = choose_params(engine.levels_needed(compiled.plan), 128,
                            float(np.abs(compiled.plan.simulate(rows)).max()))
     return compiled, params, engine.build_context(params, 128)
 
@@ -43,11 +43,32 @@ def test_encrypted_evaluation_matches_the_plan(tanh_model: tuple[bytes, FloatArr
     scores = engine.evaluate(cc, compiled.plan, inputs,  # type: ignore[attr-defined]
                              lambda done, total: progress.append((done, total)))
     assert progress[-1][0] == progress[-1][1]
-    level = engine.result_level(compiled.plan)  # type: ignore[attr-defined]
-    assert all(ct.GetLevel() == level for ct in scores)
     decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
     expected = compiled.plan.simulate(rows)  # type: ignore[attr-defined]
     assert np.abs(decrypted - expected).max() < 1e-3
+
+
+def test_finishing_masks_unpaid_slots_and_rerandomizes(
+        tanh_model: tuple[bytes, FloatArray]) -> None:
+    compiled, _params, cc = _setup(*tanh_model)
+    rows = tanh_model[1][:100]
+    tag = new_key_tag()
+    secret, public = engine.generate_keys(cc, tag)
+    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    scores = engine.evaluate(cc, compiled.plan, inputs,  # type: ignore[attr-defined]
+                             lambda done, total: None)
+    paid, noise = 40, 1e-3
+    first, second = (engine.finish(cc, scores, paid, public, noise, np.random.default_rng(s))
+                     for s in (1, 2))
+    level = engine.result_level(compiled.plan)  # type: ignore[attr-defined]
+    assert all(ct.GetLevel() == level for ct in first)
+    values = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in first]).T
+    expected = compiled.plan.simulate(rows)  # type: ignore[attr-defined]
+    assert np.abs(values[:paid] - expected[:paid]).max() < 6 * noise  # flooded, within 6 sd
+    assert np.abs(values[:paid] - expected[:paid]).std() > noise / 3  # the noise is there
+    assert np.abs(values[paid:]).max() < 1e-4  # rows packed but not paid for come back 0
+    # fresh randomness each time: the same scores never leave as the same ciphertext
+    assert engine.ciphertext_bytes(first[0]) != engine.ciphertext_bytes(second[0])
 
 
 @pytest.mark.parametrize("workers", [2, 3])

@@ -86,3 +86,19 @@ def test_state_survives_a_crash_and_interrupted_work_is_refunded(tmp_path: Path)
     assert again.recover_interrupted() == 1
     assert again.rows_used("alice", "model") == 30
     assert again.evaluated_batches("t1") == 1
+
+
+def test_trial_rows_are_charged_and_refunded_when_evaluation_fails(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite")
+    store.top_up("alice", 1000, "top")
+    trial = _trial(store)
+    store.reserve_rows(trial, 0, 30, budget=100, price_per_row_cents=5)
+    assert store.balance(buyer_account("alice")) == 850
+    store.release_rows(trial, 0)  # the worker failed: rows and money come back
+    assert store.balance(buyer_account("alice")) == 1000
+    assert store.rows_used("alice", "model") == 0
+    store.reserve_rows(trial, 0, 30, budget=100, price_per_row_cents=5)
+    with pytest.raises(Exhausted, match=r"insufficient prepaid balance for 20 trial rows"):
+        store.reserve_rows(trial, 1, 20, budget=100, price_per_row_cents=50)
+    assert store.rows_used("alice", "model") == 30  # the refused batch charged nothing
+    assert _entries_balance(tmp_path / "s.sqlite") == 0

@@ -17,6 +17,7 @@ from common.protocol import (
     EncodingSpec,
     Estimate,
     Offer,
+    OutputPolicy,
     OutputSpec,
     PaymentReceipt,
     Receipt,
@@ -33,15 +34,21 @@ def signer(tmp_path: Path) -> Signer:
     return Signer.load_or_create(tmp_path / "id.key")[0]
 
 
+def _output(scores: int, tail: tuple[str, ...], labels: tuple[str, ...], level: int,
+            compared: str, label_output: str) -> OutputSpec:
+    return OutputSpec(scores, tail, labels, level, compared, label_output, OutputPolicy(),
+                      True, 1e-4)
+
+
 def _offer(signer: Signer, **changes: object) -> Offer:
     offer = Offer(
         trial_id="t1", model_id="m", model_name="m", model_commitment=sha256(b"model"),
         model_size=5, params=PARAMS,
         encoding=EncodingSpec(("a", "b"), PARAMS.slots, (), ()),
-        output=OutputSpec(2, ("softmax",), ("x", "y"), 1, "probabilities", ""),
+        output=_output(2, ("softmax",), ("x", "y"), 1, "probabilities", ""),
         tolerance=0.01, price_cents=100, trial_rows_remaining=10, key_tag=new_key_tag(),
         buyer_id="alice", issued_at=1, seller_public_key=signer.public_key,
-        estimate=Estimate("slot-per-sample", 1, 2, 3, 0.5))
+        estimate=Estimate("slot-per-sample", 1, 2, 3, 0.5), trial_price_per_row_cents=1)
     return dataclasses.replace(offer, **changes)  # type: ignore[arg-type]
 
 
@@ -58,9 +65,9 @@ def test_a_well_formed_offer_opens(signer: Signer) -> None:
     ({"tolerance": 0.0}, "tolerance 0.0"),
     ({"model_commitment": b"short"}, "no SHA-256 model commitment"),
     ({"encoding": EncodingSpec(("a",), 99, (), ())}, "99 rows per ciphertext"),
-    ({"output": OutputSpec(2, ("exp",), (), 1, "p", "")}, "unknown output tail"),
-    ({"output": OutputSpec(2, (), (), 5, "p", "")}, "result level 5 for depth 1"),
-    ({"output": OutputSpec(3, (), ("x",), 1, "p", "")}, "1 class labels for 3 scores"),
+    ({"output": _output(2, ("exp",), (), 1, "p", "")}, "unknown output tail"),
+    ({"output": _output(2, (), (), 5, "p", "")}, "result level 5 for depth 1"),
+    ({"output": _output(3, (), ("x",), 1, "p", "")}, "1 class labels for 3 scores"),
 ])
 def test_malformed_offers_are_refused(signer: Signer, changes: dict[str, object],
                                       message: str) -> None:

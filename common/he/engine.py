@@ -189,6 +189,16 @@ class CiphertextGate:
                                  enumerate(blobs)))
 
 
+def public_key_template(cc: Context, key_tag: str) -> ByteTemplate:
+    samples = [serialize(_tagged_pair(cc, key_tag)[1]) for _ in range(3)]
+    return learn_template(samples, cc.GetRingDimension() * 8)
+
+
+def load_public_key(data: bytes, template: ByteTemplate) -> Any:
+    template.check(data, "public key")
+    return fhe.DeserializePublicKeyString(data, fhe.BINARY)
+
+
 def relin_key_template(cc: Context, key_tag: str) -> ByteTemplate:
     samples = []
     for _ in range(3):
@@ -238,9 +248,39 @@ def settle(cc: Context, ct: Ciphertext, level: int) -> Ciphertext:
 # ---------- evaluation ----------
 
 
+def levels_needed(plan: HEPlan) -> int:
+    """CKKS depth a trial of `plan` needs: the plan, then the slot mask of `finish`."""
+    return plan.depth() + 1
+
+
 def result_level(plan: HEPlan) -> int:
-    """Level of every result ciphertext of `plan` (all rescaled, noise degree 1)."""
-    return plan.depth()
+    """Level of every result ciphertext (all rescaled, noise degree 1)."""
+    return levels_needed(plan)
+
+
+def finish(cc: Context, scores: Sequence[Ciphertext], rows: int, public_key: Any | None,
+           noise_std: float, rng: np.random.Generator) -> list[Ciphertext]:
+    """What leaves the seller: every score times a 0/1 mask that keeps only the `rows`
+    slots paid for (the seller cannot see how many rows were packed, so it enforces the
+    budget by construction), then, given the buyer's public key, plus a fresh encryption
+    of Gaussian noise in those slots. The fresh encryption re-randomizes both ciphertext
+    components: without it the result's second component is a known linear function of
+    the inputs' and gives the weights away; the noise floods the computation's own error,
+    which also depends on the weights."""
+    slots = cc.GetRingDimension() // 2
+    mask = np.zeros(slots)
+    mask[:rows] = 1.0
+    finished = []
+    for ct in scores:
+        masked = cc.Rescale(cc.EvalMult(ct, cc.MakeCKKSPackedPlaintext(
+            mask.tolist(), 1, ct.GetLevel())))
+        if public_key is not None:
+            noise = np.zeros(slots)
+            noise[:rows] = rng.normal(0.0, noise_std, rows) if noise_std > 0 else 0.0
+            fresh = cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(noise.tolist()))
+            masked = cc.EvalAdd(masked, cc.LevelReduce(fresh, None, masked.GetLevel()))
+        finished.append(masked)
+    return finished
 
 
 def evaluate(
@@ -343,7 +383,7 @@ class _Rank:
                 if use == index:
                     self.basis.release(j)  # no later stage reads it: free the memory
             offset += stage.units * stage.width
-        level = result_level(self.plan)
+        level = self.plan.depth()  # `finish` masks them one level further
         scores = {}
         for row, ct in self._rows(self.plan.output.weights, self.plan.output.bias).items():
             scores[row] = settle(self.cc, ct, level)

@@ -138,6 +138,9 @@ class ModelListing(_message.Message):
     MULTIPLICATIVE_DEPTH_FIELD_NUMBER: _builtins.int
     TOLERANCE_FIELD_NUMBER: _builtins.int
     APPROXIMATION_FIELD_NUMBER: _builtins.int
+    TRIAL_PRICE_PER_ROW_CENTS_FIELD_NUMBER: _builtins.int
+    EXTRACTION_RISK_FIELD_NUMBER: _builtins.int
+    OUTPUT_POLICY_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     name: _builtins.str
     description: _builtins.str
@@ -150,6 +153,11 @@ class ModelListing(_message.Message):
     tolerance: _builtins.float
     approximation: _builtins.str
     """e.g. "Tanh: Chebyshev degree 15" or "exact" """
+    trial_price_per_row_cents: _builtins.int
+    extraction_risk: _builtins.str
+    """criterion 1 of seed 000 §3.4 against the trial budget"""
+    output_policy: _builtins.str
+    """e.g. "full", "noisy (std 0.05)"; circuit privacy noted"""
     @_builtins.property
     def input_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -170,10 +178,13 @@ class ModelListing(_message.Message):
         multiplicative_depth: _builtins.int = ...,
         tolerance: _builtins.float = ...,
         approximation: _builtins.str = ...,
+        trial_price_per_row_cents: _builtins.int = ...,
+        extraction_risk: _builtins.str = ...,
+        output_policy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approximation", b"approximation", "class_labels", b"class_labels", "description", b"description", "input_columns", b"input_columns", "model_commitment", b"model_commitment", "model_id", b"model_id", "multiplicative_depth", b"multiplicative_depth", "name", b"name", "price_cents", b"price_cents", "ring_dimension", b"ring_dimension", "tolerance", b"tolerance", "trial_budget_rows", b"trial_budget_rows", "trial_rows_remaining", b"trial_rows_remaining"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approximation", b"approximation", "class_labels", b"class_labels", "description", b"description", "extraction_risk", b"extraction_risk", "input_columns", b"input_columns", "model_commitment", b"model_commitment", "model_id", b"model_id", "multiplicative_depth", b"multiplicative_depth", "name", b"name", "output_policy", b"output_policy", "price_cents", b"price_cents", "ring_dimension", b"ring_dimension", "tolerance", b"tolerance", "trial_budget_rows", b"trial_budget_rows", "trial_price_per_row_cents", b"trial_price_per_row_cents", "trial_rows_remaining", b"trial_rows_remaining"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -297,6 +308,36 @@ class EncodingSpec(_message.Message):
 Global___EncodingSpec: _TypeAlias = EncodingSpec  # noqa: Y015
 
 @_typing.final
+class OutputPolicy(_message.Message):
+    """What the seller does to the scores before they leave (seed 000 §3.3, seed 001 §4)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NOISE_STD_FIELD_NUMBER: _builtins.int
+    GRID_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"full", "noisy" or "rounded" """
+    noise_std: _builtins.float
+    """noisy: Gaussian noise added to every score"""
+    grid: _builtins.float
+    """rounded: scores rounded (by a polynomial) to this grid"""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        noise_std: _builtins.float = ...,
+        grid: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grid", b"grid", "kind", b"kind", "noise_std", b"noise_std"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputPolicy: _TypeAlias = OutputPolicy  # noqa: Y015
+
+@_typing.final
 class OutputSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -306,6 +347,9 @@ class OutputSpec(_message.Message):
     RESULT_LEVEL_FIELD_NUMBER: _builtins.int
     PROBABILITY_OUTPUT_FIELD_NUMBER: _builtins.int
     LABEL_OUTPUT_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    CIRCUIT_PRIVACY_FIELD_NUMBER: _builtins.int
+    FLOODING_STD_FIELD_NUMBER: _builtins.int
     score_count: _builtins.int
     """ciphertexts returned per batch"""
     result_level: _builtins.int
@@ -313,12 +357,20 @@ class OutputSpec(_message.Message):
     probability_output: _builtins.str
     """ONNX output compared at verification"""
     label_output: _builtins.str
+    circuit_privacy: _builtins.bool
+    """results are multiplied by a 0/1 mask (slots past the paid rows are zero) and, with
+    circuit privacy, re-randomized with an encryption of Gaussian noise (flooding_std)
+    under the buyer's public key
+    """
+    flooding_std: _builtins.float
     @_builtins.property
     def tail(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """ops the buyer applies after decryption, in order"""
 
     @_builtins.property
     def class_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def policy(self) -> Global___OutputPolicy: ...
     def __init__(
         self,
         *,
@@ -328,10 +380,13 @@ class OutputSpec(_message.Message):
         result_level: _builtins.int = ...,
         probability_output: _builtins.str = ...,
         label_output: _builtins.str = ...,
+        policy: Global___OutputPolicy | None = ...,
+        circuit_privacy: _builtins.bool = ...,
+        flooding_std: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_labels", b"class_labels", "label_output", b"label_output", "probability_output", b"probability_output", "result_level", b"result_level", "score_count", b"score_count", "tail", b"tail"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuit_privacy", b"circuit_privacy", "class_labels", b"class_labels", "flooding_std", b"flooding_std", "label_output", b"label_output", "policy", b"policy", "probability_output", b"probability_output", "result_level", b"result_level", "score_count", b"score_count", "tail", b"tail"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -396,6 +451,7 @@ class Offer(_message.Message):
     ISSUED_AT_FIELD_NUMBER: _builtins.int
     SELLER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     ESTIMATE_FIELD_NUMBER: _builtins.int
+    TRIAL_PRICE_PER_ROW_CENTS_FIELD_NUMBER: _builtins.int
     trial_id: _builtins.str
     model_id: _builtins.str
     model_name: _builtins.str
@@ -411,6 +467,8 @@ class Offer(_message.Message):
     buyer_id: _builtins.str
     issued_at: _builtins.int
     seller_public_key: _builtins.bytes
+    trial_price_per_row_cents: _builtins.int
+    """charged per evaluated row, from the prepaid ledger"""
     @_builtins.property
     def params(self) -> Global___CkksParameters: ...
     @_builtins.property
@@ -438,10 +496,11 @@ class Offer(_message.Message):
         issued_at: _builtins.int = ...,
         seller_public_key: _builtins.bytes = ...,
         estimate: Global___Estimate | None = ...,
+        trial_price_per_row_cents: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "estimate", b"estimate", "output", b"output", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buyer_id", b"buyer_id", "encoding", b"encoding", "estimate", b"estimate", "issued_at", b"issued_at", "key_tag", b"key_tag", "model_commitment", b"model_commitment", "model_id", b"model_id", "model_name", b"model_name", "model_size", b"model_size", "output", b"output", "params", b"params", "price_cents", b"price_cents", "seller_public_key", b"seller_public_key", "tolerance", b"tolerance", "trial_id", b"trial_id", "trial_rows_remaining", b"trial_rows_remaining"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buyer_id", b"buyer_id", "encoding", b"encoding", "estimate", b"estimate", "issued_at", b"issued_at", "key_tag", b"key_tag", "model_commitment", b"model_commitment", "model_id", b"model_id", "model_name", b"model_name", "model_size", b"model_size", "output", b"output", "params", b"params", "price_cents", b"price_cents", "seller_public_key", b"seller_public_key", "tolerance", b"tolerance", "trial_id", b"trial_id", "trial_price_per_row_cents", b"trial_price_per_row_cents", "trial_rows_remaining", b"trial_rows_remaining"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -537,16 +596,16 @@ Global___UploadKeysRequest: _TypeAlias = UploadKeysRequest  # noqa: Y015
 class UploadKeysResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    RELIN_KEY_SHA256_FIELD_NUMBER: _builtins.int
-    relin_key_sha256: _builtins.bytes
+    KEYS_SHA256_FIELD_NUMBER: _builtins.int
+    keys_sha256: _builtins.bytes
     def __init__(
         self,
         *,
-        relin_key_sha256: _builtins.bytes = ...,
+        keys_sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["relin_key_sha256", b"relin_key_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys_sha256", b"keys_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -668,7 +727,7 @@ class Receipt(_message.Message):
     ROWS_FIELD_NUMBER: _builtins.int
     OFFER_SHA256_FIELD_NUMBER: _builtins.int
     MODEL_COMMITMENT_FIELD_NUMBER: _builtins.int
-    RELIN_KEY_SHA256_FIELD_NUMBER: _builtins.int
+    KEYS_SHA256_FIELD_NUMBER: _builtins.int
     INPUT_SHA256_FIELD_NUMBER: _builtins.int
     RESULT_SHA256_FIELD_NUMBER: _builtins.int
     EVALUATED_AT_FIELD_NUMBER: _builtins.int
@@ -677,7 +736,7 @@ class Receipt(_message.Message):
     rows: _builtins.int
     offer_sha256: _builtins.bytes
     model_commitment: _builtins.bytes
-    relin_key_sha256: _builtins.bytes
+    keys_sha256: _builtins.bytes
     evaluated_at: _builtins.int
     @_builtins.property
     def input_sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
@@ -691,14 +750,14 @@ class Receipt(_message.Message):
         rows: _builtins.int = ...,
         offer_sha256: _builtins.bytes = ...,
         model_commitment: _builtins.bytes = ...,
-        relin_key_sha256: _builtins.bytes = ...,
+        keys_sha256: _builtins.bytes = ...,
         input_sha256: _abc.Iterable[_builtins.bytes] | None = ...,
         result_sha256: _abc.Iterable[_builtins.bytes] | None = ...,
         evaluated_at: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_index", b"batch_index", "evaluated_at", b"evaluated_at", "input_sha256", b"input_sha256", "model_commitment", b"model_commitment", "offer_sha256", b"offer_sha256", "relin_key_sha256", b"relin_key_sha256", "result_sha256", b"result_sha256", "rows", b"rows", "trial_id", b"trial_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_index", b"batch_index", "evaluated_at", b"evaluated_at", "input_sha256", b"input_sha256", "keys_sha256", b"keys_sha256", "model_commitment", b"model_commitment", "offer_sha256", b"offer_sha256", "result_sha256", b"result_sha256", "rows", b"rows", "trial_id", b"trial_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
