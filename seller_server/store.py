@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
   batch_index INTEGER NOT NULL,
   rows INTEGER NOT NULL,
   status TEXT NOT NULL CHECK (status IN ('running', 'done')),
+  charge_txn TEXT,
   receipt_payload BLOB,
   receipt_signature BLOB,
   created_at REAL NOT NULL,
@@ -106,9 +107,6 @@ def budget_exhausted(model_id: str, remaining: int, budget: int, rows: int,
                      f"{price_per_row_cents / 100:.2f} per row); test fewer rows or buy the "
                      f"model")
 
-
-def _charge_id(trial_id: str, batch_index: int) -> str:
-    return f"trial:{trial_id}:{batch_index}"
 
 
 @dataclass(frozen=True)
@@ -212,6 +210,7 @@ class Store:
                 raise budget_exhausted(trial.model_id, budget - used, budget, rows,
                                        price_per_row_cents)
             cost = rows * price_per_row_cents
+            charge = None
             if cost:
                 account = buyer_account(trial.buyer_id)
                 balance = self._balance(db, account)
@@ -219,14 +218,15 @@ class Store:
                     raise Exhausted(f"insufficient prepaid balance for {rows} trial rows at "
                                     f"{price_per_row_cents / 100:.2f} each: "
                                     f"{balance / 100:.2f} available, {cost / 100:.2f} needed")
-                self._post(db, _charge_id(trial.trial_id, batch_index), "trial",
-                           f"{rows} trial rows of {trial.model_id} (trial {trial.trial_id})",
-                           [(account, -cost), (TRIAL_REVENUE_ACCOUNT, cost)])
+                charge = self._post(db, uuid.uuid4().hex, "trial",
+                                    f"{rows} trial rows of {trial.model_id} (trial "
+                                    f"{trial.trial_id}, batch {batch_index})",
+                                    [(account, -cost), (TRIAL_REVENUE_ACCOUNT, cost)])
             db.execute("INSERT INTO budgets VALUES (?, ?, ?) ON CONFLICT(buyer_id, model_id) "
                        "DO UPDATE SET rows_used = rows_used + excluded.rows_used",
                        (trial.buyer_id, trial.model_id, rows))
-            db.execute("INSERT INTO evaluations VALUES (?, ?, ?, 'running', NULL, NULL, ?)",
-                       (trial.trial_id, batch_index, rows, time.time()))
+            db.execute("INSERT INTO evaluations VALUES (?, ?, ?, 'running', ?, NULL, NULL, ?)",
+                       (trial.trial_id, batch_index, rows, charge, time.time()))
 
     def release_rows(self, trial: TrialRow, batch_index: int) -> None:
         """Give back the rows of an evaluation that did not complete."""
@@ -235,19 +235,18 @@ class Store:
 
     def _refund(self, db: sqlite3.Connection, trial_id: str, batch_index: int) -> None:
         row = db.execute(
-            "SELECT e.rows, t.buyer_id, t.model_id FROM evaluations e JOIN trials t "
+            "SELECT e.rows, t.buyer_id, t.model_id, e.charge_txn FROM evaluations e "
+            "JOIN trials t "
             "USING (trial_id) WHERE trial_id = ? AND batch_index = ? AND status = 'running'",
             (trial_id, batch_index)).fetchone()
         if row is None:
             return
         db.execute("UPDATE budgets SET rows_used = rows_used - ? WHERE buyer_id = ? AND "
                    "model_id = ?", (row[0], row[1], row[2]))
-        charge = db.execute("SELECT txn_id FROM ledger_txns WHERE request_id = ?",
-                            (_charge_id(trial_id, batch_index),)).fetchone()
-        if charge is not None:  # a reversing transaction: the ledger keeps both
+        if row[3] is not None:  # a reversing transaction: the ledger keeps both
             entries = db.execute("SELECT account, amount_cents FROM ledger_entries WHERE "
-                                 "txn_id = ?", (charge[0],)).fetchall()
-            self._post(db, f"refund:{charge[0]}", "refund",
+                                 "txn_id = ?", (row[3],)).fetchall()
+            self._post(db, f"refund:{row[3]}", "refund",
                        f"evaluation {trial_id}/{batch_index} did not complete",
                        [(account, -amount) for account, amount in entries])
         db.execute("DELETE FROM evaluations WHERE trial_id = ? AND batch_index = ?",
