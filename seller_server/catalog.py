@@ -16,6 +16,7 @@ A catalog directory holds one `NAME.json` listing per model:
       "output_policy": {"kind": "noisy", "noise_std": 0.05},  # optional, default full
       "circuit_privacy": true,                   # optional, default true
       "flooding_bits": 4,                        # optional: noise = 2^bits x CKKS error
+      "fingerprint": true,                       # optional: a marked copy per sale
       "extraction_criterion": "warn",            # optional: "warn" or "refuse"
       "criterion_factor": 10                     # optional: c in criterion 1
     }
@@ -55,13 +56,14 @@ from common.signing import sha256
 from common.tabular import load_table
 from common.tail import apply_tail
 from seller_server.compiler import Tail, compile_model
+from seller_server.fingerprint import fingerprint, new_key
 from seller_server.planner import choose_params
 from seller_server.store import Store
 from seller_server.worker import Capacity
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "gimme-he-6"  # bump when compiled results would change
+ENGINE_VERSION = "gimme-he-7"  # bump when compiled results would change
 TOLERANCE_FACTOR = 3.0
 TOLERANCE_FLOOR = 1e-4
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -86,6 +88,7 @@ class ListingSpec:
     flooding_bits: int
     extraction_criterion: str
     criterion_factor: float
+    fingerprint: bool
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,9 @@ class Listing:
     approximation: str
     measured: Measured
     extraction_risk: str
+    calibration: FloatArray  # the seller's rows (fingerprinted copies are compiled on them)
+    fingerprint_strength: float  # 0: copies are not fingerprinted
+    degrees: tuple[int, ...]  # Chebyshev degree of each approximated activation
 
     @property
     def model_id(self) -> str:
@@ -187,7 +193,8 @@ def read_listing(path: Path) -> ListingSpec:
         _cents(path, "price", raw["price"]), budget,
         _cents(path, "trial_price_per_row", raw.get("trial_price_per_row", "0")), degree,
         max_error, _output_policy(path, raw.get("output_policy", {"kind": "full"})),
-        bool(raw.get("circuit_privacy", True)), flooding_bits, criterion, factor)
+        bool(raw.get("circuit_privacy", True)), flooding_bits, criterion, factor,
+        bool(raw.get("fingerprint", True)))
 
 
 def _cents(path: Path, field: str, value: object) -> int:
@@ -285,6 +292,9 @@ def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_r
         approximation=record["approximation"],
         measured=Measured(**record["measured"]),
         extraction_risk=risk,
+        calibration=rows,
+        fingerprint_strength=float(record["fingerprint_strength"]),
+        degrees=tuple(s.degree for s in plan.stages if s.kind == "chebyshev"),
     )
 
 
@@ -317,7 +327,29 @@ def _compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
         "input_max": rows.max(axis=0).tolist() if compiled.degree else [],
         "approximation": compiled.approximation,
         "measured": dataclasses.asdict(Measured(**measured, he_error=he_error)),
+        "fingerprint_strength": (fingerprint_strength(model_bytes, rows, compiled.tail)
+                                 if spec.fingerprint else 0.0),
     }
+
+
+FINGERPRINT_STRENGTHS = (0.05, 0.03, 0.02, 0.01, 0.005)
+MAX_FINGERPRINT_DISAGREEMENT = 0.005  # <= 0.5% of predictions may change
+
+
+def fingerprint_strength(model_bytes: bytes, rows: FloatArray, tail: Tail) -> float:
+    """The strongest fingerprint that changes at most 0.5% of the model's predictions on
+    the calibration rows (each strength checked on a throwaway key)."""
+    original = run_model(model_bytes, rows, tail.probability_output, tail.class_labels)
+    for strength in FINGERPRINT_STRENGTHS:
+        copy = fingerprint(model_bytes, new_key(), strength)
+        outputs = run_model(copy, rows, tail.probability_output, tail.class_labels)
+        if outputs.shape[1] > 1:
+            changed = float(np.mean(outputs.argmax(1) != original.argmax(1)))
+        else:
+            changed = float(np.mean(np.abs(outputs - original) > 0.01 * np.abs(original)))
+        if changed <= MAX_FINGERPRINT_DISAGREEMENT:
+            return strength
+    return FINGERPRINT_STRENGTHS[-1]
 
 
 def _self_test(spec: ListingSpec, params: CkksParams, security_bits: int, plan: HEPlan,

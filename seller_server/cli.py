@@ -17,11 +17,14 @@ from common.cli import run_command
 from common.errors import BadInput
 from common.guarded import Limits
 from common.rpc import TlsFiles, check_health
+from seller_server.catalog import read_listing
 from seller_server.daemon import ServeOptions, serve
+from seller_server.fingerprint import trace
 from seller_server.store import Store
 from seller_server.worker import Capacity
 
 console = Console(stderr=True)
+TRACE_Z = 6.0  # attribution threshold: p < 1e-9 per copy tested
 DEFAULT_STATE = Path(os.environ.get("GIMME_SELLER_STATE", "gimme-seller-data"))
 DEFAULT_LISTEN = os.environ.get("GIMME_LISTEN", "0.0.0.0:50051")
 
@@ -91,6 +94,44 @@ def cmd_token(args: argparse.Namespace) -> None:
         console.print(f"revoked {store.revoke_tokens(args.buyer)} token(s) of {args.buyer}")
 
 
+def cmd_trace(args: argparse.Namespace) -> None:
+    suspect = args.suspect.read_bytes()
+    store = Store(args.state / "gimme.sqlite")
+    specs = [read_listing(path) for path in sorted(args.catalog.glob("*.json"))]
+    tried = []
+    for spec in specs:
+        if args.model and spec.model_id != args.model:
+            continue
+        sales = {trial: key for trial, _buyer, key, _paid
+                 in store.fingerprinted_sales(spec.model_id)}
+        try:
+            matches = trace(suspect, spec.model_path.read_bytes(), sales)
+        except BadInput:
+            continue  # another model's structure
+        tried.append(spec.model_id)
+        buyers = {trial: (buyer, paid) for trial, buyer, _key, paid
+                  in store.fingerprinted_sales(spec.model_id)}
+        table = Table("trial", "buyer", "paid", "z", "p-value",
+                      title=f"{args.suspect.name} against {len(sales)} fingerprinted "
+                            f"copies of {spec.model_id}")
+        for match in matches[:5]:
+            buyer, paid = buyers[match.sale]
+            table.add_row(match.sale, buyer, "yes" if paid else "no", f"{match.z:.1f}",
+                          f"{match.p_value:.1e}")
+        Console().print(table)
+        if matches and matches[0].z >= TRACE_Z:
+            best = matches[0]
+            Console().print(f"[bold]{args.suspect.name} is the copy of trial {best.sale}, "
+                            f"sold to {buyers[best.sale][0]}[/bold] (z = {best.z:.1f}, "
+                            f"p = {best.p_value:.1e}; an unrelated copy scores z ~ N(0, 1))")
+            return
+        Console().print(f"no sale of {spec.model_id} matches (best z = "
+                        f"{matches[0].z if matches else 0:.1f} < {TRACE_Z})")
+    if not tried:
+        raise BadInput(f"{args.suspect} has the weights of no model in {args.catalog}")
+    raise SystemExit(1)
+
+
 def cmd_balances(args: argparse.Namespace) -> None:
     table = Table("account", "balance")
     for account, cents in Store(args.state / "gimme.sqlite").balances():
@@ -157,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("buyer", help="buyer identity")
     p.add_argument("--state", type=Path, default=DEFAULT_STATE)
     p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("trace", help="name the sale a leaked model copy came from")
+    p.add_argument("suspect", type=Path, help="the leaked ONNX file")
+    p.add_argument("--catalog", type=Path, required=True)
+    p.add_argument("--model", help="listing name (default: whichever the weights fit)")
+    p.add_argument("--state", type=Path, default=DEFAULT_STATE)
+    p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("balances", help="show the ledger's account balances")
     p.add_argument("--state", type=Path, default=DEFAULT_STATE)

@@ -128,6 +128,7 @@ def compile_model(
     calibration: FloatArray,
     *,
     degree: int | None = None,
+    degrees: Sequence[int] | None = None,
     error_target: float = 0.01,
     margin: float = 0.25,
 ) -> CompiledModel:
@@ -135,15 +136,17 @@ def compile_model(
 
     Each approximated activation gets the smallest Chebyshev degree whose error on its own
     calibrated inputs is within a local bound; the bound is tightened until the error on
-    the model's compared output meets `error_target` (or `degree` fixes every degree).
+    the model's compared output meets `error_target`. `degree` fixes every degree;
+    `degrees` fixes them one by one (to compile a variant of a model to the same depth).
     """
     model = parse_model(model_bytes, "the model")
     rows = np.asarray(calibration, dtype=np.float64)[:MAX_CALIBRATION_ROWS]
-    bounds: Sequence[float | None] = (None,) if degree is not None else LOCAL_TOLERANCES
+    fixed = degree is not None or degrees is not None
+    bounds: Sequence[float | None] = (None,) if fixed else LOCAL_TOLERANCES
     best: CompiledModel | None = None
     reference: FloatArray | None = None
     for bound in bounds:
-        tracer = _Tracer(model, rows, margin, degree, bound)
+        tracer = _Tracer(model, rows, margin, degree, bound, degrees)
         plan, tail = tracer.run()
         if reference is None:
             reference = run_model(model_bytes, rows, tail.probability_output, tail.class_labels)
@@ -178,7 +181,9 @@ def _measure(plan: HEPlan, tail: Tail, tracer: _Tracer, rows: FloatArray,
 
 class _Tracer:
     def __init__(self, model: onnx.ModelProto, rows: FloatArray, margin: float,
-                 degree: int | None, local_bound: float | None) -> None:
+                 degree: int | None, local_bound: float | None,
+                 degrees: Sequence[int] | None = None) -> None:
+        self.fixed_degrees = list(degrees) if degrees is not None else None
         self.model = model
         self.graph = model.graph
         self.margin = margin
@@ -366,7 +371,12 @@ class _Tracer:
         or the smallest whose error on the calibrated inputs is within the local bound (the
         largest degree tried when none is). Returns (degree, coefficients (degree+1, units),
         error)."""
-        degrees = (self.degree,) if self.degree is not None else DEGREES
+        if self.fixed_degrees is not None:
+            if not self.fixed_degrees:
+                raise Unsupported("more approximated activations than fixed degrees")
+            degrees: Sequence[int] = (self.fixed_degrees.pop(0),)
+        else:
+            degrees = (self.degree,) if self.degree is not None else DEGREES
         bound = self.local_bound
         best: tuple[int, FloatArray, float] | None = None
         for degree in degrees:

@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS trials (
   model_id TEXT NOT NULL,
   buyer_id TEXT NOT NULL,
   key_tag TEXT NOT NULL UNIQUE,
+  base_commitment BLOB NOT NULL,
   model_commitment BLOB NOT NULL,
   offer_payload BLOB NOT NULL,
   offer_signature BLOB NOT NULL,
@@ -74,6 +75,12 @@ CREATE TABLE IF NOT EXISTS purchases (
   receipt_payload BLOB NOT NULL,
   receipt_signature BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS fingerprints (
+  trial_id TEXT PRIMARY KEY REFERENCES trials(trial_id),
+  model_id TEXT NOT NULL,
+  fingerprint_key BLOB NOT NULL,
+  strength REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tokens (
   token_sha256 TEXT PRIMARY KEY,
   buyer_id TEXT NOT NULL,
@@ -115,7 +122,8 @@ class TrialRow:
     model_id: str
     buyer_id: str
     key_tag: str
-    model_commitment: bytes
+    base_commitment: bytes  # the listed model's hash when the trial was offered
+    model_commitment: bytes  # what this buyer gets (its fingerprinted copy)
     offer_payload: bytes
     offer_signature: bytes
     keys_sha256: bytes | None
@@ -165,22 +173,46 @@ class Store:
 
     def add_trial(self, trial: TrialRow) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO trials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO trials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (trial.trial_id, trial.model_id, trial.buyer_id, trial.key_tag,
-                        trial.model_commitment, trial.offer_payload, trial.offer_signature,
-                        None, time.time()))
+                        trial.base_commitment, trial.model_commitment, trial.offer_payload,
+                        trial.offer_signature, None, time.time()))
 
     def trial(self, trial_id: str, buyer_id: str) -> TrialRow:
         with self._lock:
             row = self._db.execute(
-                "SELECT trial_id, model_id, buyer_id, key_tag, model_commitment, offer_payload, "
-                "offer_signature, keys_sha256 FROM trials WHERE trial_id = ?",
+                "SELECT trial_id, model_id, buyer_id, key_tag, base_commitment, "
+                "model_commitment, offer_payload, offer_signature, keys_sha256 FROM trials "
+                "WHERE trial_id = ?",
                 (trial_id,)).fetchone()
         if row is None or row[2] != buyer_id:
             raise NotFound(f"no trial {trial_id!r} for buyer {buyer_id!r}; open one with "
                            f"'gimme-buyer trial MODEL'")
         return TrialRow(row[0], row[1], row[2], row[3], bytes(row[4]), bytes(row[5]),
-                        bytes(row[6]), bytes(row[7]) if row[7] is not None else None)
+                        bytes(row[6]), bytes(row[7]), bytes(row[8]) if row[8] is not None
+                        else None)
+
+    def add_fingerprint(self, trial_id: str, model_id: str, key: bytes, strength: float
+                        ) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO fingerprints VALUES (?, ?, ?, ?)",
+                       (trial_id, model_id, key, strength))
+
+    def fingerprint(self, trial_id: str) -> tuple[bytes, float] | None:
+        with self._lock:
+            row = self._db.execute("SELECT fingerprint_key, strength FROM fingerprints WHERE "
+                                   "trial_id = ?", (trial_id,)).fetchone()
+        return (bytes(row[0]), float(row[1])) if row else None
+
+    def fingerprinted_sales(self, model_id: str) -> list[tuple[str, str, bytes, bool]]:
+        """(trial id, buyer, key, paid) of every fingerprinted copy of `model_id` offered."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT f.trial_id, t.buyer_id, f.fingerprint_key, p.request_id IS NOT NULL "
+                "FROM fingerprints f JOIN trials t USING (trial_id) LEFT JOIN purchases p "
+                "USING (trial_id) WHERE f.model_id = ? ORDER BY t.created_at",
+                (model_id,)).fetchall()
+        return [(str(a), str(b), bytes(c), bool(d)) for a, b, c, d in rows]
 
     def set_keys(self, trial_id: str, sha256: bytes) -> None:
         with self.transaction() as db:

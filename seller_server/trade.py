@@ -11,13 +11,16 @@ import secrets
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import BadInput, Exhausted, NotFound, WrongState
+from common.errors import BadInput, Exhausted, NotFound, WorkerFailed, WrongState
 from common.guarded import run_guarded
+from common.he import engine
 from common.he.params import new_key_tag
+from common.he.plan import HEPlan
 from common.protocol import (
     DELIVERY,
     OFFER,
@@ -33,12 +36,25 @@ from common.protocol import (
 )
 from common.signing import Signer, keys_digest, sha256
 from common.wire import delivery_payload, offer_payload, payment_payload, receipt_payload
-from seller_server.catalog import Listing
+from seller_server.catalog import TOLERANCE_FACTOR, Listing
+from seller_server.compiler import compile_model
+from seller_server.fingerprint import fingerprint, new_key
 from seller_server.store import Store, TrialRow, budget_exhausted
 from seller_server.worker import UNTRUSTED_STAGES, Capacity
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[Progress], None]
+MODELS_KEPT = 64  # trial copies kept in memory (the rest are rebuilt from their keys)
+
+
+@dataclass(frozen=True)
+class TrialModel:
+    """What one trial tests and its buyer receives: the listed model or its fingerprinted
+    copy, with the HE plan compiled from it."""
+
+    model_bytes: bytes
+    plan: HEPlan
+    tolerance: float
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,8 @@ class Seller:
         self.capacity = capacity
         self.security_bits = security_bits
         self._evaluation_slots = threading.BoundedSemaphore(capacity.concurrent_evaluations)
+        self._models: OrderedDict[str, TrialModel] = OrderedDict()  # recent trials' copies
+        self._models_lock = threading.Lock()
 
     def _sign(self, kind: str, payload: bytes) -> Signed:
         return Signed(kind, payload, self.signer.sign(kind, payload))
@@ -106,16 +124,18 @@ class Seller:
             raise Exhausted(f"trial budget for {model_id!r} is used up "
                             f"({listing.spec.trial_budget_rows} rows); buy the model for "
                             f"{listing.spec.price_cents / 100:.2f} or ask the seller for more")
+        key = new_key() if listing.fingerprint_strength else None
+        model = self._copy(listing, key)
         offer = Offer(
             trial_id=secrets.token_hex(12),
             model_id=model_id,
             model_name=listing.model_id,
-            model_commitment=listing.commitment,
-            model_size=len(listing.model_bytes),
+            model_commitment=sha256(model.model_bytes),
+            model_size=len(model.model_bytes),
             params=listing.params,
             encoding=listing.encoding(),
             output=listing.output(),
-            tolerance=listing.tolerance,
+            tolerance=model.tolerance,
             price_cents=listing.spec.price_cents,
             trial_rows_remaining=remaining,
             key_tag=new_key_tag(),
@@ -127,8 +147,12 @@ class Seller:
         )
         signed = self._sign(OFFER, offer_payload(offer))
         self.store.add_trial(TrialRow(offer.trial_id, model_id, buyer_id, offer.key_tag,
-                                      listing.commitment, signed.payload, signed.signature,
-                                      None))
+                                      listing.commitment, offer.model_commitment,
+                                      signed.payload, signed.signature, None))
+        if key is not None:
+            self.store.add_fingerprint(offer.trial_id, model_id, key,
+                                       listing.fingerprint_strength)
+        self._remember(offer.trial_id, model)
         log.info("trial %s opened: buyer %s, model %s, %d rows left", offer.trial_id, buyer_id,
                  model_id, remaining)
         return signed
@@ -137,7 +161,7 @@ class Seller:
         """The trial and its listing, which must still be the model the offer committed to."""
         trial = self.store.trial(trial_id, buyer_id)
         listing = self.listing(trial.model_id)
-        if listing.commitment != trial.model_commitment:
+        if listing.commitment != trial.base_commitment:
             raise WrongState(f"model {trial.model_id!r} has changed since trial {trial_id} was "
                              f"offered; open a new trial to test the current model")
         return trial, listing
@@ -157,8 +181,8 @@ class Seller:
         (directory / "public.key").write_bytes(public_key)
         run_guarded("seller_server.worker:check_keys", {
             "params": listing.params.to_dict(), "security_bits": self.security_bits,
-            "plan_path": str(self._plan_file(listing)), "key_tag": trial.key_tag,
-            "relin_key_path": str(directory / "relin.key"),
+            "plan_path": str(self._plan_file(self._trial_model(trial, listing).plan)),
+            "key_tag": trial.key_tag, "relin_key_path": str(directory / "relin.key"),
             "public_key_path": str(directory / "public.key")}, limits=self.capacity.limits)
         digest = keys_digest(relin_key, public_key)
         self.store.set_keys(trial_id, digest)
@@ -203,7 +227,8 @@ class Seller:
                 outcome = run_guarded(
                     "seller_server.worker:evaluate_batch",
                     {"params": listing.params.to_dict(), "security_bits": self.security_bits,
-                     "plan_path": str(self._plan_file(listing)), "key_tag": trial.key_tag,
+                     "plan_path": str(self._plan_file(self._trial_model(trial, listing).plan)),
+                     "key_tag": trial.key_tag,
                      "relin_key_path": str(self._trial_dir(trial_id) / "relin.key"),
                      "public_key_path": str(self._trial_dir(trial_id) / "public.key"),
                      "rows": rows, "circuit_privacy": listing.spec.circuit_privacy,
@@ -222,7 +247,7 @@ class Seller:
                 batch_index=batch_index,
                 rows=rows,
                 offer_sha256=sha256(trial.offer_payload),
-                model_commitment=listing.commitment,
+                model_commitment=trial.model_commitment,
                 keys_sha256=trial.keys_sha256,
                 input_sha256=tuple(sha256(b) for b in inputs),
                 result_sha256=tuple(sha256(r) for r in results),
@@ -251,7 +276,7 @@ class Seller:
                 request_id=request_id, trial_id=trial_id, model_id=listing.model_id,
                 buyer_id=buyer_id, amount_cents=listing.spec.price_cents,
                 balance_after_cents=balance_after, ledger_txn_id=txn_id,
-                model_commitment=listing.commitment, paid_at=int(time.time()))))
+                model_commitment=trial.model_commitment, paid_at=int(time.time()))))
 
         signed = self.store.purchase(request_id, trial, listing.spec.price_cents, sign_receipt)
         shutil.rmtree(self.spool / "trials" / trial_id, ignore_errors=True)  # keys: done
@@ -259,16 +284,49 @@ class Seller:
         return signed
 
     def deliver(self, buyer_id: str, trial_id: str) -> tuple[bytes, Signed]:
-        _trial, listing = self._trial(buyer_id, trial_id)
+        trial, listing = self._trial(buyer_id, trial_id)
         if not self.store.paid(trial_id):
             raise WrongState(f"trial {trial_id} is not paid; run 'gimme-buyer buy "
                              f"{listing.model_id}' first")
-        record = DeliveryRecord(trial_id, listing.model_id, listing.commitment,
-                                len(listing.model_bytes), int(time.time()))
+        model = self._trial_model(trial, listing).model_bytes
+        record = DeliveryRecord(trial_id, listing.model_id, sha256(model), len(model),
+                                int(time.time()))
         signed = self._sign(DELIVERY, delivery_payload(record))
         self.store.record_delivery(trial_id, signed)
         log.info("trial %s: model %s delivered", trial_id, listing.model_id)
-        return listing.model_bytes, signed
+        return model, signed
+
+    # ----- per-sale copies -----
+
+    def _copy(self, listing: Listing, key: bytes | None) -> TrialModel:
+        if key is None:
+            return TrialModel(listing.model_bytes, listing.plan, listing.tolerance)
+        copy = fingerprint(listing.model_bytes, key, listing.fingerprint_strength)
+        compiled = compile_model(copy, listing.calibration, degrees=listing.degrees)
+        if engine.levels_needed(compiled.plan) != listing.params.multiplicative_depth:
+            raise WorkerFailed(f"the fingerprinted copy of {listing.model_id} compiled to "
+                               f"another depth; list it with \"fingerprint\": false")
+        return TrialModel(copy, compiled.plan,
+                          max(listing.tolerance, TOLERANCE_FACTOR * compiled.approximation_error))
+
+    def _remember(self, trial_id: str, model: TrialModel) -> None:
+        with self._models_lock:
+            self._models[trial_id] = model
+            while len(self._models) > MODELS_KEPT:
+                self._models.popitem(last=False)
+
+    def _trial_model(self, trial: TrialRow, listing: Listing) -> TrialModel:
+        """The trial's model, rebuilt from its fingerprint key when not in memory."""
+        with self._models_lock:
+            model = self._models.get(trial.trial_id)
+        if model is None:
+            mark = self.store.fingerprint(trial.trial_id)
+            model = self._copy(listing, mark[0] if mark else None)
+            if sha256(model.model_bytes) != trial.model_commitment:
+                raise WorkerFailed(f"trial {trial.trial_id}: the rebuilt model does not match "
+                                   f"its commitment")
+            self._remember(trial.trial_id, model)
+        return model
 
     # ----- files -----
 
@@ -277,11 +335,11 @@ class Seller:
         directory.mkdir(parents=True, exist_ok=True)
         return directory
 
-    def _plan_file(self, listing: Listing) -> Path:
-        path = self.spool / "plans" / f"{listing.plan.digest()}.plan"
+    def _plan_file(self, plan: HEPlan) -> Path:
+        path = self.spool / "plans" / f"{plan.digest()}.plan"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(listing.plan.to_bytes())
+            tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
+            tmp.write_bytes(plan.to_bytes())
             tmp.replace(path)
         return path

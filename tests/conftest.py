@@ -54,6 +54,7 @@ class Daemon:
 
     def __init__(self, catalog: Path, state: Path, tls_dir: Path | None,
                  extra: list[str] | None = None) -> None:
+        self.catalog = catalog
         self.state = state
         self.tls_dir = tls_dir
         self.log_path = state.parent / f"{state.name}.log"

@@ -13,8 +13,8 @@ from seller_server.store import REVENUE_ACCOUNT, Store, TrialRow, buyer_account
 
 
 def _trial(store: Store, trial_id: str = "t1", buyer: str = "alice") -> TrialRow:
-    trial = TrialRow(trial_id, "model", buyer, f"tag-{trial_id}", b"c" * 32, b"offer", b"sig",
-                     None)
+    trial = TrialRow(trial_id, "model", buyer, f"tag-{trial_id}", b"c" * 32, b"c" * 32,
+                     b"offer", b"sig", None)
     store.add_trial(trial)
     return trial
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import uuid
@@ -70,7 +71,20 @@ def test_full_trade_trial_buy_verify(lr_seller: Daemon, examples: Path, tmp_path
     bought = buyer_cli(lr_seller, tmp_path, "alice", "buy", LR)
     assert bought.returncode == 0, bought.stdout + bought.stderr
     assert "matches the offer's commitment" in bought.stdout
-    assert (folder / "model.onnx").read_bytes() == model
+    delivered = (folder / "model.onnx").read_bytes()
+    assert delivered != model  # alice's own fingerprinted copy...
+    copy_labels = predicted_labels(run_model(delivered, table.rows, "output_probability",
+                                             ["0", "1"]), ["0", "1"])
+    # the fingerprint strength changes <= 0.5% of calibration predictions (a few test rows)
+    assert np.mean([a == b for a, b in zip(copy_labels, plain, strict=True)]) >= 0.97
+
+    # ...which names her if it leaks
+    traced = subprocess.run([str(BIN / "gimme-seller"), "trace", str(folder / "model.onnx"),
+                             "--catalog", str(lr_seller.catalog),
+                             "--state", str(lr_seller.state)],
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert traced.returncode == 0, traced.stdout + traced.stderr
+    assert f"is the copy of trial {folder.name}, sold to alice" in traced.stdout
 
     verified = buyer_cli(lr_seller, tmp_path, "alice", "verify", LR)
     assert verified.returncode == 0, verified.stdout + verified.stderr
@@ -78,7 +92,7 @@ def test_full_trade_trial_buy_verify(lr_seller: Daemon, examples: Path, tmp_path
     bundle = zipfile.ZipFile(next(folder.glob("evidence-*.zip")))
     manifest = json.loads(bundle.read("manifest.json"))
     assert manifest["verdict"] == "PASS"
-    assert manifest["delivered_model_sha256"] == sha256(model).hex()
+    assert manifest["delivered_model_sha256"] == sha256(delivered).hex()
     assert {"offer.json", "receipt-0.json", "payment.json", "delivery.json", "secret.key",
             "rows.npz", "results/batch-0/score-0.bin"} <= set(bundle.namelist())
     assert "model.onnx" not in bundle.namelist()
@@ -328,7 +342,9 @@ def test_a_swapped_delivery_fails_verification_with_evidence(
 def test_two_buyers_evaluate_at_once_without_sharing_key_state(lr_seller: Daemon,
                                                                  lr_catalog: Path) -> None:
     trials = [_Trial(lr_seller, "erin"), _Trial(lr_seller, "frank")]
-    rows = [np.random.default_rng(seed).normal(size=(20, 30)) for seed in (5, 6)]
+    calibration = load_table(lr_catalog / "breast_cancer_lr_calibration.csv", json.loads(
+        (lr_catalog / "breast_cancer_lr.json").read_text())["input_columns"]).rows
+    rows = [calibration[:20], calibration[20:40]]
     for trial in trials:
         trial.upload_keys()
     with ThreadPoolExecutor(2) as pool:
@@ -339,7 +355,9 @@ def test_two_buyers_evaluate_at_once_without_sharing_key_state(lr_seller: Daemon
                                      trial.offer.output.result_level)
         scores = np.array([engine.decrypt_vector(trial.cc, trial.secret, gate.load(r, "r"), 20)
                            for r in results]).T
-        model = (lr_catalog / "breast_cancer_lr.onnx").read_bytes()
+        # compared with the buyer's own (fingerprinted) copy, bought afterwards
+        trial.client.purchase(trial.offer.trial_id, uuid.uuid4().hex)
+        model, _record = trial.client.deliver(trial.offer.trial_id, 1 << 20, lambda n: None)
         plain = run_model(model, data, "output_probability", ["0", "1"])
         ours = apply_tail(scores, trial.offer.output.tail)
         assert np.abs(ours - plain).max() <= trial.offer.tolerance
@@ -366,12 +384,13 @@ def test_many_rows_go_in_several_batches(lr_catalog: Path, tls_dir: Path, exampl
         assert sorted(p.name for p in folder.glob("receipt-*.json")) == ["receipt-0.json",
                                                                          "receipt-1.json"]
         report = json.loads((folder / "report.json").read_text())
-        model = (lr_catalog / "breast_cancer_lr.onnx").read_bytes()
-        plain = predicted_labels(run_model(model, rows, "output_probability", ["0", "1"]),
-                                 ["0", "1"])
-        assert report["predictions"] == plain
+        assert len(report["predictions"]) == len(rows)
         assert buyer_cli(daemon, home, "alice", "buy", LR).returncode == 0
-        assert buyer_cli(daemon, home, "alice", "verify", LR).returncode == 0
+        assert buyer_cli(daemon, home, "alice", "verify", LR).returncode == 0  # every row
+        copy = predicted_labels(run_model((folder / "model.onnx").read_bytes(), rows,
+                                          "output_probability", ["0", "1"]), ["0", "1"])
+        agree = np.mean([a == b for a, b in zip(report["predictions"], copy, strict=True)])
+        assert agree > 0.98  # only near-ties may flip under the flooding noise
         assert not (daemon.state / "spool" / "trials" / folder.name).exists()
     finally:
         daemon.stop()
