@@ -17,7 +17,10 @@ from common.cli import run_command
 from common.errors import BadInput
 from common.guarded import Limits
 from common.rpc import TlsFiles, check_health
+from common.tabular import load_table
+from seller_server.audit import POLICIES, STRATEGIES, Victim, plot, run_audit
 from seller_server.catalog import read_listing
+from seller_server.compiler import compile_model
 from seller_server.daemon import ServeOptions, serve
 from seller_server.fingerprint import trace
 from seller_server.store import Store
@@ -132,6 +135,43 @@ def cmd_trace(args: argparse.Namespace) -> None:
     raise SystemExit(1)
 
 
+def cmd_audit(args: argparse.Namespace) -> None:
+    path = args.catalog / f"{args.model.replace('-', '_')}.json"
+    specs = [read_listing(p) for p in sorted(args.catalog.glob("*.json"))]
+    spec = next((s for s in specs if s.model_id == args.model), None)
+    if spec is None:
+        raise BadInput(f"no listing named {args.model!r} in {args.catalog} ({path.name}?)")
+    model = spec.model_path.read_bytes()
+    calibration = load_table(spec.calibration_path, spec.input_columns).rows
+    evaluation = load_table(args.eval, spec.input_columns, args.label_column)
+    tail = compile_model(model, calibration, degree=2).tail  # only the output names matter
+    noise = spec.output_policy.noise_std or args.noise_std
+    victim = Victim(model, tail.probability_output, tail.class_labels, noise, args.grid, 0)
+    budgets = sorted({int(b) for b in args.budgets.split(",")}) if args.budgets else [
+        b for b in (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+        if b <= 2 * spec.trial_budget_rows]
+    with console.status("simulating extraction attacks..."):
+        report = run_audit(spec.model_id, victim, calibration, evaluation.rows,
+                           evaluation.labels or (), budgets, spec.output_policy.kind,
+                           args.max_fidelity)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"audit-{spec.model_id}.json").write_text(report.to_json())
+    plot(report, args.out / f"audit-{spec.model_id}.png")
+    table = Table("queries", *(f"{p} / {s}" for p in POLICIES for s in STRATEGIES),
+                  title=f"fidelity (accuracy) of a stolen copy of {spec.model_id}; victim "
+                        f"accuracy {report.victim_accuracy:.1%}")
+    for budget in budgets:
+        cells = [next(f"{p.fidelity:.0%} ({p.accuracy:.0%})" for p in report.points
+                      if (p.policy, p.strategy, p.budget) == (pol, strategy, budget))
+                 for pol in POLICIES for strategy in STRATEGIES]
+        table.add_row(str(budget), *cells)
+    Console().print(table)
+    Console().print(f"recommended trial budget for policy {report.policy!r}: "
+                    f"[bold]{report.recommended_budget}[/bold] rows keep every attack's "
+                    f"fidelity below {report.max_fidelity:.0%} (listing allows "
+                    f"{spec.trial_budget_rows}); report and plot in {args.out}")
+
+
 def cmd_balances(args: argparse.Namespace) -> None:
     table = Table("account", "balance")
     for account, cents in Store(args.state / "gimme.sqlite").balances():
@@ -205,6 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="listing name (default: whichever the weights fit)")
     p.add_argument("--state", type=Path, default=DEFAULT_STATE)
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("audit", help="simulate a buyer spending the trial budget on "
+                                     "stealing MODEL; recommend a budget")
+    p.add_argument("model", help="listing name")
+    p.add_argument("--catalog", type=Path, required=True)
+    p.add_argument("--eval", type=Path, required=True,
+                   help="labelled rows to measure the stolen copy on (CSV or .npz)")
+    p.add_argument("--label-column", default="y")
+    p.add_argument("--budgets", help="comma-separated query counts to simulate")
+    p.add_argument("--max-fidelity", type=float, default=0.9,
+                   help="fidelity a stolen copy must stay below (default 0.9)")
+    p.add_argument("--noise-std", type=float, default=0.05,
+                   help="noise of the 'noisy' policy when the listing sets none")
+    p.add_argument("--grid", type=float, default=0.1, help="grid of the 'rounded' policy")
+    p.add_argument("--out", type=Path, default=Path("."), help="where the JSON and PNG go")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("balances", help="show the ledger's account balances")
     p.add_argument("--state", type=Path, default=DEFAULT_STATE)
