@@ -55,6 +55,7 @@ from common.protocol import EncodingSpec, Estimate, OutputPolicy, OutputSpec
 from common.signing import sha256
 from common.tabular import load_table
 from common.tail import apply_tail
+from seller_server.audit import surrogate_pool
 from seller_server.compiler import Tail, compile_model
 from seller_server.fingerprint import fingerprint, new_key
 from seller_server.planner import choose_params
@@ -63,7 +64,7 @@ from seller_server.worker import Capacity
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "gimme-he-7"  # bump when compiled results would change
+ENGINE_VERSION = "gimme-he-8"  # bump when compiled results would change
 TOLERANCE_FACTOR = 3.0
 TOLERANCE_FLOOR = 1e-4
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -333,20 +334,28 @@ def _compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
 
 
 FINGERPRINT_STRENGTHS = (0.05, 0.03, 0.02, 0.01, 0.005)
-MAX_FINGERPRINT_DISAGREEMENT = 0.005  # <= 0.5% of predictions may change
+# a copy may change at most 0.25% of the predictions on jittered calibration rows, which keeps
+# the accuracy cost under 0.5 points on held-out rows (bench/fingerprint.py measures it)
+MAX_FINGERPRINT_DISAGREEMENT = 0.0025
+STRENGTH_TRIALS = 3  # throwaway keys each strength is tried with
 
 
 def fingerprint_strength(model_bytes: bytes, rows: FloatArray, tail: Tail) -> float:
-    """The strongest fingerprint that changes at most 0.5% of the model's predictions on
-    the calibration rows (each strength checked on a throwaway key)."""
+    """The strongest fingerprint whose copies change at most 0.25% of the model's
+    predictions on the calibration rows, jittered to look like rows the model has not seen
+    (the worst of a few throwaway keys)."""
+    rows = surrogate_pool(rows, max(len(rows), 2000), seed=0)
     original = run_model(model_bytes, rows, tail.probability_output, tail.class_labels)
     for strength in FINGERPRINT_STRENGTHS:
-        copy = fingerprint(model_bytes, new_key(), strength)
-        outputs = run_model(copy, rows, tail.probability_output, tail.class_labels)
-        if outputs.shape[1] > 1:
-            changed = float(np.mean(outputs.argmax(1) != original.argmax(1)))
-        else:
-            changed = float(np.mean(np.abs(outputs - original) > 0.01 * np.abs(original)))
+        changed = 0.0
+        for _ in range(STRENGTH_TRIALS):
+            copy = fingerprint(model_bytes, new_key(), strength)
+            outputs = run_model(copy, rows, tail.probability_output, tail.class_labels)
+            if outputs.shape[1] > 1:
+                moved = np.mean(outputs.argmax(1) != original.argmax(1))
+            else:
+                moved = np.mean(np.abs(outputs - original) > 0.01 * np.abs(original))
+            changed = max(changed, float(moved))
         if changed <= MAX_FINGERPRINT_DISAGREEMENT:
             return strength
     return FINGERPRINT_STRENGTHS[-1]

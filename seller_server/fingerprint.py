@@ -111,10 +111,13 @@ def trace(suspect_bytes: bytes, original_bytes: bytes, sales: dict[str, bytes]) 
                        "its tensors back to trace it)")
     names = sorted(original)
     drift = np.concatenate([(suspect[n] - original[n]) / _scale(original[n]) for n in names])
+    # weights zeroed in the suspect (pruning) carry no fingerprint: leave them out
+    kept = np.concatenate([(suspect[n] != 0) | (original[n] == 0) for n in names])
+    drift = np.where(kept, drift, 0.0)
     norm = float(np.linalg.norm(drift))
     matches = []
     for sale, key in sales.items():
-        signs = np.concatenate([_signs(key, n, original[n].size) for n in names])
+        signs = np.concatenate([_signs(key, n, original[n].size) for n in names]) * kept
         z = float(drift @ signs) / norm if norm else 0.0
         p = min(1.0, len(sales) * 0.5 * math.erfc(z / math.sqrt(2)))
         matches.append(Match(sale, z, p))
