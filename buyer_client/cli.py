@@ -13,6 +13,7 @@ from rich.table import Table
 
 from buyer_client.client import SellerClient
 from buyer_client.purchase import buy
+from buyer_client.run import run_locked
 from buyer_client.trial import run_trial, seller_key
 from buyer_client.verify import verify_delivery
 from buyer_client.workspace import Workspace
@@ -68,9 +69,14 @@ def cmd_buy(args: argparse.Namespace) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> None:
     verdict = verify_delivery(Workspace(args.home), console, args.model, args.trial,
-                              args.bundle, args.include_model)
+                              args.bundle)
     if not verdict.passed:
         sys.exit(1)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    run_locked(Workspace(args.home), console, args.model, args.data, args.key_file,
+               args.trial, args.out)
 
 
 def cmd_pin(args: argparse.Namespace) -> None:
@@ -133,9 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--trial", help="trial id (default: your latest trial of MODEL)")
     p.add_argument("--bundle", type=Path, help="where to write the evidence bundle (.zip)")
-    p.add_argument("--include-model", action="store_true",
-                   help="put the delivered model itself in the evidence bundle")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("run", parents=[common],
+                       help="predict with a bought (Deep-Locked) model, unlocking it only in "
+                            "memory")
+    p.add_argument("model", help="a model you bought (its name) or a locked .onnx file")
+    p.add_argument("--data", type=Path, required=True,
+                   help="rows (CSV with the model's columns, or .npz with X)")
+    p.add_argument("--key-file", type=Path,
+                   help="the Deep-Lock key (hex); default: the key released to you")
+    p.add_argument("--trial", help="trial id (default: your latest trial of MODEL)")
+    p.add_argument("--out", type=Path, help="write predictions as CSV here")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("pin", parents=[common],
                        help="record the seller's identity key (trust on first use)")

@@ -117,11 +117,13 @@ class SellerClient:
         return results, receipts[0]
 
     @_seller_errors
-    def purchase(self, trial_id: str, request_id: str) -> Signed:
+    def purchase(self, trial_id: str, request_id: str) -> tuple[Signed, Signed]:
+        """(payment receipt, key release)."""
         response = self.stub.Purchase(pb.PurchaseRequest(trial_id=trial_id,
                                                          request_id=request_id),
                                       metadata=self.metadata, timeout=60)
-        return wire.envelope_from_pb(response.payment)
+        return (wire.envelope_from_pb(response.payment),
+                wire.envelope_from_pb(response.key_release))
 
     @_seller_errors
     def deliver(self, trial_id: str, model_size: int, on_bytes: BytesFn

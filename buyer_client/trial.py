@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import logging
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,18 +14,18 @@ import numpy.typing as npt
 from rich.console import Console
 
 from buyer_client.client import SellerClient
-from buyer_client.decryptor import UNTRUSTED_STAGES
 from buyer_client.report import classification_metrics, render_metrics
-from buyer_client.trust import check_security, open_offer, open_receipt
 from buyer_client.ui import Bars
 from buyer_client.workspace import TrialFolder, Workspace
 from common.errors import BadInput, Exhausted
-from common.guarded import Limits, run_guarded
+from common.guarded import Limits
 from common.he import engine
+from common.he.decryptor import decrypt
 from common.protocol import Offer, Signed
 from common.signing import fingerprint, keys_digest
 from common.tabular import load_table
 from common.tail import apply_tail, predicted_labels
+from common.trust import check_security, open_offer, open_receipt
 
 log = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float64]
@@ -137,6 +135,8 @@ def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, m
             open_receipt(receipt, key, offer, signed_offer.payload, index, len(batch),
                          uploaded_keys, inputs, results)
             folder.save_signed(f"receipt-{index}", receipt)
+            for j, blob in enumerate(inputs):  # evidence: what was tested, for an arbiter
+                folder.write(f"inputs/batch-{index}/ct-{j}.bin", blob)
             result_paths.append([str(folder.write(f"results/batch-{index}/score-{i}.bin", r))
                                  for i, r in enumerate(results)])
             measures["upload_bytes"] += upload
@@ -147,7 +147,8 @@ def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, m
 
     tick = time.perf_counter()
     scores = np.concatenate([
-        decrypt_batch(offer, engine.serialize(secret), paths, len(batch))
+        decrypt(offer.params, engine.serialize(secret), offer.key_tag,
+                offer.output.result_level, paths, len(batch))
         for paths, batch in zip(result_paths, batches, strict=True)])
     measures["decrypt_s"] = time.perf_counter() - tick
     measures["total_s"] = time.perf_counter() - started
@@ -157,22 +158,6 @@ def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, m
     folder.save_json("report.json", report)
     _show(console, offer, report, folder)
     return TrialResult(folder, offer, report)
-
-
-def decrypt_batch(offer: Offer, secret_key: bytes, result_paths: list[str], rows: int
-                  ) -> FloatArray:
-    """Decrypt one batch of the seller's results in a guarded child process."""
-    with tempfile.TemporaryDirectory(prefix="gimme-decrypt-") as tmp:
-        out = Path(tmp) / "scores.npy"
-        run_guarded("buyer_client.decryptor:decrypt_results", {
-            "params": offer.params.to_dict(),
-            "security_bits": offer.params.claimed_security_bits,
-            "secret_key": base64.b64encode(secret_key).decode(),
-            "key_tag": offer.key_tag, "level": offer.output.result_level,
-            "result_paths": result_paths, "rows": rows, "out_path": str(out),
-        }, limits=DECRYPT_LIMITS, untrusted_phase=lambda p: p.get("stage") in UNTRUSTED_STAGES)
-        scores: FloatArray = np.load(out)
-        return scores
 
 
 def _clip(rows: FloatArray, offer: Offer) -> tuple[FloatArray, int]:

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from common.errors import BadInput, NotFound, Refused
 from common.protocol import Signed
 from common.signing import fingerprint
+from common.wire import envelope_from_json, envelope_to_json
 
 log = logging.getLogger(__name__)
 PASSPHRASE_ENV = "GIMME_BUYER_PASSPHRASE"
@@ -96,18 +96,10 @@ class TrialFolder:
     # ----- signed documents -----
 
     def save_signed(self, name: str, signed: Signed) -> None:
-        (self.path / f"{name}.json").write_text(json.dumps({
-            "kind": signed.kind,
-            "payload": base64.b64encode(signed.payload).decode(),
-            "signature": base64.b64encode(signed.signature).decode()}, indent=2))
+        (self.path / f"{name}.json").write_text(envelope_to_json(signed))
 
     def load_signed(self, name: str) -> Signed:
-        path = self.path / f"{name}.json"
-        if not path.exists():
-            raise NotFound(f"{path} is missing")
-        raw = json.loads(path.read_text())
-        return Signed(raw["kind"], base64.b64decode(raw["payload"]),
-                      base64.b64decode(raw["signature"]))
+        return envelope_from_json(self.read(f"{name}.json"), f"{self.path / name}.json")
 
     def signed_names(self, prefix: str) -> list[str]:
         return sorted(p.stem for p in self.path.glob(f"{prefix}*.json"))
@@ -126,6 +118,12 @@ class TrialFolder:
             raise NotFound(f"{path} is missing")
         return path.read_bytes()
 
+    def write_private(self, name: str, data: bytes) -> Path:
+        """A file only the owner can read (keys)."""
+        path = self.path / name
+        _write_private(path, data)
+        return path
+
     def has(self, name: str) -> bool:
         return (self.path / name).exists()
 
@@ -137,10 +135,6 @@ class TrialFolder:
 
     def save_rows(self, rows: FloatArray, labels: tuple[str, ...]) -> None:
         np.savez(self.path / "rows.npz", X=rows, y=np.array(labels, dtype=str))
-
-    def load_rows(self) -> tuple[FloatArray, tuple[str, ...]]:
-        with np.load(self.path / "rows.npz", allow_pickle=False) as data:
-            return np.asarray(data["X"], dtype=np.float64), tuple(str(v) for v in data["y"])
 
     # ----- the trial's HE secret key -----
 

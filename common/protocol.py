@@ -14,6 +14,7 @@ OFFER = "gimme.v1.Offer"
 RECEIPT = "gimme.v1.Receipt"
 PAYMENT = "gimme.v1.PaymentReceipt"
 DELIVERY = "gimme.v1.DeliveryRecord"
+KEY_RELEASE = "gimme.v1.KeyRelease"
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,20 @@ class PaymentReceipt:
 class DeliveryRecord:
     trial_id: str
     model_id: str
-    model_sha256: bytes
-    model_size: int
+    locked_sha256: bytes
+    locked_size: int
     delivered_at: int
+    model_commitment: bytes
+
+
+@dataclass(frozen=True)
+class KeyRelease:
+    trial_id: str
+    model_id: str
+    master_key: bytes
+    locked_sha256: bytes
+    model_commitment: bytes
+    released_at: int
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ the buyer's client, go through here."""
 
 from __future__ import annotations
 
+import base64
+import json
+
 from gimme.v1 import gimme_pb2 as pb
 from google.protobuf.message import DecodeError
 
@@ -13,6 +16,7 @@ from common.protocol import (
     DeliveryRecord,
     EncodingSpec,
     Estimate,
+    KeyRelease,
     ModelListing,
     Offer,
     OutputPolicy,
@@ -24,7 +28,8 @@ from common.protocol import (
 )
 
 
-def _parse(message: pb.Offer | pb.Receipt | pb.PaymentReceipt | pb.DeliveryRecord,
+def _parse(message: pb.Offer | pb.Receipt | pb.PaymentReceipt | pb.DeliveryRecord
+           | pb.KeyRelease,
            payload: bytes, what: str) -> None:
     try:
         message.ParseFromString(payload)
@@ -40,6 +45,23 @@ def envelope_to_pb(signed: Signed) -> pb.SignedEnvelope:
 
 def envelope_from_pb(message: pb.SignedEnvelope) -> Signed:
     return Signed(message.kind, message.payload, message.signature)
+
+
+def envelope_to_json(signed: Signed) -> str:
+    """The form kept on disk and in evidence bundles."""
+    return json.dumps({"kind": signed.kind,
+                       "payload": base64.b64encode(signed.payload).decode(),
+                       "signature": base64.b64encode(signed.signature).decode()}, indent=2)
+
+
+def envelope_from_json(text: str | bytes, what: str) -> Signed:
+    try:
+        raw = json.loads(text)
+        return Signed(str(raw["kind"]), base64.b64decode(raw["payload"], validate=True),
+                      base64.b64decode(raw["signature"], validate=True))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadInput(f"{what} is not a signed record (JSON with kind, payload and "
+                       f"signature in base64): {exc}") from exc
 
 
 # ----- parameters -----
@@ -219,17 +241,36 @@ def delivery_payload(record: DeliveryRecord) -> bytes:
     return pb.DeliveryRecord(
         trial_id=record.trial_id,
         model_id=record.model_id,
-        model_sha256=record.model_sha256,
-        model_size=record.model_size,
+        locked_sha256=record.locked_sha256,
+        locked_size=record.locked_size,
         delivered_at=record.delivered_at,
+        model_commitment=record.model_commitment,
     ).SerializeToString(deterministic=True)
 
 
 def delivery_from_payload(payload: bytes) -> DeliveryRecord:
     m = pb.DeliveryRecord()
     _parse(m, payload, "delivery record")
-    return DeliveryRecord(m.trial_id, m.model_id, m.model_sha256, m.model_size,
-                          m.delivered_at)
+    return DeliveryRecord(m.trial_id, m.model_id, m.locked_sha256, m.locked_size,
+                          m.delivered_at, m.model_commitment)
+
+
+def key_release_payload(release: KeyRelease) -> bytes:
+    return pb.KeyRelease(
+        trial_id=release.trial_id,
+        model_id=release.model_id,
+        master_key=release.master_key,
+        locked_sha256=release.locked_sha256,
+        model_commitment=release.model_commitment,
+        released_at=release.released_at,
+    ).SerializeToString(deterministic=True)
+
+
+def key_release_from_payload(payload: bytes) -> KeyRelease:
+    m = pb.KeyRelease()
+    _parse(m, payload, "key release")
+    return KeyRelease(m.trial_id, m.model_id, m.master_key, m.locked_sha256,
+                      m.model_commitment, m.released_at)
 
 
 # ----- catalog and progress -----

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The buyer's half of the demo: list the seller's models, then test each example model on
-# encrypted held-out rows, buy it and verify the delivery.
+# encrypted held-out rows, buy it (a Deep-Locked model, then its key), verify the delivery
+# and run it.
 # Usage: scripts/buyer_demo.sh DATA_DIR   (the seller address, TLS directory and buyer home
 # come from GIMME_SELLER, GIMME_TLS_DIR and GIMME_HOME)
 set -euo pipefail
@@ -14,5 +15,8 @@ for model in breast-cancer-lr digits-mlp; do
   gimme-buyer buy "$model"
   echo "== verifying the delivered $model against the commitment and the trial"
   gimme-buyer verify "$model"
+  echo "== predicting with the bought $model (unlocked in memory only)"
+  gimme-buyer run "$model" --data "$data/${stem}_test.csv" \
+    --out "${GIMME_HOME:-$HOME/.gimme-buyer}/${stem}_predictions.csv"
 done
-echo "== buyer done: every model tested, bought and verified (PASS)"
+echo "== buyer done: every model tested, bought, verified (PASS) and run"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up, then trade both bundled example models end to end: a seller daemon (mutual TLS,
-# 128-bit CKKS) and a buyer that lists, tests on encrypted data, buys and verifies.
+# 128-bit CKKS) and a buyer that lists, tests on encrypted data, buys, verifies and runs
+# the model; then an arbiter re-checks the buyer's evidence.
 # Everything it writes goes to demo-run/ (seller.log there has the daemon's log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,10 @@ gimme-seller health --address "127.0.0.1:$(cat "$run/port")" --tls-dir "$run/tls
 export GIMME_SELLER="127.0.0.1:$(cat "$run/port")" GIMME_TLS_DIR="$run/tls" GIMME_HOME="$run/buyer"
 gimme-seller topup buyer 100 --state "$run/seller"
 scripts/buyer_demo.sh "$run/data"
+
+echo "== an arbiter re-checks the buyer's evidence for digits-mlp, under the seller's key"
+gimme-arbiter verify "$(ls "$run"/buyer/trials/digits-mlp/*/evidence-*.zip)" \
+  --seller-key "$(gimme-seller identity --state "$run/seller" 2>/dev/null)"
 
 kill -TERM "$seller_pid"
 wait "$seller_pid"

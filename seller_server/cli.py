@@ -14,9 +14,11 @@ from rich.table import Table
 
 from common.certs import create_certificates
 from common.cli import run_command
+from common.deeplock import key_id, lock, new_master_key
 from common.errors import BadInput
 from common.guarded import Limits
 from common.rpc import TlsFiles, check_health
+from common.signing import Signer, fingerprint
 from common.tabular import load_table
 from seller_server.audit import POLICIES, STRATEGIES, Victim, plot, run_audit
 from seller_server.catalog import read_listing
@@ -179,6 +181,32 @@ def cmd_balances(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def cmd_identity(args: argparse.Namespace) -> None:
+    path = args.state / "identity.key"
+    if not path.exists():
+        raise BadInput(f"no identity key at {path}: 'gimme-seller serve --state {args.state}' "
+                       f"creates it on first start")
+    signer, _created = Signer.load_or_create(path)
+    print(signer.public_key.hex())
+    console.print(f"fingerprint {fingerprint(signer.public_key)}: buyers pin this key on "
+                  f"first contact; give it to an arbiter ('gimme-arbiter verify BUNDLE "
+                  f"--seller-key KEY')")
+
+
+def cmd_lock(args: argparse.Namespace) -> None:
+    key = new_master_key()
+    locked = lock(args.model.read_bytes(), key)
+    out = args.out or args.model.with_suffix(".locked.onnx")
+    key_out = args.key_out or out.with_suffix(".key")
+    out.write_bytes(locked)
+    fd = os.open(key_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key.hex() + "\n")
+    console.print(f"locked {args.model} -> {out} (every trained parameter substituted); key "
+                  f"{key_id(key)} in {key_out} (mode 0600). 'gimme-buyer run {out} --key-file "
+                  f"{key_out} --data ROWS' runs it; without the key it is a random classifier")
+
+
 def cmd_health(args: argparse.Namespace) -> None:
     status = check_health(args.address, _tls(args))
     print(status)
@@ -265,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("balances", help="show the ledger's account balances")
     p.add_argument("--state", type=Path, default=DEFAULT_STATE)
     p.set_defaults(func=cmd_balances)
+
+    p = sub.add_parser("identity", help="print the seller's public signing key (hex)")
+    p.add_argument("--state", type=Path, default=DEFAULT_STATE)
+    p.set_defaults(func=cmd_identity)
+
+    p = sub.add_parser("lock", help="Deep-Lock an ONNX model under a fresh key")
+    p.add_argument("model", type=Path, help="the ONNX model to lock")
+    p.add_argument("--out", type=Path, help="locked model (default MODEL.locked.onnx)")
+    p.add_argument("--key-out", type=Path, help="key file (default next to --out, .key)")
+    p.set_defaults(func=cmd_lock)
 
     p = sub.add_parser("health", help="exit 0 if a seller daemon is SERVING")
     p.add_argument("--address", default=os.environ.get("GIMME_SELLER", "localhost:50051"))

@@ -158,8 +158,10 @@ class SellerServicer(pb_grpc.SellerServicer):
     @_guard
     def Purchase(self, request: pb.PurchaseRequest, context: grpc.ServicerContext
                  ) -> pb.PurchaseResponse:
-        signed = self.seller.purchase(self._buyer(context), request.trial_id, request.request_id)
-        return pb.PurchaseResponse(payment=wire.envelope_to_pb(signed))
+        payment, release = self.seller.purchase(self._buyer(context), request.trial_id,
+                                                request.request_id)
+        return pb.PurchaseResponse(payment=wire.envelope_to_pb(payment),
+                                   key_release=wire.envelope_to_pb(release))
 
     @_guard_stream
     def Deliver(self, request: pb.DeliverRequest, context: grpc.ServicerContext

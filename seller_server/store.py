@@ -81,6 +81,10 @@ CREATE TABLE IF NOT EXISTS fingerprints (
   fingerprint_key BLOB NOT NULL,
   strength REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS locks (
+  trial_id TEXT PRIMARY KEY REFERENCES trials(trial_id),
+  master_key BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tokens (
   token_sha256 TEXT PRIMARY KEY,
   buyer_id TEXT NOT NULL,
@@ -213,6 +217,17 @@ class Store:
                 "USING (trial_id) WHERE f.model_id = ? ORDER BY t.created_at",
                 (model_id,)).fetchall()
         return [(str(a), str(b), bytes(c), bool(d)) for a, b, c, d in rows]
+
+    def lock_key(self, trial_id: str, new_key: Callable[[], bytes]) -> bytes:
+        """The trial's Deep-Lock master key, created on first use."""
+        with self.transaction() as db:
+            row = db.execute("SELECT master_key FROM locks WHERE trial_id = ?",
+                             (trial_id,)).fetchone()
+            if row is not None:
+                return bytes(row[0])
+            key = new_key()
+            db.execute("INSERT INTO locks VALUES (?, ?)", (trial_id, key))
+            return key
 
     def set_keys(self, trial_id: str, sha256: bytes) -> None:
         with self.transaction() as db:

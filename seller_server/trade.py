@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.deeplock import key_id, lock, new_master_key
 from common.errors import BadInput, Exhausted, NotFound, WorkerFailed, WrongState
 from common.guarded import run_guarded
 from common.he import engine
@@ -23,10 +24,12 @@ from common.he.params import new_key_tag
 from common.he.plan import HEPlan
 from common.protocol import (
     DELIVERY,
+    KEY_RELEASE,
     OFFER,
     PAYMENT,
     RECEIPT,
     DeliveryRecord,
+    KeyRelease,
     ModelListing,
     Offer,
     PaymentReceipt,
@@ -35,7 +38,13 @@ from common.protocol import (
     Signed,
 )
 from common.signing import Signer, keys_digest, sha256
-from common.wire import delivery_payload, offer_payload, payment_payload, receipt_payload
+from common.wire import (
+    delivery_payload,
+    key_release_payload,
+    offer_payload,
+    payment_payload,
+    receipt_payload,
+)
 from seller_server.catalog import TOLERANCE_FACTOR, Listing
 from seller_server.compiler import compile_model
 from seller_server.fingerprint import fingerprint, new_key
@@ -266,7 +275,9 @@ class Seller:
 
     # ----- steps 7-8: payment and delivery -----
 
-    def purchase(self, buyer_id: str, trial_id: str, request_id: str) -> Signed:
+    def purchase(self, buyer_id: str, trial_id: str, request_id: str
+                 ) -> tuple[Signed, Signed]:
+        """Payment (idempotent) and, in return, the signed release of the Deep-Lock key."""
         if not 8 <= len(request_id) <= 64:
             raise BadInput("a purchase request id must be 8-64 characters (a fresh UUID works)")
         trial, listing = self._trial(buyer_id, trial_id)
@@ -280,21 +291,32 @@ class Seller:
 
         signed = self.store.purchase(request_id, trial, listing.spec.price_cents, sign_receipt)
         shutil.rmtree(self.spool / "trials" / trial_id, ignore_errors=True)  # keys: done
-        log.info("trial %s paid: %s bought %s", trial_id, buyer_id, listing.model_id)
-        return signed
+        key = self.store.lock_key(trial_id, new_master_key)
+        locked = self._locked(trial, listing, key)
+        release = self._sign(KEY_RELEASE, key_release_payload(KeyRelease(
+            trial_id, listing.model_id, key, sha256(locked), trial.model_commitment,
+            int(time.time()))))
+        log.info("trial %s paid: %s bought %s; key %s released", trial_id, buyer_id,
+                 listing.model_id, key_id(key))
+        return signed, release
 
     def deliver(self, buyer_id: str, trial_id: str) -> tuple[bytes, Signed]:
+        """The trial's model, Deep-Locked: free to download once a batch was evaluated
+        (without the key it is a random classifier); payment releases the key."""
         trial, listing = self._trial(buyer_id, trial_id)
-        if not self.store.paid(trial_id):
-            raise WrongState(f"trial {trial_id} is not paid; run 'gimme-buyer buy "
-                             f"{listing.model_id}' first")
-        model = self._trial_model(trial, listing).model_bytes
-        record = DeliveryRecord(trial_id, listing.model_id, sha256(model), len(model),
-                                int(time.time()))
+        if not self.store.paid(trial_id) and not self.store.evaluated_batches(trial_id):
+            raise WrongState(f"trial {trial_id} has no evaluated batch yet: test the model "
+                             f"first ('gimme-buyer trial {listing.model_id}')")
+        locked = self._locked(trial, listing, self.store.lock_key(trial_id, new_master_key))
+        record = DeliveryRecord(trial_id, listing.model_id, sha256(locked), len(locked),
+                                int(time.time()), trial.model_commitment)
         signed = self._sign(DELIVERY, delivery_payload(record))
         self.store.record_delivery(trial_id, signed)
-        log.info("trial %s: model %s delivered", trial_id, listing.model_id)
-        return model, signed
+        log.info("trial %s: locked model %s delivered", trial_id, listing.model_id)
+        return locked, signed
+
+    def _locked(self, trial: TrialRow, listing: Listing, key: bytes) -> bytes:
+        return lock(self._trial_model(trial, listing).model_bytes, key)
 
     # ----- per-sale copies -----
 

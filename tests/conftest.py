@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import onnx
 import pytest
 
 # as in the evaluator workers: one OpenMP thread (sharded evaluation forks; see engine)
@@ -153,3 +154,13 @@ def buyer_cli(seller: Daemon | tuple[str, Path], home: Path, identity: str, *arg
         base += ["--insecure", "--token", seller.token(identity)]
     return subprocess.run([*base, *args[1:]], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=600)
+
+
+def perturbed_model(lr_catalog: Path) -> bytes:
+    """The example model with every coefficient 10% larger: close, but not what was sold."""
+    model = onnx.load_model_from_string((lr_catalog / "breast_cancer_lr.onnx").read_bytes())
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.name == "coefficients":
+                attribute.floats[:] = [v * 1.1 for v in attribute.floats]
+    return model.SerializeToString()

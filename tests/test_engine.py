@@ -8,11 +8,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from buyer_client.trust import check_security
 from common.errors import BadInput, Refused
 from common.he import engine
 from common.he.params import CkksParams, new_key_tag
 from common.tabular import FloatArray
+from common.trust import check_security
 from seller_server.compiler import compile_model
 from seller_server.planner import choose_params
 from tests import onnx_graphs as g

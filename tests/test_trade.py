@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -12,26 +13,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from gimme.v1.gimme_pb2_grpc import add_SellerServicer_to_server
 
 from buyer_client.client import SellerClient
-from buyer_client.trust import open_offer
 from common import errors
+from common.deeplock import unlock
+from common.evidence import LOCKED_MODEL
 from common.he import engine
 from common.onnx_io import run_model
-from common.protocol import Progress, Signed
-from common.rpc import TlsFiles, make_server
-from common.signing import Signer, sha256
+from common.protocol import Progress
+from common.signing import sha256
 from common.tabular import FloatArray, load_table
 from common.tail import apply_tail, predicted_labels
-from seller_server.catalog import load_catalog
-from seller_server.service import SellerServicer
-from seller_server.store import Store
-from seller_server.trade import Seller
-from seller_server.worker import Capacity
-from tests.conftest import BIN, Daemon, buyer_cli, top_up
+from common.trust import open_key_release, open_offer
+from tests.conftest import BIN, Daemon, buyer_cli, perturbed_model, top_up
 
 LR = "breast-cancer-lr"
 
@@ -68,18 +63,37 @@ def test_full_trade_trial_buy_verify(lr_seller: Daemon, examples: Path, tmp_path
     assert report["metrics"]["accuracy"] == pytest.approx(expected_accuracy, abs=0.02)
     assert report["metrics"]["confusion_matrix"] and report["measurements"]["upload_bytes"] > 0
 
+    unpaid = buyer_cli(lr_seller, tmp_path, "alice", "run", LR, "--data",
+                       str(_test_csv(examples)))
+    assert unpaid.returncode == 2 and "gimme-buyer buy breast-cancer-lr" in unpaid.stdout
     bought = buyer_cli(lr_seller, tmp_path, "alice", "buy", LR)
     assert bought.returncode == 0, bought.stdout + bought.stderr
-    assert "matches the offer's commitment" in bought.stdout
-    delivered = (folder / "model.onnx").read_bytes()
+    assert "opens the model into exactly the committed model" in bought.stdout
+    locked = (folder / LOCKED_MODEL).read_bytes()
+    assert not (folder / "model.onnx").exists()  # the plain weights never touch the disk
+    # without the key, the delivered file runs but computes something else (over 200 keys
+    # the mean |difference| of probabilities was 0.12 at least, 0.48 on average)
+    keyless = run_model(locked, table.rows, "output_probability", ["0", "1"])
+    assert np.abs(keyless - probabilities).mean() > 0.05
+    delivered = _bought_model(folder)
     assert delivered != model  # alice's own fingerprinted copy...
     copy_labels = predicted_labels(run_model(delivered, table.rows, "output_probability",
                                              ["0", "1"]), ["0", "1"])
     # the fingerprint strength changes <= 0.5% of calibration predictions (a few test rows)
     assert np.mean([a == b for a, b in zip(copy_labels, plain, strict=True)]) >= 0.97
 
+    # she runs it: unlocked in memory, the same predictions
+    predictions = tmp_path / "predictions.csv"
+    ran = buyer_cli(lr_seller, tmp_path, "alice", "run", LR, "--data", str(_test_csv(examples)),
+                    "--out", str(predictions))
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    with predictions.open() as handle:
+        assert [row["prediction"] for row in csv.DictReader(handle)] == copy_labels
+
     # ...which names her if it leaks
-    traced = subprocess.run([str(BIN / "gimme-seller"), "trace", str(folder / "model.onnx"),
+    leaked = tmp_path / "leaked.onnx"
+    leaked.write_bytes(delivered)
+    traced = subprocess.run([str(BIN / "gimme-seller"), "trace", str(leaked),
                              "--catalog", str(lr_seller.catalog),
                              "--state", str(lr_seller.state)],
                             capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
@@ -91,11 +105,12 @@ def test_full_trade_trial_buy_verify(lr_seller: Daemon, examples: Path, tmp_path
     assert "PASS" in verified.stdout
     bundle = zipfile.ZipFile(next(folder.glob("evidence-*.zip")))
     manifest = json.loads(bundle.read("manifest.json"))
-    assert manifest["verdict"] == "PASS"
-    assert manifest["delivered_model_sha256"] == sha256(delivered).hex()
-    assert {"offer.json", "receipt-0.json", "payment.json", "delivery.json", "secret.key",
-            "rows.npz", "results/batch-0/score-0.bin"} <= set(bundle.namelist())
-    assert "model.onnx" not in bundle.namelist()
+    assert manifest["claim"] == "PASS"
+    assert manifest["model_commitment"] == sha256(delivered).hex()
+    assert {"offer.json", "receipt-0.json", "payment.json", "delivery.json", "key-release.json",
+            LOCKED_MODEL, "secret.key", "rows.npz", "inputs/batch-0/ct-0.bin",
+            "results/batch-0/score-0.bin"} <= set(bundle.namelist())
+    assert "model.key" not in bundle.namelist()  # the key release inside carries it, signed
 
 
 def test_wrong_csv_columns_are_named(lr_seller: Daemon, tmp_path: Path) -> None:
@@ -106,6 +121,12 @@ def test_wrong_csv_columns_are_named(lr_seller: Daemon, tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "missing column(s) 'mean texture'" in result.stdout
     assert "the model needs 30 columns" in result.stdout
+
+
+def _bought_model(folder: Path) -> bytes:
+    """What the buyer paid for: the delivered locked model opened with the released key."""
+    key = bytes.fromhex((folder / "model.key").read_text())
+    return unlock((folder / LOCKED_MODEL).read_bytes(), key)
 
 
 def _client(daemon: Daemon, identity: str) -> SellerClient:
@@ -139,6 +160,13 @@ class _Trial:
         return self.client.evaluate(
             self.offer.trial_id, batch, rows, blobs, result_count=2, max_result_bytes=1 << 22,
             on_upload=lambda n: None, on_progress=progress.append, on_download=lambda n: None)
+
+    def buy(self) -> bytes:
+        """Download the locked model, pay, unlock it with the released key."""
+        locked, _record = self.client.deliver(self.offer.trial_id, 1 << 20, lambda n: None)
+        _payment, signed_release = self.client.purchase(self.offer.trial_id, uuid.uuid4().hex)
+        release = open_key_release(signed_release, self.key, self.offer, locked)
+        return unlock(locked, release.master_key)
 
 
 def test_corrupted_uploads_are_rejected_and_the_daemon_keeps_serving(lr_seller: Daemon) -> None:
@@ -181,16 +209,24 @@ def test_budget_is_enforced_by_the_seller(lr_seller: Daemon) -> None:
         trial.evaluate(0, remaining + 1, trial.ciphertexts(np.zeros((1, 30))))
 
 
-def test_payment_is_idempotent_and_checked(lr_seller: Daemon) -> None:
+def test_payment_is_idempotent_and_releases_the_key(lr_seller: Daemon) -> None:
     trial = _Trial(lr_seller, "frank")
-    with pytest.raises(errors.WrongState, match="is not paid"):
+    with pytest.raises(errors.WrongState, match="has no evaluated batch yet"):
         trial.client.deliver(trial.offer.trial_id, 1 << 20, lambda n: None)
+    trial.upload_keys()
+    trial.evaluate(0, 1, trial.ciphertexts(np.zeros((1, 30))))
+    locked, _record = trial.client.deliver(trial.offer.trial_id, 1 << 20, lambda n: None)
+    assert sha256(locked) != trial.offer.model_commitment
+    with pytest.raises(errors.BadInput, match="request id must be 8-64"):
+        trial.client.purchase(trial.offer.trial_id, "x")
     request = uuid.uuid4().hex
     first = trial.client.purchase(trial.offer.trial_id, request)
     again = trial.client.purchase(trial.offer.trial_id, request)
-    assert first == again
-    model, _record = trial.client.deliver(trial.offer.trial_id, 1 << 20, lambda n: None)
-    assert sha256(model) == trial.offer.model_commitment
+    assert first[0] == again[0]  # one payment, one ledger entry
+    release = open_key_release(again[1], trial.key, trial.offer, locked)
+    assert sha256(unlock(locked, release.master_key)) == trial.offer.model_commitment
+    # after payment, the same locked bytes again (the key is fixed per trial)
+    assert trial.client.deliver(trial.offer.trial_id, 1 << 20, lambda n: None)[0] == locked
     broke = _Trial(lr_seller, "mallory")
     with pytest.raises(errors.Exhausted, match=r"insufficient prepaid balance: 0.00"):
         broke.client.purchase(broke.offer.trial_id, uuid.uuid4().hex)
@@ -271,7 +307,7 @@ def test_an_honest_seller_will_not_sell_a_changed_model(
     assert buyer_cli(first, home, "carol", "trial", LR, "--data", str(_test_csv(examples)),
                      "--label-column", "y", "--rows", "20").returncode == 0
     first.stop()
-    (catalog / "breast_cancer_lr.onnx").write_bytes(_perturbed_model(lr_catalog))
+    (catalog / "breast_cancer_lr.onnx").write_bytes(perturbed_model(lr_catalog))
     second = Daemon(catalog, state, tls_dir)
     try:
         second.wait_serving()
@@ -280,63 +316,6 @@ def test_an_honest_seller_will_not_sell_a_changed_model(
         assert "has changed since trial" in bought.stdout
     finally:
         second.stop()
-
-
-def _perturbed_model(lr_catalog: Path) -> bytes:
-    """The example model with every coefficient 10% larger: close, but not what was sold."""
-    model = onnx.load_model_from_string((lr_catalog / "breast_cancer_lr.onnx").read_bytes())
-    for node in model.graph.node:
-        for attribute in node.attribute:
-            if attribute.name == "coefficients":
-                attribute.floats[:] = [v * 1.1 for v in attribute.floats]
-    return model.SerializeToString()
-
-
-class _SwappingSeller(Seller):
-    """A dishonest seller: delivers other bytes under a record claiming the committed hash."""
-
-    swapped = b""
-
-    def deliver(self, buyer_id: str, trial_id: str) -> tuple[bytes, Signed]:
-        _model, record = super().deliver(buyer_id, trial_id)
-        return self.swapped, record
-
-
-def test_a_swapped_delivery_fails_verification_with_evidence(
-        lr_catalog: Path, tls_dir: Path, examples: Path, tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    store = Store(state / "gimme.sqlite")
-    store.top_up("dave", 10_000, "top")
-    signer, _ = Signer.load_or_create(state / "identity.key")
-    listings, _refused = load_catalog(lr_catalog, store, security_bits=128,
-                                      capacity=Capacity())
-    seller = _SwappingSeller(listings, store, signer, state / "spool", Capacity(), 128)
-    seller.swapped = _perturbed_model(lr_catalog)
-    server, port, _health = make_server("127.0.0.1:0", TlsFiles.in_dir(tls_dir, "seller"))
-    servicer = SellerServicer(require_tls_identity=True)
-    servicer.ready(seller)
-    add_SellerServicer_to_server(servicer, server)
-    server.start()
-    try:
-        endpoint, home = (f"127.0.0.1:{port}", tls_dir), tmp_path / "home"
-        assert buyer_cli(endpoint, home, "dave", "trial", LR, "--data", str(_test_csv(examples)),
-                         "--label-column", "y").returncode == 0
-        bought = buyer_cli(endpoint, home, "dave", "buy", LR)
-        assert "DOES NOT match" in bought.stdout
-        verified = buyer_cli(endpoint, home, "dave", "verify", LR, "--include-model")
-    finally:
-        server.stop(None)
-        store.close()
-    assert verified.returncode == 1
-    assert "FAIL" in verified.stdout
-    bundle = zipfile.ZipFile(next((home / "trials" / LR).glob("*/evidence-*.zip")))
-    manifest = json.loads(bundle.read("manifest.json"))
-    assert manifest["verdict"] == "FAIL"
-    failed = {c["name"] for c in manifest["checks"] if not c["ok"]}
-    assert failed == {"hash matches the signed commitment",
-                      "delivery record signed for these bytes",
-                      "delivered model reproduces the trial"}
-    assert bundle.read("model.onnx") == seller.swapped  # the evidence includes what came
 
 
 def test_two_buyers_evaluate_at_once_without_sharing_key_state(lr_seller: Daemon,
@@ -356,9 +335,7 @@ def test_two_buyers_evaluate_at_once_without_sharing_key_state(lr_seller: Daemon
         scores = np.array([engine.decrypt_vector(trial.cc, trial.secret, gate.load(r, "r"), 20)
                            for r in results]).T
         # compared with the buyer's own (fingerprinted) copy, bought afterwards
-        trial.client.purchase(trial.offer.trial_id, uuid.uuid4().hex)
-        model, _record = trial.client.deliver(trial.offer.trial_id, 1 << 20, lambda n: None)
-        plain = run_model(model, data, "output_probability", ["0", "1"])
+        plain = run_model(trial.buy(), data, "output_probability", ["0", "1"])
         ours = apply_tail(scores, trial.offer.output.tail)
         assert np.abs(ours - plain).max() <= trial.offer.tolerance
 
@@ -387,7 +364,7 @@ def test_many_rows_go_in_several_batches(lr_catalog: Path, tls_dir: Path, exampl
         assert len(report["predictions"]) == len(rows)
         assert buyer_cli(daemon, home, "alice", "buy", LR).returncode == 0
         assert buyer_cli(daemon, home, "alice", "verify", LR).returncode == 0  # every row
-        copy = predicted_labels(run_model((folder / "model.onnx").read_bytes(), rows,
+        copy = predicted_labels(run_model(_bought_model(folder), rows,
                                           "output_probability", ["0", "1"]), ["0", "1"])
         agree = np.mean([a == b for a, b in zip(report["predictions"], copy, strict=True)])
         assert agree > 0.98  # only near-ties may flip under the flooding noise

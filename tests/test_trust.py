@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from buyer_client.trust import open_offer, open_payment, open_receipt
 from common.errors import Refused
 from common.he.params import CkksParams, new_key_tag
 from common.protocol import (
@@ -24,6 +23,7 @@ from common.protocol import (
     Signed,
 )
 from common.signing import Signer, sha256
+from common.trust import open_offer, open_payment, open_receipt
 from common.wire import offer_payload, payment_payload, receipt_payload
 
 PARAMS = CkksParams(8192, 1, 36, 54, 1)

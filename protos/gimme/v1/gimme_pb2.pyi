@@ -835,20 +835,63 @@ class PurchaseResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PAYMENT_FIELD_NUMBER: _builtins.int
+    KEY_RELEASE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def payment(self) -> Global___SignedEnvelope: ...
+    @_builtins.property
+    def key_release(self) -> Global___SignedEnvelope: ...
     def __init__(
         self,
         *,
         payment: Global___SignedEnvelope | None = ...,
+        key_release: Global___SignedEnvelope | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["payment", b"payment"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key_release", b"key_release", "payment", b"payment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["payment", b"payment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_release", b"key_release", "payment", b"payment"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PurchaseResponse: _TypeAlias = PurchaseResponse  # noqa: Y015
+
+@_typing.final
+class KeyRelease(_message.Message):
+    """Fair exchange: the key that unlocks the delivered model, released on payment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRIAL_ID_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    MASTER_KEY_FIELD_NUMBER: _builtins.int
+    LOCKED_SHA256_FIELD_NUMBER: _builtins.int
+    MODEL_COMMITMENT_FIELD_NUMBER: _builtins.int
+    RELEASED_AT_FIELD_NUMBER: _builtins.int
+    trial_id: _builtins.str
+    model_id: _builtins.str
+    master_key: _builtins.bytes
+    """32 bytes, Deep-Lock"""
+    locked_sha256: _builtins.bytes
+    """the locked model it opens"""
+    model_commitment: _builtins.bytes
+    """what it opens it into (the offer's commitment)"""
+    released_at: _builtins.int
+    def __init__(
+        self,
+        *,
+        trial_id: _builtins.str = ...,
+        model_id: _builtins.str = ...,
+        master_key: _builtins.bytes = ...,
+        locked_sha256: _builtins.bytes = ...,
+        model_commitment: _builtins.bytes = ...,
+        released_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["locked_sha256", b"locked_sha256", "master_key", b"master_key", "model_commitment", b"model_commitment", "model_id", b"model_id", "released_at", b"released_at", "trial_id", b"trial_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyRelease: _TypeAlias = KeyRelease  # noqa: Y015
 
 @_typing.final
 class DeliverRequest(_message.Message):
@@ -875,26 +918,31 @@ class DeliveryRecord(_message.Message):
 
     TRIAL_ID_FIELD_NUMBER: _builtins.int
     MODEL_ID_FIELD_NUMBER: _builtins.int
-    MODEL_SHA256_FIELD_NUMBER: _builtins.int
-    MODEL_SIZE_FIELD_NUMBER: _builtins.int
+    LOCKED_SHA256_FIELD_NUMBER: _builtins.int
+    LOCKED_SIZE_FIELD_NUMBER: _builtins.int
     DELIVERED_AT_FIELD_NUMBER: _builtins.int
+    MODEL_COMMITMENT_FIELD_NUMBER: _builtins.int
     trial_id: _builtins.str
     model_id: _builtins.str
-    model_sha256: _builtins.bytes
-    model_size: _builtins.int
+    locked_sha256: _builtins.bytes
+    """the bytes delivered (Deep-Locked)"""
+    locked_size: _builtins.int
     delivered_at: _builtins.int
+    model_commitment: _builtins.bytes
+    """what they unlock into"""
     def __init__(
         self,
         *,
         trial_id: _builtins.str = ...,
         model_id: _builtins.str = ...,
-        model_sha256: _builtins.bytes = ...,
-        model_size: _builtins.int = ...,
+        locked_sha256: _builtins.bytes = ...,
+        locked_size: _builtins.int = ...,
         delivered_at: _builtins.int = ...,
+        model_commitment: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_at", b"delivered_at", "model_id", b"model_id", "model_sha256", b"model_sha256", "model_size", b"model_size", "trial_id", b"trial_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_at", b"delivered_at", "locked_sha256", b"locked_sha256", "locked_size", b"locked_size", "model_commitment", b"model_commitment", "model_id", b"model_id", "trial_id", b"trial_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -98,14 +98,16 @@ class SellerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Purchase(self, request, context):
-        """Protocol step 7: pay from the prepaid ledger (idempotent by request_id).
+        """Protocol step 7: pay from the prepaid ledger (idempotent by request_id); the answer
+        carries the signed release of the Deep-Lock key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Deliver(self, request, context):
-        """Protocol step 8: the model, streamed, then a signed delivery record.
+        """Protocol step 8: the Deep-Locked model (available once a batch was evaluated, useless
+        without the key), streamed, then a signed delivery record.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

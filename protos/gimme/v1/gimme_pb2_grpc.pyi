@@ -46,9 +46,13 @@ class SellerStub:
     Evaluate: _grpc.StreamStreamMultiCallable[_gimme_pb2.EvaluateRequest, _gimme_pb2.EvaluateEvent]
     """Protocol steps 4b-5: encrypted rows in, progress + encrypted results + signed receipt out."""
     Purchase: _grpc.UnaryUnaryMultiCallable[_gimme_pb2.PurchaseRequest, _gimme_pb2.PurchaseResponse]
-    """Protocol step 7: pay from the prepaid ledger (idempotent by request_id)."""
+    """Protocol step 7: pay from the prepaid ledger (idempotent by request_id); the answer
+    carries the signed release of the Deep-Lock key.
+    """
     Deliver: _grpc.UnaryStreamMultiCallable[_gimme_pb2.DeliverRequest, _gimme_pb2.DeliverEvent]
-    """Protocol step 8: the model, streamed, then a signed delivery record."""
+    """Protocol step 8: the Deep-Locked model (available once a batch was evaluated, useless
+    without the key), streamed, then a signed delivery record.
+    """
 
 @_typing.type_check_only
 class SellerAsyncStub(SellerStub):
@@ -62,9 +66,13 @@ class SellerAsyncStub(SellerStub):
     Evaluate: _aio.StreamStreamMultiCallable[_gimme_pb2.EvaluateRequest, _gimme_pb2.EvaluateEvent]  # type: ignore[assignment]
     """Protocol steps 4b-5: encrypted rows in, progress + encrypted results + signed receipt out."""
     Purchase: _aio.UnaryUnaryMultiCallable[_gimme_pb2.PurchaseRequest, _gimme_pb2.PurchaseResponse]  # type: ignore[assignment]
-    """Protocol step 7: pay from the prepaid ledger (idempotent by request_id)."""
+    """Protocol step 7: pay from the prepaid ledger (idempotent by request_id); the answer
+    carries the signed release of the Deep-Lock key.
+    """
     Deliver: _aio.UnaryStreamMultiCallable[_gimme_pb2.DeliverRequest, _gimme_pb2.DeliverEvent]  # type: ignore[assignment]
-    """Protocol step 8: the model, streamed, then a signed delivery record."""
+    """Protocol step 8: the Deep-Locked model (available once a batch was evaluated, useless
+    without the key), streamed, then a signed delivery record.
+    """
 
 class SellerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -105,7 +113,9 @@ class SellerServicer(metaclass=_abc_1.ABCMeta):
         request: _gimme_pb2.PurchaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gimme_pb2.PurchaseResponse, _abc.Awaitable[_gimme_pb2.PurchaseResponse]]:
-        """Protocol step 7: pay from the prepaid ledger (idempotent by request_id)."""
+        """Protocol step 7: pay from the prepaid ledger (idempotent by request_id); the answer
+        carries the signed release of the Deep-Lock key.
+        """
 
     @_abc_1.abstractmethod
     def Deliver(
@@ -113,6 +123,8 @@ class SellerServicer(metaclass=_abc_1.ABCMeta):
         request: _gimme_pb2.DeliverRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_gimme_pb2.DeliverEvent], _abc.AsyncIterator[_gimme_pb2.DeliverEvent]]:
-        """Protocol step 8: the model, streamed, then a signed delivery record."""
+        """Protocol step 8: the Deep-Locked model (available once a batch was evaluated, useless
+        without the key), streamed, then a signed delivery record.
+        """
 
 def add_SellerServicer_to_server(servicer: SellerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,18 +1,22 @@
-"""The buyer's trust checks: signature first, then parse, then compare with what it knows."""
+"""Checks of what the seller signed (by the buyer, and by an arbiter re-checking a bundle):
+signature first, then parse, then compare with what the checker knows."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from common.deeplock import KEY_BYTES
 from common.errors import BadInput, Refused
 from common.he import engine
 from common.he.params import CkksParams
 from common.protocol import (
     DELIVERY,
+    KEY_RELEASE,
     OFFER,
     PAYMENT,
     RECEIPT,
     DeliveryRecord,
+    KeyRelease,
     Offer,
     PaymentReceipt,
     Receipt,
@@ -22,6 +26,7 @@ from common.signing import sha256, verify
 from common.tail import check_tail
 from common.wire import (
     delivery_from_payload,
+    key_release_from_payload,
     offer_from_payload,
     payment_from_payload,
     receipt_from_payload,
@@ -122,8 +127,30 @@ def open_payment(signed: Signed, seller_key: bytes, offer: Offer) -> PaymentRece
     return payment
 
 
-def open_delivery(signed: Signed, seller_key: bytes, offer: Offer) -> DeliveryRecord:
+def open_delivery(signed: Signed, seller_key: bytes, offer: Offer, locked: bytes
+                  ) -> DeliveryRecord:
+    """The seller's record must name these locked bytes and the offer's commitment."""
     record = delivery_from_payload(_verified(signed, DELIVERY, seller_key))
     if record.trial_id != offer.trial_id:
         raise Refused("the delivery record is for another trial")
+    if record.locked_sha256 != sha256(locked) or record.locked_size != len(locked):
+        raise Refused("the delivered bytes are not the ones the delivery record names")
+    if record.model_commitment != offer.model_commitment:
+        raise Refused("the delivery record names another model than the offer committed to")
     return record
+
+
+def open_key_release(signed: Signed, seller_key: bytes, offer: Offer, locked: bytes
+                     ) -> KeyRelease:
+    """The released key must be for this trial, this locked model and the committed model
+    (whether it really opens it is checked by unlocking)."""
+    release = key_release_from_payload(_verified(signed, KEY_RELEASE, seller_key))
+    if release.trial_id != offer.trial_id:
+        raise Refused("the key release is for another trial")
+    if release.locked_sha256 != sha256(locked):
+        raise Refused("the key release names another locked model than the one delivered")
+    if release.model_commitment != offer.model_commitment:
+        raise Refused("the key release names another model than the offer committed to")
+    if len(release.master_key) != KEY_BYTES:
+        raise Refused(f"the released key has {len(release.master_key)} bytes, not {KEY_BYTES}")
+    return release

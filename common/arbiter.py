@@ -1,0 +1,256 @@
+"""gimme-arbiter: a third party rules on a disputed trade from the buyer's evidence bundle.
+
+Neither side is taken at its word. The arbiter
+  1. checks every seller signature in the bundle (under the seller key it knows, or, failing
+     that, the key the offer names) and that the receipts sign the stored ciphertexts;
+  2. decrypts the encrypted inputs with the revealed trial secret key and requires them to
+     be the rows the buyer says it tested; decrypts the seller's encrypted results itself
+     (the buyer's own decryption, scores.npy, is only compared);
+  3. opens the delivered locked model with the seller's signed key release, compares its
+     hash with the commitment, and reruns it on the decrypted rows against the decrypted
+     results within the signed tolerance.
+Rulings (exit status): 0 no fault found (a claim of mismatch is not supported),
+3 SELLER AT FAULT, 4 BUYER'S EVIDENCE REJECTED, 2 the command itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from common.cli import run_command
+from common.errors import BadInput, GimmeError
+from common.evidence import (
+    SECRET_KEY,
+    Bundle,
+    Check,
+    check_outputs,
+    check_receipts,
+    input_name,
+    load_rows,
+    load_scores,
+    open_delivered_model,
+    result_name,
+    signer_of,
+)
+from common.he.decryptor import decrypt
+from common.protocol import Offer, Receipt
+from common.signing import fingerprint
+from common.tabular import FloatArray
+from common.trust import open_offer
+from common.wire import offer_from_payload
+
+console = Console()
+NO_FAULT, SELLER_AT_FAULT, EVIDENCE_REJECTED = "NO FAULT FOUND", "SELLER AT FAULT", \
+    "BUYER'S EVIDENCE REJECTED"
+EXIT_STATUS = {NO_FAULT: 0, SELLER_AT_FAULT: 3, EVIDENCE_REJECTED: 4}
+# relative to the largest magnitude: CKKS decrypts to within ~1e-6 of it (measured ~1e-7)
+DECRYPTION_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Ruling:
+    ruling: str
+    reason: str
+    claim: str | None
+    checks: list[Check]
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_STATUS[self.ruling]
+
+
+class _Rejected(Exception):
+    """The buyer's evidence failed a check that an honest buyer's evidence always passes."""
+
+
+class _Checks(list[Check]):
+    def require(self, check: Check, reason: str) -> None:
+        self.append(check)
+        if not check.ok:
+            raise _Rejected(f"{reason}: {check.detail}")
+
+
+def arbitrate(bundle_path: Path, seller_key: bytes | None) -> Ruling:
+    bundle = Bundle(bundle_path)
+    claim = _claim(bundle)
+    checks = _Checks()
+    try:
+        offer, key = _offer(bundle, seller_key, checks)
+        receipts_check, receipts = check_receipts(bundle, key, offer)
+        checks.require(receipts_check, "the trial records are not the seller's")
+        rows, scores = _decrypted(bundle, offer, receipts, checks)
+        opened = open_delivered_model(bundle, key, offer)
+        for check in opened.checks if not opened.records_ok else opened.checks[:-1]:
+            checks.require(check, "the delivery records are not the seller's")
+    except _Rejected as rejected:
+        return Ruling(EVIDENCE_REJECTED, str(rejected), claim, checks)
+    # from here on every record is the seller's own, signed
+    checks.append(opened.checks[-1])
+    if opened.model is None or not opened.checks[-1].ok:
+        return Ruling(SELLER_AT_FAULT, "the key the seller released does not open the model "
+                                       "it delivered into the model it committed to",
+                      claim, checks)
+    outputs, _error, _agreement = check_outputs(offer, opened.model, rows, scores)
+    checks.append(outputs)
+    if not outputs.ok:
+        return Ruling(SELLER_AT_FAULT, "the results the seller signed during the trial were "
+                                       "not computed by the model it committed to and "
+                                       "delivered", claim, checks)
+    reason = "the delivered model is the committed one and reproduces the trial"
+    if claim == "FAIL":
+        reason += "; the buyer's claim of a mismatch is not supported"
+    return Ruling(NO_FAULT, reason, claim, checks)
+
+
+def _claim(bundle: Bundle) -> str | None:
+    if not bundle.has("manifest.json"):
+        return None
+    try:
+        claim = json.loads(bundle.read("manifest.json")).get("claim")
+    except (ValueError, AttributeError):
+        return None
+    return str(claim) if claim is not None else None
+
+
+def _offer(bundle: Bundle, seller_key: bytes | None, checks: _Checks) -> tuple[Offer, bytes]:
+    name = "offer signed by the seller"
+    try:
+        signed = bundle.load_signed("offer")
+        model_id = offer_from_payload(signed.payload).model_id
+        # without a key from the seller, only as good as the offer's own word (said so)
+        key = signer_of(signed, [seller_key or offer_from_payload(
+            signed.payload).seller_public_key])
+        offer = open_offer(signed, key, model_id)
+    except GimmeError as exc:
+        checks.require(Check(name, False, exc.message), "the offer is not the seller's")
+        raise  # not reached: require raised
+    checks.append(Check(name, True, f"key {fingerprint(key)}, trial {offer.trial_id}"))
+    return offer, key
+
+
+def _decrypted(bundle: Bundle, offer: Offer, receipts: list[Receipt], checks: _Checks
+               ) -> tuple[FloatArray, FloatArray]:
+    """The tested rows and the trial results, decrypted here from the signed ciphertexts."""
+    secret_key = bundle.read(SECRET_KEY)
+    columns, scores = len(offer.encoding.input_columns), offer.output.score_count
+    inputs, results = [], []
+    with tempfile.TemporaryDirectory(prefix="gimme-arbiter-") as tmp:
+        for receipt in receipts:
+            b = receipt.batch_index
+            if (len(receipt.input_sha256), len(receipt.result_sha256)) != (columns, scores):
+                checks.require(Check("receipts match the offer", False,
+                                     f"batch {b}: {len(receipt.input_sha256)} inputs and "
+                                     f"{len(receipt.result_sha256)} results for {columns} "
+                                     f"columns and {scores} scores"),
+                               "the trial records are inconsistent")
+            try:
+                inputs.append(decrypt(
+                    offer.params, secret_key, offer.key_tag, 0,
+                    _extract(bundle, tmp, [input_name(b, j) for j in range(columns)]),
+                    receipt.rows))
+                results.append(decrypt(
+                    offer.params, secret_key, offer.key_tag, offer.output.result_level,
+                    _extract(bundle, tmp, [result_name(b, i) for i in range(scores)]),
+                    receipt.rows))
+            except GimmeError as exc:
+                checks.require(Check("ciphertexts decrypt with the revealed key", False,
+                                     f"batch {b}: {exc.message}"),
+                               "the bundle's ciphertexts or secret key are unusable")
+    decrypted_rows, decrypted_scores = np.concatenate(inputs), np.concatenate(results)
+    checks.require(_same("decrypted inputs are the buyer's rows", decrypted_rows,
+                         load_rows(bundle)[0], DECRYPTION_TOLERANCE),
+                   f"{SECRET_KEY} and the uploaded ciphertexts do not give the rows in "
+                   f"rows.npz")
+    # OpenFHE adds fresh noise at every CKKS decode, so two decryptions differ slightly
+    checks.require(_same("decrypted results are the buyer's scores", decrypted_scores,
+                         load_scores(bundle), DECRYPTION_TOLERANCE),
+                   "the buyer's scores.npy is not what the seller's results decrypt to")
+    return decrypted_rows, decrypted_scores
+
+
+def _extract(bundle: Bundle, folder: str, names: list[str]) -> list[str]:
+    """Entries as files for the guarded decryptor, named here (never by the zip)."""
+    paths = []
+    for name in names:
+        path = Path(folder) / name.replace("/", "-")
+        path.write_bytes(bundle.read(name))
+        paths.append(str(path))
+    return paths
+
+
+def _same(name: str, ours: FloatArray, theirs: FloatArray, relative: float) -> Check:
+    """Equal within `relative` of the largest magnitude (at least 1)."""
+    if ours.shape != theirs.shape:
+        return Check(name, False, f"shape {ours.shape} decrypted, {theirs.shape} claimed")
+    error = float(np.max(np.abs(ours - theirs))) if ours.size else 0.0
+    tolerance = relative * max(1.0, float(np.abs(ours).max()) if ours.size else 1.0)
+    return Check(name, error <= tolerance,
+                 f"max difference {error:.3g} ({'<=' if error <= tolerance else '>'} "
+                 f"{tolerance:.3g}) over {ours.shape[0]} rows")
+
+
+def _seller_key(text: str | None) -> bytes | None:
+    if text is None:
+        return None
+    path = Path(text)
+    value = path.read_text().strip() if path.is_file() else text.strip()
+    try:
+        key = bytes.fromhex(value)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise BadInput(f"--seller-key needs the seller's Ed25519 public key as 64 hex "
+                       f"characters (or a file holding them; 'gimme-seller identity' prints "
+                       f"it), got {value[:80]!r}")
+    return key
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    seller_key = _seller_key(args.seller_key)
+    if seller_key is None:
+        console.print("[yellow]note:[/yellow] no --seller-key: the seller's key is taken from "
+                      "the offer in the bundle, so signatures show only that the records "
+                      "agree with each other; pass the key the seller publishes to bind them "
+                      "to the seller")
+    ruling = arbitrate(args.bundle, seller_key)
+    table = Table("check", "result", "detail", title=f"arbitration of {args.bundle.name}")
+    for check in ruling.checks:
+        table.add_row(check.name, "[green]ok[/green]" if check.ok else "[red]FAIL[/red]",
+                      check.detail)
+    console.print(table)
+    colour = {NO_FAULT: "green", SELLER_AT_FAULT: "red", EVIDENCE_REJECTED: "yellow"}
+    console.print(f"[bold {colour[ruling.ruling]}]{ruling.ruling}[/]: {ruling.reason} "
+                  f"(the buyer claimed {ruling.claim or 'nothing'})")
+    if args.out:
+        args.out.write_text(json.dumps({**asdict(ruling), "exit_status": ruling.exit_status},
+                                       indent=2))
+    sys.exit(ruling.exit_status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gimme-arbiter", description="Rule on a disputed Gimme trade from the buyer's "
+                                          "evidence bundle (exit 0 no fault, 3 seller at "
+                                          "fault, 4 buyer's evidence rejected)")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    p = sub.add_parser("verify", help="re-check a bundle from 'gimme-buyer verify' and rule")
+    p.add_argument("bundle", type=Path, help="the evidence-TRIAL.zip the buyer handed over")
+    p.add_argument("--seller-key", help="the seller's public key (hex, or a file with it)")
+    p.add_argument("--out", type=Path, help="also write the ruling as JSON here")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    run_command(args, console, quiet_level=30)

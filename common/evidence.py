@@ -1,0 +1,227 @@
+"""A trade's evidence and the checks on it, shared by the buyer (`gimme-buyer verify`, on its
+trial folder) and an arbiter (`gimme-arbiter verify`, on the bundle the buyer hands over).
+
+Both read the same names:
+    offer.json, receipt-B.json, payment.json, delivery.json, key-release.json   signed
+    inputs/batch-B/ct-J.bin       the encrypted columns the buyer uploaded
+    results/batch-B/score-I.bin   the encrypted results the seller returned
+    rows.npz (X, y)               the rows the buyer says it encrypted
+    scores.npy                    what the buyer says the results decrypt to
+    model.locked.onnx             the delivered Deep-Locked model
+    secret.key                    the trial's CKKS secret key (in a bundle only)
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from common.deeplock import unlock
+from common.errors import BadInput, GimmeError, NotFound, Refused
+from common.onnx_io import run_model
+from common.protocol import OFFER, RECEIPT, Offer, Receipt, Signed
+from common.signing import sha256, verify
+from common.tabular import FloatArray
+from common.tail import apply_tail, predicted_labels
+from common.trust import open_delivery, open_key_release
+from common.wire import envelope_from_json, receipt_from_payload
+
+LOCKED_MODEL = "model.locked.onnx"
+ROWS = "rows.npz"
+SCORES = "scores.npy"
+SECRET_KEY = "secret.key"
+MAX_BUNDLE_ENTRY = 4 << 30
+
+
+def input_name(batch: int, column: int) -> str:
+    return f"inputs/batch-{batch}/ct-{column}.bin"
+
+
+def result_name(batch: int, score: int) -> str:
+    return f"results/batch-{batch}/score-{score}.bin"
+
+
+class EvidenceSource(Protocol):
+    """Named files: a buyer's trial folder or an evidence bundle."""
+
+    def read(self, name: str) -> bytes: ...
+
+    def has(self, name: str) -> bool: ...
+
+    def load_signed(self, name: str) -> Signed: ...
+
+    def signed_names(self, prefix: str) -> list[str]: ...
+
+
+class Bundle:
+    """An evidence bundle (zip), read in place: nothing in it is extracted by its own name."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise BadInput(f"{path} is not an evidence bundle (a zip from 'gimme-buyer "
+                           f"verify'): {exc}") from exc
+        self.path = path
+        self.names = set(self.zip.namelist())
+
+    def read(self, name: str) -> bytes:
+        if name not in self.names:
+            raise NotFound(f"the bundle has no {name}")
+        if self.zip.getinfo(name).file_size > MAX_BUNDLE_ENTRY:
+            raise BadInput(f"{name} in the bundle declares more than {MAX_BUNDLE_ENTRY} bytes")
+        return self.zip.read(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+    def load_signed(self, name: str) -> Signed:
+        return envelope_from_json(self.read(f"{name}.json"), f"{name}.json in the bundle")
+
+    def signed_names(self, prefix: str) -> list[str]:
+        return sorted(n[:-len(".json")] for n in self.names
+                      if n.startswith(prefix) and n.endswith(".json") and "/" not in n)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def load_rows(source: EvidenceSource) -> tuple[FloatArray, tuple[str, ...]]:
+    try:
+        with np.load(io.BytesIO(source.read(ROWS)), allow_pickle=False) as data:
+            return (np.asarray(data["X"], dtype=np.float64),
+                    tuple(str(v) for v in data["y"]))
+    except (ValueError, KeyError, OSError) as exc:
+        raise BadInput(f"{ROWS} is not an .npz with arrays X and y: {exc}") from exc
+
+
+def load_scores(source: EvidenceSource) -> FloatArray:
+    try:
+        scores: FloatArray = np.load(io.BytesIO(source.read(SCORES)), allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise BadInput(f"{SCORES} is not a .npy array: {exc}") from exc
+    return scores.astype(np.float64)
+
+
+def check_receipts(source: EvidenceSource, key: bytes, offer: Offer
+                   ) -> tuple[Check, list[Receipt]]:
+    """Every receipt signed by the seller, for this offer, over the stored inputs and
+    results; the batches in order."""
+    name = "receipts signed and bound to inputs and results"
+    batches = source.signed_names("receipt-")
+    if not batches:
+        return Check(name, False, "no receipts: the trial did not finish"), []
+    offer_digest = sha256(source.load_signed("offer").payload)
+    receipts = []
+    for batch_name in batches:
+        signed = source.load_signed(batch_name)
+        try:
+            verify(key, RECEIPT, signed.payload, signed.signature)
+            receipt = receipt_from_payload(signed.payload)
+            b = receipt.batch_index
+            results = [sha256(source.read(result_name(b, i)))
+                       for i in range(len(receipt.result_sha256))]
+            inputs = [sha256(source.read(input_name(b, j)))
+                      for j in range(len(receipt.input_sha256))]
+        except GimmeError as exc:
+            return Check(name, False, f"{batch_name}: {exc.message}"), []
+        if (receipt.offer_sha256 != offer_digest or list(receipt.result_sha256) != results
+                or list(receipt.input_sha256) != inputs):
+            return Check(name, False, f"{batch_name} does not sign the stored offer, inputs "
+                                      f"and results"), []
+        receipts.append(receipt)
+    receipts.sort(key=lambda r: r.batch_index)
+    if [r.batch_index for r in receipts] != list(range(len(receipts))):
+        return Check(name, False, f"batches {[r.batch_index for r in receipts]} are not "
+                                  f"0..{len(receipts) - 1}"), []
+    return Check(name, True, f"{len(receipts)} receipt(s), "
+                             f"{sum(r.rows for r in receipts)} rows"), receipts
+
+
+@dataclass(frozen=True)
+class Opened:
+    """The delivered model as the released key opens it, and the checks on the way."""
+
+    records_ok: bool  # the seller's delivery record and key release are genuine
+    model: bytes | None
+    checks: list[Check]
+
+
+def open_delivered_model(source: EvidenceSource, key: bytes, offer: Offer) -> Opened:
+    """Unlock the delivered model with the released key (in memory) and compare it with
+    the commitment. Unsigned or mismatched records are the holder's problem; a signed key
+    that opens the signed delivery into another model is the seller's."""
+    if not source.has(LOCKED_MODEL):
+        return Opened(False, None, [Check("model delivered", False,
+                                          "no model: run 'gimme-buyer buy'")])
+    locked = source.read(LOCKED_MODEL)
+    try:
+        open_delivery(source.load_signed("delivery"), key, offer, locked)
+    except GimmeError as exc:
+        return Opened(False, None, [Check("delivery record signed for these bytes", False,
+                                          exc.message)])
+    delivered = Check("delivery record signed for these bytes", True,
+                      f"{len(locked)} locked bytes")
+    if not source.has("key-release.json"):
+        return Opened(False, None, [delivered, Check("key released", False, "not paid yet")])
+    try:
+        release = open_key_release(source.load_signed("key-release"), key, offer, locked)
+    except GimmeError as exc:
+        return Opened(False, None, [delivered, Check("key released for this model", False,
+                                                     exc.message)])
+    released = Check("key released for this model", True, "signed by the seller")
+    try:
+        model = unlock(locked, release.master_key)
+    except GimmeError as exc:
+        return Opened(True, None, [delivered, released,
+                                   Check("key opens the model", False, exc.message)])
+    digest = sha256(model)
+    return Opened(True, model, [delivered, released, Check(
+        "unlocked model is the committed one", digest == offer.model_commitment,
+        f"sha256 {digest.hex()[:16]}… vs committed {offer.model_commitment.hex()[:16]}…")])
+
+
+def check_outputs(offer: Offer, model: bytes, rows: FloatArray, scores: FloatArray
+                  ) -> tuple[Check, float | None, float | None]:
+    """The model (onnxruntime) on the tested rows against the decrypted trial results:
+    (check, max error, top-1 agreement)."""
+    name = "delivered model reproduces the trial"
+    try:
+        tested = apply_tail(scores, offer.output.tail)
+        delivered = run_model(model, rows, offer.output.probability_output,
+                              offer.output.class_labels)
+    except GimmeError as exc:
+        return Check(name, False, f"the delivered model does not run: {exc.message}"), None, None
+    if delivered.shape != tested.shape:
+        return (Check(name, False, f"delivered model outputs {delivered.shape}, the trial "
+                                   f"had {tested.shape}"), None, None)
+    max_error = float(np.max(np.abs(delivered - tested)))
+    ours, theirs = (predicted_labels(delivered, offer.output.class_labels),
+                    predicted_labels(tested, offer.output.class_labels))
+    agreement = (float(np.mean([a == b for a, b in zip(ours, theirs, strict=True)]))
+                 if ours else 1.0)
+    ok = max_error <= offer.tolerance
+    return (Check(name, ok, f"max |f'(m) - f(m)| = {max_error:.3g} "
+                            f"{'<=' if ok else '>'} tolerance {offer.tolerance:.3g}; top-1 "
+                            f"agreement {agreement:.2%} on {len(rows)} rows"),
+            max_error, agreement)
+
+
+def signer_of(signed_offer: Signed, candidates: list[bytes]) -> bytes:
+    """The candidate key that signed the offer (signature first, then parse)."""
+    for key in candidates:
+        try:
+            verify(key, OFFER, signed_offer.payload, signed_offer.signature)
+        except Refused:
+            continue
+        return key
+    raise Refused("the offer is not signed by any of the seller keys given")

@@ -1,0 +1,52 @@
+"""Decryption of ciphertexts that came from another party, in a guarded child process
+(common.guarded): the bytes pass a byte template before OpenFHE opens them, and if they
+still crash OpenFHE, only the child dies. The buyer decrypts the seller's results with it;
+an arbiter decrypts a bundle's inputs and results."""
+
+from __future__ import annotations
+
+import base64
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from common.guarded import Json, Limits, ProgressFn, run_guarded
+from common.he import engine
+from common.he.params import CkksParams
+
+UNTRUSTED_STAGES = frozenset({"decrypting"})
+LIMITS = Limits(memory_bytes=4 << 30, timeout_s=600)
+FloatArray = npt.NDArray[np.float64]
+
+
+def decrypt(params: CkksParams, secret_key: bytes, key_tag: str, level: int,
+            paths: list[str], rows: int) -> FloatArray:
+    """(rows, len(paths)): the first `rows` slots of each ciphertext file, which must have
+    the layout of an honest ciphertext at `level` under `key_tag`."""
+    with tempfile.TemporaryDirectory(prefix="gimme-decrypt-") as tmp:
+        out = Path(tmp) / "values.npy"
+        run_guarded("common.he.decryptor:decrypt_job", {
+            "params": params.to_dict(), "security_bits": params.claimed_security_bits,
+            "secret_key": base64.b64encode(secret_key).decode(), "key_tag": key_tag,
+            "level": level, "paths": paths, "rows": rows, "out_path": str(out),
+        }, limits=LIMITS, untrusted_phase=lambda p: p.get("stage") in UNTRUSTED_STAGES)
+        values: FloatArray = np.load(out)
+        return values
+
+
+def decrypt_job(request: Json, report: ProgressFn) -> Json:
+    cc = engine.build_context(CkksParams(**request["params"]), int(request["security_bits"]))
+    secret = engine.load_secret_key(base64.b64decode(request["secret_key"]))
+    report({"stage": "checking"})
+    gate = engine.CiphertextGate(cc, request["key_tag"], int(request["level"]))
+    blobs = [Path(p).read_bytes() for p in request["paths"]]
+    for index, blob in enumerate(blobs):
+        gate.check(blob, f"ciphertext {index}")
+    report({"stage": "decrypting"})
+    rows = int(request["rows"])
+    values = [engine.decrypt_vector(cc, secret, gate.load(blob, f"ciphertext {i}"), rows)
+              for i, blob in enumerate(blobs)]
+    np.save(request["out_path"], np.array(values, dtype=np.float64).T)
+    return {}
