@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from buyer_client.workspace import TrialFolder, Workspace
 from common.evidence import (
@@ -30,6 +29,7 @@ from common.evidence import (
     Check,
     check_outputs,
     check_receipts,
+    checks_table,
     load_rows,
     load_scores,
     open_delivered_model,
@@ -102,10 +102,6 @@ def _in_bundle(relative: str) -> bool:
 
 
 def _show(console: Console, offer: Offer, verdict: Verdict) -> None:
-    table = Table("check", "result", "detail", title=f"verification of {offer.model_id}")
-    for check in verdict.checks:
-        table.add_row(check.name, "[green]ok[/green]" if check.ok else "[red]FAIL[/red]",
-                      check.detail)
-    console.print(table)
+    console.print(checks_table(f"verification of {offer.model_id}", verdict.checks))
     console.print("[bold green]PASS[/bold green]" if verdict.passed else
                   "[bold red]FAIL[/bold red]", f"evidence bundle: {verdict.bundle}")

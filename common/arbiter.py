@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from common.cli import run_command
 from common.errors import BadInput, GimmeError
@@ -34,6 +33,7 @@ from common.evidence import (
     Check,
     check_outputs,
     check_receipts,
+    checks_table,
     input_name,
     load_rows,
     load_scores,
@@ -222,11 +222,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
                       "agree with each other; pass the key the seller publishes to bind them "
                       "to the seller")
     ruling = arbitrate(args.bundle, seller_key)
-    table = Table("check", "result", "detail", title=f"arbitration of {args.bundle.name}")
-    for check in ruling.checks:
-        table.add_row(check.name, "[green]ok[/green]" if check.ok else "[red]FAIL[/red]",
-                      check.detail)
-    console.print(table)
+    console.print(checks_table(f"arbitration of {args.bundle.name}", ruling.checks))
     colour = {NO_FAULT: "green", SELLER_AT_FAULT: "red", EVIDENCE_REJECTED: "yellow"}
     console.print(f"[bold {colour[ruling.ruling]}]{ruling.ruling}[/]: {ruling.reason} "
                   f"(the buyer claimed {ruling.claim or 'nothing'})")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from rich.table import Table
 
 from common.deeplock import unlock
 from common.errors import BadInput, GimmeError, NotFound, Refused
@@ -214,6 +215,14 @@ def check_outputs(offer: Offer, model: bytes, rows: FloatArray, scores: FloatArr
                             f"{'<=' if ok else '>'} tolerance {offer.tolerance:.3g}; top-1 "
                             f"agreement {agreement:.2%} on {len(rows)} rows"),
             max_error, agreement)
+
+
+def checks_table(title: str, checks: list[Check]) -> Table:
+    table = Table("check", "result", "detail", title=title)
+    for check in checks:
+        table.add_row(check.name, "[green]ok[/green]" if check.ok else "[red]FAIL[/red]",
+                      check.detail)
+    return table
 
 
 def signer_of(signed_offer: Signed, candidates: list[bytes]) -> bytes:

@@ -65,7 +65,7 @@ def test_compose_services_trade_on_loopback(examples: Path, tmp_path: Path) -> N
         assert buyer.returncode == 0, buyer.stdout + buyer.stderr
         assert [line.split()[0] for line in buyer.stdout.splitlines()
                 if line.startswith(("PASS", "FAIL"))] == ["PASS", "PASS"]
-        assert "every model tested, bought and verified" in buyer.stdout
+        assert "every model tested, bought, verified (PASS) and run" in buyer.stdout
     finally:
         seller.send_signal(signal.SIGTERM)
         seller.wait(timeout=30)

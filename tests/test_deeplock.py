@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +130,22 @@ def test_seller_locks_a_file_and_a_key_holder_runs_it(examples: Path, tmp_path: 
 
     keyless = subprocess.run(base, capture_output=True, text=True)
     assert keyless.returncode == 2 and "needs --key-file" in keyless.stdout
+
+
+def test_the_deeplock_bench_runs_and_reports(tmp_path: Path) -> None:
+    """bench/deeplock.py at a tiny size: every experiment produces its figures."""
+    out = tmp_path / "deeplock.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "deeplock.py"), "--wrong-keys",
+                           "3", "--epochs", "2", "--runs", "1", "--repeats", "1", "--json",
+                           str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(out.read_text())
+    assert {a["model"] for a in figures["accuracy"]} >= {"breast-cancer-lr", "digits-mlp",
+                                                         "cryptonets"}
+    for row in figures["accuracy"]:
+        assert row["right_key_identical"] and row["original"] > 0.9
+        assert row["wrong_mean"] < row["original"] - 0.3
+    for row in figures["fine_tuning"]:
+        assert len(row["locked_fine_tuned"]) == len(row["scratch"]) == 3
+    assert len(figures["cost"]) == len(figures["accuracy"]) + 1  # + the synthetic MLP
