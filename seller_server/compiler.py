@@ -365,6 +365,18 @@ class _Tracer:
                           (z.bias - mid) / half, degree, label)
         return self._add_stage(stage, coeffs[1:].T, coeffs[0], z.shape)
 
+    def product(self, a: Affine, b: Affine, origin: str) -> Affine:
+        """a * b elementwise, exactly: ((a + b)^2 - (a - b)^2) / 4, one squaring level."""
+        wa, wb = self._pad(a.weights), self._pad(b.weights)
+        squares = self._add_stage(
+            PolyStage(as_weights(sparse.vstack([wa + wb, wa - wb])),
+                      np.concatenate([a.bias + b.bias, a.bias - b.bias]), 2,
+                      f"product at {origin!r}: exact ((a+b)^2 - (a-b)^2)/4", "square"),
+            np.ones((2 * a.features, 1)), np.zeros(2 * a.features), a.shape)
+        n = a.features
+        return Affine(as_weights(0.25 * (squares.weights[:n] - squares.weights[n:])),
+                      np.zeros(n), a.shape)
+
     def _fit(self, activation: Activation, u: FloatArray, mid: FloatArray, half: FloatArray,
              target: FloatArray) -> tuple[int, FloatArray, float]:
         """Chebyshev interpolants of every unit's function on its interval: the fixed degree,
@@ -528,10 +540,55 @@ def _elementwise(name: str) -> Handler:
     return handler
 
 
+def _encrypted_pair(t: _Tracer, node: onnx.NodeProto, args: list[Value]
+                    ) -> tuple[Affine, Affine] | None:
+    """The node's two encrypted inputs (a merge of two branches), or None if it has one."""
+    encrypted = [a for a in args if isinstance(a, Affine | Deferred)]
+    if len(encrypted) < 2:
+        return None
+    if len(encrypted) > 2 or len(args) > 2:
+        raise Unsupported(f"node {node.name!r} ({node.op_type}) combines {len(args)} inputs; "
+                          f"only two encrypted tensors can be merged")
+    a, b = (t.trunk(node, v) for v in encrypted)
+    if a.shape != b.shape:
+        raise Unsupported(f"node {node.name!r} ({node.op_type}) combines encrypted tensors "
+                          f"shaped {list(a.shape)} and {list(b.shape)}; they must have the "
+                          f"same shape (no broadcasting between encrypted tensors)")
+    return a, b
+
+
 def _mul(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
     if node.input[0] == node.input[1]:
         return [_defer(t, node, args[0], SQUARE)]
-    return t._probe(node, args)
+    pair = _encrypted_pair(t, node, args)
+    if pair is None:
+        return t._probe(node, args)
+    return [t.product(*pair, node.name or node.op_type)]
+
+
+ABS = Activation("abs", np.abs)
+
+
+def _extremum(sign: float) -> Handler:
+    """Max (sign +1) or Min (-1) of two encrypted tensors, as (a + b)/2 +- |a - b|/2 with
+    |.| a Chebyshev polynomial on the calibrated range of a - b; of one encrypted tensor
+    and constants, an elementwise activation like any other."""
+    def handler(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+        pair = _encrypted_pair(t, node, args)
+        if pair is None:
+            if not isinstance(args[0], Affine | Deferred):
+                args = [args[1], args[0], *args[2:]]
+                node = helper.make_node(node.op_type, [node.input[1], node.input[0]],
+                                        list(node.output), node.name)
+            return _elementwise(node.op_type.lower())(t, node, args)
+        a, b = pair
+        origin = node.name or node.op_type
+        gap = t._materialize(Affine(as_weights(t._pad(a.weights) - t._pad(b.weights)),
+                                    a.bias - b.bias, a.shape), ABS, origin)
+        weights = 0.5 * (t._pad(a.weights) + t._pad(b.weights)) + sign * 0.5 * gap.weights
+        return [Affine(as_weights(weights), 0.5 * (a.bias + b.bias) + sign * 0.5 * gap.bias,
+                       a.shape)]
+    return handler
 
 
 def _pow(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
@@ -656,6 +713,8 @@ ELEMENTWISE = {  # continuous elementwise activations, approximated on calibrate
 _HANDLERS: dict[str, Handler] = {
     **{op: _elementwise(name) for op, name in ELEMENTWISE.items()},
     "Mul": _mul,
+    "Max": _extremum(1.0),
+    "Min": _extremum(-1.0),
     "Pow": _pow,
     "Softmax": _row_op("softmax"),
     "LogSoftmax": _row_op("log_softmax"),
@@ -682,8 +741,6 @@ _SUGGESTIONS = {
     "Reciprocal": _UNBOUNDED,
     "MaxPool": "; use AveragePool instead",
     "GlobalMaxPool": "; use GlobalAveragePool instead",
-    "Max": "; use an average or a polynomial activation",
-    "Min": "; use an average or a polynomial activation",
     "If": "; data-dependent control flow cannot run on ciphertexts",
     "Loop": "; data-dependent control flow cannot run on ciphertexts",
     "Where": "; data-dependent selection cannot run on ciphertexts",

@@ -48,3 +48,36 @@ def mlp(activation: str, features: int = 6, hidden: int = 5, classes: int = 3) -
 
 def calibration(features: int = 6, rows: int = 400) -> FloatArray:
     return RNG.uniform(-1.5, 1.5, (rows, features))
+
+
+MERGES = ("concat", "mul", "max", "avg")
+
+
+def bident(merge: str, activation: str = "Relu", features: int = 6, hidden: int = 4,
+           classes: int = 3) -> bytes:
+    """Two branches on the same input, each Gemm -> activation, merged, then a dense head:
+    the bident shape (branch 'left' untrusted, 'right' trusted)."""
+    def branch(side: str) -> list[onnx.NodeProto]:
+        act = (helper.make_node("Mul", [f"h_{side}", f"h_{side}"], [side], name=f"sq_{side}")
+               if activation == "square" else
+               helper.make_node(activation, [f"h_{side}"], [side], name=f"act_{side}"))
+        return [helper.make_node("Gemm", ["x", f"w_{side}", f"b_{side}"], [f"h_{side}"],
+                                 name=f"dense_{side}"), act]
+
+    merged = {
+        "concat": [helper.make_node("Concat", ["left", "right"], ["m"], name="merge", axis=1)],
+        "mul": [helper.make_node("Mul", ["left", "right"], ["m"], name="merge")],
+        "max": [helper.make_node("Max", ["left", "right"], ["m"], name="merge")],
+        "avg": [helper.make_node("Add", ["left", "right"], ["s"], name="merge"),
+                helper.make_node("Mul", ["s", "half"], ["m"], name="halve")],
+    }[merge]
+    width = 2 * hidden if merge == "concat" else hidden
+    return build(
+        [*branch("left"), *branch("right"), *merged,
+         helper.make_node("Gemm", ["m", "w_head", "b_head"], ["logits"], name="head"),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1)],
+        features, {"probabilities": classes},
+        {"w_left": weights(features, hidden), "b_left": weights(1, hidden)[0],
+         "w_right": weights(features, hidden), "b_right": weights(1, hidden)[0],
+         "half": np.array(0.5, dtype=np.float32),
+         "w_head": weights(width, classes), "b_head": weights(1, classes)[0]})

@@ -100,12 +100,33 @@ def test_unknown_operator_is_named() -> None:
         compile_model(model, g.calibration(4))
 
 
-def test_product_of_two_encrypted_tensors_is_refused() -> None:
+@pytest.mark.parametrize("merge", g.MERGES)
+def test_bident_merges_compile(merge: str) -> None:
+    """Both branches and the merge run encrypted: concat and average are affine, a product
+    of the branches is exact ((a+b)^2 - (a-b)^2)/4, a maximum is (a+b)/2 + |a-b|/2 with |.|
+    a Chebyshev polynomial."""
+    rows, model = g.calibration(), g.bident(merge, "square")
+    compiled = compile_model(model, rows, error_target=0.01)
+    expected = run_model(model, rows, "probabilities", [])
+    ours = apply_tail(compiled.plan.simulate(rows), compiled.tail.ops)
+    assert np.abs(ours - expected).max() == pytest.approx(compiled.approximation_error)
+    if merge == "max":
+        assert [name for name, _error in compiled.layer_errors] == ["abs at 'merge'"]
+        assert compiled.approximation_error < 0.05
+    else:
+        assert compiled.approximation_error < 1e-5
+        assert compiled.plan.depth() == (5 if merge == "mul" else 3)  # a product: 2 levels
+    relu = compile_model(g.bident(merge), rows, error_target=0.01)
+    assert relu.calibration_agreement > 0.95
+
+
+def test_merging_encrypted_tensors_of_different_shapes_is_refused() -> None:
     model = g.build([helper.make_node("Gemm", ["x", "w", "b"], ["z1"], name="d1"),
-                     helper.make_node("Gemm", ["x", "w", "b"], ["z2"], name="d2"),
+                     helper.make_node("Gemm", ["x", "v", "c"], ["z2"], name="d2"),
                      helper.make_node("Mul", ["z1", "z2"], ["y"], name="mul1")],
-                    4, {"y": 2}, {"w": g.weights(4, 2), "b": g.weights(1, 2)[0]})
-    with pytest.raises(Unsupported, match=r"node 'mul1'.*multiplies two encrypted"):
+                    4, {"y": 2}, {"w": g.weights(4, 2), "b": g.weights(1, 2)[0],
+                                  "v": g.weights(4, 1), "c": g.weights(1, 1)[0]})
+    with pytest.raises(Unsupported, match=r"node 'mul1'.*shaped \[2\] and \[1\]"):
         compile_model(model, g.calibration(4))
 
 

@@ -186,3 +186,17 @@ def test_residual_sum_mixes_levels_correctly() -> None:
     scores = engine.evaluate(cc, compiled.plan, inputs, lambda done, total: None)  # type: ignore[attr-defined]
     decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
     assert np.abs(decrypted - compiled.plan.simulate(rows)).max() < 1e-3  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("merge", g.MERGES)
+def test_bident_merges_evaluate_encrypted(merge: str) -> None:
+    """The whole bident graph (both branches and the merge) under real encryption."""
+    rows = g.calibration()[:64]
+    model = g.bident(merge, "square")
+    compiled, _params, cc = _setup(model, rows)
+    tag = new_key_tag()
+    secret, public = engine.generate_keys(cc, tag)
+    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    scores = engine.evaluate(cc, compiled.plan, inputs, lambda done, total: None)  # type: ignore[attr-defined]
+    decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
+    assert np.abs(decrypted - compiled.plan.simulate(rows)).max() < 1e-3  # type: ignore[attr-defined]
