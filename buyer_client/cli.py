@@ -143,12 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common],
                        help="predict with a bought (Deep-Locked) model, unlocking it only in "
-                            "memory")
-    p.add_argument("model", help="a model you bought (its name) or a locked .onnx file")
+                            "memory, or with a bident package")
+    p.add_argument("model", help="a model you bought (its name), a locked .onnx file, or a "
+                                 "bident package directory (its trusted half runs in a "
+                                 "separate process)")
     p.add_argument("--data", type=Path, required=True,
                    help="rows (CSV with the model's columns, or .npz with X)")
     p.add_argument("--key-file", type=Path,
-                   help="the Deep-Lock key (hex); default: the key released to you")
+                   help="the Deep-Lock key (hex); default: the key released to you (for a "
+                        "bident package: its trusted.key, read by the trusted runner only)")
     p.add_argument("--trial", help="trial id (default: your latest trial of MODEL)")
     p.add_argument("--out", type=Path, help="write predictions as CSV here")
     p.set_defaults(func=cmd_run)

@@ -1,4 +1,5 @@
-"""`gimme-buyer run`: predictions from a Deep-Locked model, unlocked in memory only."""
+"""`gimme-buyer run`: predictions from a Deep-Locked model, unlocked in memory only, or from
+a bident package (common.bident) with its trusted half in a separate process."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import numpy as np
 import onnxruntime as ort
 from rich.console import Console
 
+from buyer_client.trusted import TrustedHalf
 from buyer_client.workspace import Workspace
+from common.bident import KEY_FILE, UNTRUSTED_FILE, Manifest
 from common.deeplock import unlock
 from common.errors import BadInput
 from common.evidence import LOCKED_MODEL
-from common.onnx_io import session
+from common.onnx_io import model_feed, session
 from common.protocol import Offer
+from common.signing import sha256
 from common.tabular import FloatArray, load_table
 from common.tail import predicted_labels
 from common.wire import offer_from_payload
@@ -25,6 +29,9 @@ def run_locked(workspace: Workspace, console: Console, model: str, data: Path,
                key_file: Path | None, trial_id: str | None, out: Path | None) -> None:
     """Unlock (in memory), load into onnxruntime, predict; report what each step cost."""
     path = Path(model)
+    if path.is_dir():
+        run_bident(console, path, data, key_file, out)
+        return
     if path.suffix == ".onnx" and path.exists():
         locked, offer = path.read_bytes(), None
         if key_file is None:
@@ -56,7 +63,57 @@ def run_locked(workspace: Workspace, console: Console, model: str, data: Path,
     outputs = sess.run(None, {model_input.name: rows.astype(np.float32).reshape(shape)})
     done = time.perf_counter()
     scores = _first_float_output(outputs)
-    labels = predicted_labels(scores, offer.output.class_labels if offer else ())
+    _report(console, scores, offer.output.class_labels if offer else (), out)
+    console.print(f"{len(rows)} rows; unlock {1e3 * (unlocked - started):.1f} ms, load "
+                  f"{1e3 * (loaded - unlocked):.1f} ms, inference {1e3 * (done - loaded):.1f} ms"
+                  + (f"; predictions in {out}" if out else ""))
+
+
+def run_bident(console: Console, package: Path, data: Path, key_file: Path | None,
+               out: Path | None) -> None:
+    """A bident package: the untrusted half here, the trusted half in its own process
+    (which alone reads the key), both at once on every batch."""
+    manifest = Manifest.read(package)
+    untrusted_bytes = (package / UNTRUSTED_FILE).read_bytes()
+    if sha256(untrusted_bytes).hex() != manifest.untrusted_sha256:
+        raise BadInput(f"{package / UNTRUSTED_FILE} is not the file the manifest names")
+    key_file = key_file or package / KEY_FILE
+    if not key_file.exists():
+        raise BadInput(f"no key for the trusted half: pass --key-file (the seller's "
+                       f"{KEY_FILE}); only the trusted runner reads it")
+    started = time.perf_counter()
+    untrusted = session(untrusted_bytes)
+    with TrustedHalf(package, key_file) as trusted:
+        loaded = time.perf_counter()
+        dims = [d for d in untrusted.get_inputs()[0].shape[1:] if isinstance(d, int)]
+        rows = load_table(data, [f"x{i}" for i in range(int(np.prod(dims)) if dims else 0)]
+                          ).rows
+        outputs = predict_bident(untrusted, trusted, manifest, rows)
+        done = time.perf_counter()
+    scores = _first_float_output(list(outputs.values()))
+    _report(console, scores, (), out)
+    console.print(f"{len(rows)} rows through the bident halves; start (both halves, trusted "
+                  f"runner unlocking its half) {1e3 * (loaded - started):.1f} ms, inference "
+                  f"{1e3 * (done - loaded):.1f} ms" + (f"; predictions in {out}" if out else ""))
+
+
+def predict_bident(untrusted: ort.InferenceSession, trusted: TrustedHalf, manifest: Manifest,
+                   rows: FloatArray, batch: int = 1024) -> dict[str, FloatArray]:
+    """Model outputs for `rows`: per batch, the trusted branch starts on the input while the
+    untrusted half runs here, then the trusted runner merges and finishes."""
+    structure = manifest.structure
+    parts: list[dict[str, FloatArray]] = []
+    for index, start in enumerate(range(0, len(rows), batch)):
+        feed = model_feed(untrusted, rows[start:start + batch])[structure.input]
+        trusted.submit(index, structure.input, feed)
+        (branch,) = untrusted.run([structure.untrusted_output], {structure.input: feed})
+        parts.append(trusted.finish(index, structure.untrusted_output, branch))
+    return {name: np.concatenate([p[name] for p in parts]) for name in structure.outputs}
+
+
+def _report(console: Console, scores: FloatArray, class_labels: tuple[str, ...] | list[str],
+            out: Path | None) -> None:
+    labels = predicted_labels(scores, tuple(class_labels))
     if out is not None:
         with out.open("w", newline="") as handle:
             writer = csv.writer(handle)
@@ -66,9 +123,6 @@ def run_locked(workspace: Workspace, console: Console, model: str, data: Path,
     else:
         for i, label in enumerate(labels[:20] if labels else []):
             console.print(f"row {i}: {label}")
-    console.print(f"{len(rows)} rows; unlock {1e3 * (unlocked - started):.1f} ms, load "
-                  f"{1e3 * (loaded - unlocked):.1f} ms, inference {1e3 * (done - loaded):.1f} ms"
-                  + (f"; predictions in {out}" if out else ""))
 
 
 def _columns(sess: ort.InferenceSession, offer: Offer | None) -> list[str]:

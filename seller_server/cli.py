@@ -9,6 +9,7 @@ import uuid
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -17,10 +18,12 @@ from common.cli import run_command
 from common.deeplock import key_id, lock, new_master_key
 from common.errors import BadInput
 from common.guarded import Limits
+from common.onnx_io import session
 from common.rpc import TlsFiles, check_health
 from common.signing import Signer, fingerprint
 from common.tabular import load_table
 from seller_server.audit import POLICIES, STRATEGIES, Victim, plot, run_audit
+from seller_server.bident import split
 from seller_server.catalog import read_listing
 from seller_server.compiler import compile_model
 from seller_server.daemon import ServeOptions, serve
@@ -193,6 +196,24 @@ def cmd_identity(args: argparse.Namespace) -> None:
                   f"--seller-key KEY')")
 
 
+def cmd_bident_split(args: argparse.Namespace) -> None:
+    rows = load_table(args.rows, [f"x{i}" for i in range(_input_width(args.model))]).rows \
+        if args.rows else None
+    manifest = split(args.model.read_bytes(), args.out, rows, args.trusted)
+    s = manifest.structure
+    console.print(f"split at {s.merge_node!r} ({s.merge_op} merge): untrusted half "
+                  f"{manifest.untrusted_parameters} parameters, trusted half "
+                  f"{manifest.trusted_parameters} (Deep-Locked, key {manifest.key_id}); halves "
+                  f"reproduce the whole model within {manifest.check_max_error:.2g} on "
+                  f"{manifest.check_rows} rows. Package in {args.out}; hand {args.out}/"
+                  f"trusted.key to the trusted environment only")
+
+
+def _input_width(model: Path) -> int:
+    dims = session(model.read_bytes()).get_inputs()[0].shape[1:]
+    return int(np.prod([d for d in dims if isinstance(d, int)]))
+
+
 def cmd_lock(args: argparse.Namespace) -> None:
     key = new_master_key()
     locked = lock(args.model.read_bytes(), key)
@@ -297,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("identity", help="print the seller's public signing key (hex)")
     p.add_argument("--state", type=Path, default=DEFAULT_STATE)
     p.set_defaults(func=cmd_identity)
+
+    bident = sub.add_parser("bident", help="bident models: a trusted and an untrusted half "
+                                           "(train with PyTorch, split into a package)")
+    steps = bident.add_subparsers(dest="step", required=True)
+    p = steps.add_parser("split", help="cut a trained bident model into an untrusted half "
+                                       "and a Deep-Locked trusted half, checked to reproduce it")
+    p.add_argument("model", type=Path, help="the whole bident model (ONNX)")
+    p.add_argument("--out", type=Path, required=True, help="package directory to write")
+    p.add_argument("--rows", type=Path, help="rows to check the split on (CSV or .npz X; "
+                                             "default: 64 random rows)")
+    p.add_argument("--trusted", choices=("first", "second"), default="second",
+                   help="which input of the merge is the trusted branch (default: second, "
+                        "as 'bident train' exports)")
+    p.set_defaults(func=cmd_bident_split)
 
     p = sub.add_parser("lock", help="Deep-Lock an ONNX model under a fresh key")
     p.add_argument("model", type=Path, help="the ONNX model to lock")
