@@ -2,6 +2,9 @@
 # Create .venv with Python 3.10 (the openfhe wheel only imports there) and install Gimme
 # with its development tools. Re-running is cheap: it reinstalls only when pyproject.toml
 # changed.
+#   --torch   also create .venv-torch: PyTorch (CPU build) for training bident models, an
+#             optional extra. It uses Python 3.11 when present (the machine's CPU wheel of
+#             torch 2.13 is built for it), else 3.10; without either it is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,4 +32,22 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -e '.[dev]'
   echo "$want" > "$stamp"
+fi
+
+if [ "${1:-}" = "--torch" ]; then
+  torch_python=$(command -v python3.11 || command -v python3.10 || true)
+  if [ -z "$torch_python" ] || ! "$torch_python" -c 'import sys' >/dev/null 2>&1; then
+    echo "note: no Python 3.11/3.10 for .venv-torch; bident training is unavailable" >&2
+    exit 0
+  fi
+  torch_stamp=.venv-torch/.gimme-installed
+  torch_want="torch==2.13.0 onnxscript onnx onnxruntime numpy cryptography rich"
+  if [ ! -f "$torch_stamp" ] || [ "$(cat "$torch_stamp")" != "$torch_want" ]; then
+    rm -rf .venv-torch
+    "$torch_python" -m venv .venv-torch
+    .venv-torch/bin/python -m pip install --quiet --upgrade pip
+    # shellcheck disable=SC2086
+    .venv-torch/bin/python -m pip install --quiet $torch_want
+    echo "$torch_want" > "$torch_stamp"
+  fi
 fi

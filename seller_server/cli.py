@@ -23,7 +23,7 @@ from common.rpc import TlsFiles, check_health
 from common.signing import Signer, fingerprint
 from common.tabular import load_table
 from seller_server.audit import POLICIES, STRATEGIES, Victim, plot, run_audit
-from seller_server.bident import split
+from seller_server.bident import forwarded, run_torch, split, train_arguments
 from seller_server.catalog import read_listing
 from seller_server.compiler import compile_model
 from seller_server.daemon import ServeOptions, serve
@@ -196,6 +196,16 @@ def cmd_identity(args: argparse.Namespace) -> None:
                   f"--seller-key KEY')")
 
 
+def cmd_bident_train(args: argparse.Namespace) -> None:
+    with console.status(f"training a {args.merge} bident ({args.base}) for {args.epochs} "
+                        f"epochs..."):
+        result = run_torch("train", forwarded(args, train_arguments))
+    parts = ", ".join(f"{k} {v}" for k, v in result["parameters"].items())
+    console.print(f"test accuracy {result['test_accuracy']:.2%}; parameters: {parts}. Model "
+                  f"in {args.out / 'model.onnx'} (history.json has every epoch); next: "
+                  f"'gimme-seller bident split {args.out / 'model.onnx'} --out PACKAGE'")
+
+
 def cmd_bident_split(args: argparse.Namespace) -> None:
     rows = load_table(args.rows, [f"x{i}" for i in range(_input_width(args.model))]).rows \
         if args.rows else None
@@ -322,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     bident = sub.add_parser("bident", help="bident models: a trusted and an untrusted half "
                                            "(train with PyTorch, split into a package)")
     steps = bident.add_subparsers(dest="step", required=True)
+    p = steps.add_parser("train", help="train a bident network (needs PyTorch: "
+                                       "'scripts/setup.sh --torch')")
+    train_arguments(p)
+    p.set_defaults(func=cmd_bident_train)
     p = steps.add_parser("split", help="cut a trained bident model into an untrusted half "
                                        "and a Deep-Locked trusted half, checked to reproduce it")
     p.add_argument("model", type=Path, help="the whole bident model (ONNX)")

@@ -17,9 +17,11 @@ from onnx import helper
 
 from common.bident import KEY_FILE, MANIFEST, TRUSTED_FILE, UNTRUSTED_FILE, find_structure
 from common.deeplock import is_locked, new_master_key
-from common.errors import Unsupported
+from common.errors import BadInput, Unsupported
 from common.onnx_io import run_model
-from seller_server.bident import split
+from examples.datasets import digits
+from seller_server.bident import split, torch_python
+from seller_server.compiler import compile_model
 from tests import onnx_graphs as g
 from tests.conftest import BIN
 
@@ -109,3 +111,42 @@ def test_the_buyer_runs_a_package_with_the_trusted_half_apart(tmp_path: Path) ->
     (package / UNTRUSTED_FILE).write_bytes(bytes(tampered))
     changed = _run(package, data, "--key-file", str(key))
     assert changed.returncode == 2 and "is not the file the manifest names" in changed.stdout
+
+
+def _torch_available() -> bool:
+    try:
+        torch_python()
+    except BadInput:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _torch_available(), reason="no Python with torch ('scripts/setup.sh "
+                                                     "--torch' makes .venv-torch)")
+def test_seller_trains_splits_and_the_buyer_runs_a_bident_model(tmp_path: Path) -> None:
+    x_train, x_test, y_train, y_test = digits(8)
+    train, test = tmp_path / "train.npz", tmp_path / "test.npz"
+    np.savez(train, X=x_train, y=y_train)
+    np.savez(test, X=x_test, y=y_test)
+    trained = subprocess.run(
+        [str(BIN / "gimme-seller"), "bident", "train", "--data", str(train), "--test",
+         str(test), "--base", "mlp", "--shape", "64", "--merge", "mul", "--asymmetric",
+         "--activation", "square", "--epochs", "8", "--out", str(tmp_path / "trained")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    summary = json.loads((tmp_path / "trained" / "history.json").read_text())
+    assert len(summary["history"]) == 8 and summary["test_accuracy"] > 0.8
+    assert summary["parameters"]["trusted"] < summary["parameters"]["untrusted"]
+    model = (tmp_path / "trained" / "model.onnx").read_bytes()
+    manifest = split(model, tmp_path / "package", x_test)
+    assert manifest.structure.merge_op == "mul"
+    # what a buyer tries encrypted is this whole graph: it compiles exactly (square, product)
+    compiled = compile_model(model, x_train, error_target=0.01)
+    assert compiled.approximation_error < 1e-4 and compiled.calibration_agreement == 1.0
+    assert "product at" in compiled.approximation and "Chebyshev" not in compiled.approximation
+    ran = _run(tmp_path / "package", test, "--out", str(tmp_path / "p.csv"))
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    with (tmp_path / "p.csv").open() as handle:
+        predicted = [int(row["prediction"]) for row in csv.DictReader(handle)]
+    expected = run_model(model, x_test, "logits", []).argmax(1)
+    assert predicted == list(expected)
