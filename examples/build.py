@@ -77,6 +77,10 @@ TORCH_MODELS = {  # listing name: (file in examples/models, image side, price, d
     "digits-cnn": ("digits_cnn", 8, "45.00",
                    "8x8 digits; conv 3x3 (4 maps) + batch norm + square + average pool + "
                    "dense"),
+    "digits-bident": ("digits_bident", 8, "35.00",
+                      "8x8 digits; bident MLP (untrusted branch 64-64-64, trusted 64-64, x*x "
+                      "activations, product merge, dense 10); runs split, its trusted half "
+                      "in a trusted environment"),
     "cryptonets": ("cryptonets", 28, "60.00",
                    "28x28 upsampled digits; CryptoNets shape: conv 5x5 stride 2, square, "
                    "dense 100, square, dense 10"),

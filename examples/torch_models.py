@@ -6,6 +6,8 @@ the catalog nor the tests need PyTorch).
 
 * digits_square_mlp: 64-32-10 MLP with x*x activations (exact under CKKS)
 * digits_cnn: 8x8 digits, conv 3x3 (4 maps) + batch norm + square + average pool + dense
+* digits_bident (not made here): `gimme-seller bident train --base mlp --shape 64 --merge mul
+  --asymmetric --activation square --epochs 60` on the digits split of examples/datasets.py
 * cryptonets: 28x28 (upsampled digits), the CryptoNets shape: conv 5x5 stride 2 (5 maps),
   square, dense 100, square, dense 10
 """

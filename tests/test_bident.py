@@ -23,7 +23,7 @@ from examples.datasets import digits
 from seller_server.bident import split, torch_python
 from seller_server.compiler import compile_model
 from tests import onnx_graphs as g
-from tests.conftest import BIN
+from tests.conftest import BIN, ROOT, Daemon, buyer_cli, top_up
 
 
 @pytest.mark.parametrize("merge", g.MERGES)
@@ -150,3 +150,36 @@ def test_seller_trains_splits_and_the_buyer_runs_a_bident_model(tmp_path: Path) 
         predicted = [int(row["prediction"]) for row in csv.DictReader(handle)]
     expected = run_model(model, x_test, "logits", []).argmax(1)
     assert predicted == list(expected)
+
+
+def test_a_buyer_tries_a_bident_model_encrypted(tls_dir: Path, tmp_path: Path) -> None:
+    """The whole bident graph (both branches, the product merge) under 128-bit CKKS through
+    the daemon: the buyer tests what it will run split."""
+    catalog, data = tmp_path / "catalog", tmp_path / "data"
+    x_train, x_test, _y_train, y_test = digits(8)
+    catalog.mkdir()
+    (catalog / "digits_bident.onnx").write_bytes(
+        (ROOT / "examples" / "models" / "digits_bident.onnx").read_bytes())
+    np.savez(catalog / "calibration.npz", X=x_train)
+    (catalog / "digits_bident.json").write_text(json.dumps({
+        "name": "digits-bident", "model": "digits_bident.onnx",
+        "calibration": "calibration.npz", "price": "35.00", "trial_budget_rows": 500,
+        "input_columns": [f"x{i}" for i in range(64)]}))
+    data.mkdir()
+    np.savez(data / "test.npz", X=x_test[:120], y=y_test[:120])
+    daemon = Daemon(catalog, tmp_path / "state", tls_dir)
+    try:
+        daemon.wait_serving()
+        top_up(daemon, "carol", "100")
+        home = tmp_path / "home"
+        trial = buyer_cli(daemon, home, "carol", "trial", "digits-bident", "--data",
+                          str(data / "test.npz"))
+        assert trial.returncode == 0, trial.stdout + trial.stderr
+        report = json.loads(next((home / "trials" / "digits-bident").glob(
+            "*/report.json")).read_text())
+        assert report["metrics"]["accuracy"] > 0.9
+        assert buyer_cli(daemon, home, "carol", "buy", "digits-bident").returncode == 0
+        verified = buyer_cli(daemon, home, "carol", "verify", "digits-bident")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    finally:
+        daemon.stop()
