@@ -175,28 +175,23 @@ def test_relin_key_template(small_context: tuple[object, str, object, object]) -
         engine.relin_key_template(cc, new_key_tag()).check(key, "relinearization key")
 
 
-def test_residual_sum_mixes_levels_correctly() -> None:
-    from tests.test_compiler import _branches
-
-    rows = g.calibration(5)[:64]
-    compiled, _params, cc = _setup(_branches(), rows)
-    tag = new_key_tag()
-    secret, public = engine.generate_keys(cc, tag)
+def _encrypted_error(model: bytes, rows: FloatArray) -> float:
+    """max |decrypted encrypted evaluation - the plan in plaintext| on `rows`."""
+    compiled, _params, cc = _setup(model, rows)
+    secret, public = engine.generate_keys(cc, new_key_tag())
     inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
     scores = engine.evaluate(cc, compiled.plan, inputs, lambda done, total: None)  # type: ignore[attr-defined]
     decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
-    assert np.abs(decrypted - compiled.plan.simulate(rows)).max() < 1e-3  # type: ignore[attr-defined]
+    return float(np.abs(decrypted - compiled.plan.simulate(rows)).max())  # type: ignore[attr-defined]
+
+
+def test_residual_sum_mixes_levels_correctly() -> None:
+    from tests.test_compiler import _branches
+
+    assert _encrypted_error(_branches(), g.calibration(5)[:64]) < 1e-3
 
 
 @pytest.mark.parametrize("merge", g.MERGES)
 def test_bident_merges_evaluate_encrypted(merge: str) -> None:
     """The whole bident graph (both branches and the merge) under real encryption."""
-    rows = g.calibration()[:64]
-    model = g.bident(merge, "square")
-    compiled, _params, cc = _setup(model, rows)
-    tag = new_key_tag()
-    secret, public = engine.generate_keys(cc, tag)
-    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
-    scores = engine.evaluate(cc, compiled.plan, inputs, lambda done, total: None)  # type: ignore[attr-defined]
-    decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
-    assert np.abs(decrypted - compiled.plan.simulate(rows)).max() < 1e-3  # type: ignore[attr-defined]
+    assert _encrypted_error(g.bident(merge, "square"), g.calibration()[:64]) < 1e-3
