@@ -41,6 +41,7 @@ from sklearn.preprocessing import MinMaxScaler
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from common.he import engine  # noqa: E402
+from common.he.packing import pack_plan  # noqa: E402
 from common.he.params import new_key_tag  # noqa: E402
 from common.he.plan import HEPlan, row_terms  # noqa: E402
 from common.onnx_io import MAX_IR_VERSION, model_feed, run_model, session  # noqa: E402
@@ -73,6 +74,10 @@ class Row:
     top1_agreement: float
     plaintext_us_per_sample: float
     ratio_to_plaintext: float
+    packed_latency_s: float = 0.0  # one row, feature-packed: evaluation only
+    packed_rotation_keys_mb: float = 0.0
+    packed_rotations: int = 0
+    packed_error: float = 0.0
     tenseal_s: float | None = None
     tenseal_packing: str = ""
     speedup_vs_tenseal: float | None = None
@@ -173,10 +178,30 @@ def bench_model(name: str, workers: int, with_tenseal: bool, console: Console) -
         max_error=float(np.abs(ours - reference).max()), top1_agreement=agreement,
         plaintext_us_per_sample=1e6 * plain_per_sample,
         ratio_to_plaintext=(evaluate_s / len(rows)) / plain_per_sample)
+    _single_sample(cc, secret, public, plan, rows, row)
     if with_tenseal and plan.scalar_multiplications() <= TENSEAL_MAX_TERMS:
         row.tenseal_s, row.tenseal_packing = tenseal_best(plan, rows, params.ring_dimension)
         row.speedup_vs_tenseal = row.tenseal_s / row.compute_s
     return row
+
+
+def _single_sample(cc: Any, secret: Any, public: Any, plan: HEPlan, rows: FloatArray,
+                   row: Row) -> None:
+    """Feature-packed latency of one row (its features in the slots of one ciphertext),
+    with the weights already encoded."""
+    packed = pack_plan(plan)
+    keys = engine.generate_rotation_keys(cc, secret, packed.rotation_indices())
+    slots = cc.GetRingDimension() // 2
+    sample = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(packed.encode(rows[0], slots)
+                                                           .tolist()))
+    evaluator = engine.PackedEvaluator(cc, packed)
+    evaluator.evaluate(sample)  # encodes the weights' plaintexts once, as at model load
+    latency, scores = _timed(lambda: evaluator.evaluate(sample))
+    got = np.array(engine.decrypt_vector(cc, secret, scores, packed.scores))
+    row.packed_latency_s = latency
+    row.packed_rotation_keys_mb = len(keys) / 1e6
+    row.packed_rotations = packed.rotations()
+    row.packed_error = float(np.abs(got - plan.simulate(rows[:1])[0]).max())
 
 
 def tenseal_best(plan: HEPlan, rows: FloatArray, ring: int) -> tuple[float, str]:
@@ -237,6 +262,10 @@ FIGURES: list[tuple[str, Callable[[Row], str]]] = [
     ("top-1 agreement", lambda r: f"{r.top1_agreement:.2%}"),
     ("plaintext onnxruntime us/sample", lambda r: f"{r.plaintext_us_per_sample:.2f}"),
     ("HE / plaintext per sample", lambda r: f"{r.ratio_to_plaintext:,.0f}x"),
+    ("1 row feature-packed: evaluation s", lambda r: f"{r.packed_latency_s:.3f}"),
+    ("  rotations; rotation keys MB", lambda r: f"{r.packed_rotations}; "
+                                               f"{r.packed_rotation_keys_mb:.0f}"),
+    ("  max |error| vs the plan", lambda r: f"{r.packed_error:.1e}"),
     ("TenSEAL evaluation s", lambda r: f"{r.tenseal_s:.2f} ({r.tenseal_packing})"
      if r.tenseal_s is not None else "-"),
     ("TenSEAL / Gimme computing", lambda r: f"{r.speedup_vs_tenseal:.1f}x"

@@ -10,6 +10,7 @@ import pytest
 
 from common.errors import BadInput, Refused
 from common.he import engine
+from common.he.packing import pack_plan
 from common.he.params import CkksParams, new_key_tag
 from common.tabular import FloatArray
 from common.trust import check_security
@@ -195,3 +196,26 @@ def test_residual_sum_mixes_levels_correctly() -> None:
 def test_bident_merges_evaluate_encrypted(merge: str) -> None:
     """The whole bident graph (both branches and the merge) under real encryption."""
     assert _encrypted_error(g.bident(merge, "square"), g.calibration()[:64]) < 1e-3
+
+
+@pytest.mark.parametrize("model", ["tanh-mlp", "max-bident"])
+def test_feature_packed_evaluation_matches_the_plan(model: str) -> None:
+    """One row per ciphertext, baby-step/giant-step diagonal products with hoisted
+    rotations: the same scores as the slot-per-sample plan."""
+    onnx_model = g.mlp("Tanh") if model == "tanh-mlp" else g.bident("max", "square")
+    rows = g.calibration()
+    compiled, _params, cc = _setup(onnx_model, rows)
+    packed = pack_plan(compiled.plan)  # type: ignore[attr-defined]
+    expected = compiled.plan.simulate(rows[:3])  # type: ignore[attr-defined]
+    for row, want in zip(rows[:3], expected, strict=True):
+        assert np.abs(packed.simulate(row) - want).max() < 1e-9  # the layout, in numpy
+    secret, public = engine.generate_keys(cc, new_key_tag())
+    keys = engine.generate_rotation_keys(cc, secret, packed.rotation_indices())
+    assert len(keys) > 0 and packed.rotation_indices() == [1, 2, 3, 4]
+    evaluator = engine.PackedEvaluator(cc, packed)
+    slots = cc.GetRingDimension() // 2  # type: ignore[attr-defined]
+    for row, want in zip(rows[:3], expected, strict=True):
+        sample = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(  # type: ignore[attr-defined]
+            packed.encode(row, slots).tolist()))
+        scores = engine.decrypt_vector(cc, secret, evaluator.evaluate(sample), packed.scores)
+        assert np.abs(np.array(scores) - want).max() < 1e-3

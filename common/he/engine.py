@@ -21,6 +21,7 @@ import numpy.typing as npt
 import openfhe as fhe
 
 from common.errors import Refused
+from common.he.packing import PackedLinear, PackedPlan, PackedStage
 from common.he.params import CkksParams, log2_int, table_security_bits
 from common.he.plan import HEPlan, PolyStage, Weights, chebyshev_split, row_terms
 from common.he.template import ByteTemplate, learn_template
@@ -430,8 +431,10 @@ class _Rank:
         return received
 
 
-def _stage_entries(cc: Context, stage: PolyStage, u: Ciphertext) -> list[Ciphertext]:
-    """The basis entries one unit of `stage` adds: u*u, or T_1(u)..T_D(u)."""
+def _stage_entries(cc: Context, stage: PolyStage | PackedStage, u: Ciphertext
+                   ) -> list[Ciphertext]:
+    """The basis entries one unit of `stage` adds (or, feature-packed, one block per entry
+    kind over all units at once): u*u, or T_1(u)..T_D(u)."""
     if stage.kind == "square":
         return [cc.Rescale(cc.EvalMult(u, u))]
     powers: list[Ciphertext] = [None, u]
@@ -442,6 +445,69 @@ def _stage_entries(cc: Context, stage: PolyStage, u: Ciphertext) -> list[Ciphert
         powers.append(cc.EvalSub(doubled, 1.0) if a == b else
                       cc.EvalSub(doubled, powers[a - b]))
     return powers[1:]
+
+
+# ---------- feature-packed evaluation (common.he.packing) ----------
+
+
+def generate_rotation_keys(cc: Context, secret_key: Any, indices: Sequence[int]) -> bytes:
+    """The rotation keys feature-packed evaluation needs, loaded; their wire form."""
+    cc.EvalRotateKeyGen(secret_key, list(indices))
+    data: bytes = fhe.SerializeEvalAutomorphismKeyString(fhe.BINARY, secret_key.GetKeyTag())
+    return data
+
+
+class PackedEvaluator:
+    """Feature-packed evaluation of one row at a time; the weights' plaintexts (diagonals
+    and biases) are encoded on first use and kept, as a serving model would."""
+
+    def __init__(self, cc: Context, packed: PackedPlan) -> None:
+        self.cc, self.packed = cc, packed
+        self.repeat = cc.GetRingDimension() // 2 // packed.d
+        self.plaintexts: dict[tuple[int, ...], Any] = {}
+
+    def evaluate(self, row: Ciphertext) -> Ciphertext:
+        """The row's scores (slots 0..scores-1) from its feature-packed ciphertext."""
+        blocks: dict[int, Ciphertext] = {0: row}
+        for index, stage in enumerate(self.packed.stages):
+            u = self._linear(index, stage.linear, blocks)
+            for entry in _stage_entries(self.cc, stage, u):
+                blocks[len(blocks)] = entry
+        return self._linear(len(self.packed.stages), self.packed.output, blocks)
+
+    def _plain(self, key: tuple[int, ...], values: npt.NDArray[np.float64], level: int) -> Any:
+        if key not in self.plaintexts:
+            self.plaintexts[key] = self.cc.MakeCKKSPackedPlaintext(
+                np.tile(values, self.repeat).tolist(), 1, level)
+        return self.plaintexts[key]
+
+    def _linear(self, index: int, linear: PackedLinear, blocks: dict[int, Ciphertext]
+                ) -> Ciphertext:
+        """Baby steps hoisted per block, one giant rotation per step for all blocks, one
+        rescale for the whole sum."""
+        cc = self.cc
+        level = max(blocks[b].GetLevel() for b in linear.blocks)
+        order = cc.GetCyclotomicOrder()
+        inner: dict[int, list[Ciphertext]] = {}
+        for block in linear.blocks:
+            x = blocks[block]
+            if x.GetLevel() < level:
+                x = cc.LevelReduce(x, None, level - x.GetLevel())
+            steps = linear.terms[block]
+            digits = cc.EvalFastRotationPrecompute(x)
+            rotated = {b: cc.EvalFastRotation(x, b, order, digits) if b else x
+                       for b in {b for babies in steps.values() for b in babies}}
+            for g, babies in steps.items():
+                for b, diagonal in babies.items():
+                    plain = self._plain((index, block, g, b, level), diagonal, level)
+                    inner.setdefault(g, []).append(cc.EvalMult(rotated[b], plain))
+        parts = []
+        for g, products in sorted(inner.items()):
+            part = cc.EvalAddMany(products) if len(products) > 1 else products[0]
+            parts.append(cc.EvalRotate(part, g * self.packed.baby) if g else part)
+        total = cc.Rescale(cc.EvalAddMany(parts) if len(parts) > 1 else parts[0])
+        return cc.EvalAdd(total, self._plain((index, -1, total.GetLevel()), linear.bias,
+                                             total.GetLevel()))
 
 
 class _Basis:
