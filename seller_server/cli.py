@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                  timeout_s=args.worker_timeout),
                           workers_per_evaluation=args.workers_per_evaluation,
                           concurrent_evaluations=args.max_evaluations),
-        port_file=args.port_file))
+        port_file=args.port_file, key_ttl_hours=args.key_ttl_hours))
 
 
 def cmd_certs(args: argparse.Namespace) -> None:
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address-space limit of each worker process")
     p.add_argument("--worker-timeout", type=float, default=900.0,
                    help="seconds before a worker is killed")
+    p.add_argument("--key-ttl-hours", type=float, default=24.0,
+                   help="delete an unpaid trial's evaluation keys after it sat idle this "
+                        "long (default 24; its buyer uploads them again to go on)")
     p.add_argument("--insecure-he-params", type=int, metavar="RING", default=None,
                    help="TESTS ONLY: offer CKKS parameters with no security level on this "
                         "ring dimension; buyers refuse them unless told not to")

@@ -21,6 +21,7 @@ from seller_server.trade import Seller
 from seller_server.worker import Capacity
 
 log = logging.getLogger(__name__)
+KEY_SWEEP_SECONDS = 600
 GRACE_SECONDS = 10.0
 
 
@@ -34,6 +35,7 @@ class ServeOptions:
     insecure_ring: int = 0
     capacity: Capacity = field(default_factory=Capacity)
     port_file: Path | None = None
+    key_ttl_hours: float = 24.0  # unpaid trials' evaluation keys are deleted after this idle
 
 
 def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
@@ -64,14 +66,17 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
             on_model=lambda name, i, n: log.info("loading %s (%d/%d)", name, i + 1, n))
         if not listings:
             raise BadInput("no model in the catalog could be listed:\n  " + "\n  ".join(refused))
-        servicer.ready(Seller(listings, store, signer, options.state / "spool",
-                              options.capacity, options.security_bits))
+        seller = Seller(listings, store, signer, options.state / "spool", options.capacity,
+                        options.security_bits)
+        seller.expire_keys(options.key_ttl_hours * 3600)
+        servicer.ready(seller)
         for service in ("", SERVICE_NAME):
             health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING %d model(s): %s%s", len(listings),
                  ", ".join(listing.model_id for listing in listings),
                  f"; refused {len(refused)}" if refused else "")
-        stop.wait()
+        while not stop.wait(KEY_SWEEP_SECONDS):
+            seller.expire_keys(options.key_ttl_hours * 3600)
         log.info("shutting down: finishing in-flight calls (up to %.0fs)", GRACE_SECONDS)
     finally:
         health.enter_graceful_shutdown()

@@ -229,7 +229,8 @@ class Store:
             db.execute("INSERT INTO locks VALUES (?, ?)", (trial_id, key))
             return key
 
-    def set_keys(self, trial_id: str, sha256: bytes) -> None:
+    def set_keys(self, trial_id: str, sha256: bytes | None) -> None:
+        """The digest of the trial's uploaded keys (None: none, or expired)."""
         with self.transaction() as db:
             db.execute("UPDATE trials SET keys_sha256 = ? WHERE trial_id = ?",
                        (sha256, trial_id))

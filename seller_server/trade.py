@@ -206,7 +206,8 @@ class Seller:
         """Check a batch before its upload; returns (ciphertext count, exact size of each)."""
         trial, listing = self._trial(buyer_id, trial_id)
         if trial.keys_sha256 is None:
-            raise WrongState(f"trial {trial_id}: upload the evaluation keys before data")
+            raise WrongState(f"trial {trial_id}: no evaluation keys (not uploaded yet, or "
+                             f"expired after the trial sat idle): upload them before data")
         if not 0 < rows <= listing.params.slots:
             raise BadInput(f"a batch holds 1..{listing.params.slots} rows, not {rows}")
         if batch_index > 10_000:
@@ -351,6 +352,22 @@ class Seller:
         return model
 
     # ----- files -----
+
+    def expire_keys(self, max_age_seconds: float) -> int:
+        """Delete the evaluation keys of unpaid trials idle for `max_age_seconds` (a paid
+        trial's are deleted at purchase); their buyers upload keys again to go on."""
+        expired = 0
+        now = time.time()
+        for directory in (self.spool / "trials").glob("*"):
+            files = [f for f in directory.rglob("*") if f.is_file()] or [directory]
+            if now - max(f.stat().st_mtime for f in files) < max_age_seconds:
+                continue
+            shutil.rmtree(directory, ignore_errors=True)
+            self.store.set_keys(directory.name, None)
+            expired += 1
+        if expired:
+            log.info("expired the evaluation keys of %d idle trial(s)", expired)
+        return expired
 
     def _trial_dir(self, trial_id: str) -> Path:
         directory = self.spool / "trials" / trial_id

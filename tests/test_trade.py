@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +23,14 @@ from common.evidence import LOCKED_MODEL
 from common.he import engine
 from common.onnx_io import run_model
 from common.protocol import Progress
-from common.signing import sha256
+from common.signing import Signer, sha256
 from common.tabular import FloatArray, load_table
 from common.tail import apply_tail, predicted_labels
 from common.trust import open_key_release, open_offer
+from seller_server.catalog import load_catalog
+from seller_server.store import Store
+from seller_server.trade import Seller
+from seller_server.worker import Capacity
 from tests.conftest import BIN, Daemon, buyer_cli, perturbed_model, top_up
 
 LR = "breast-cancer-lr"
@@ -436,3 +441,29 @@ def test_a_buyer_packing_more_rows_than_it_pays_for_gets_zeros(
             trial.evaluate(1, 296, trial.ciphertexts(rows[:1]))
     finally:
         daemon.stop()
+
+
+def test_idle_trials_lose_their_keys_and_can_upload_them_again(lr_catalog: Path,
+                                                                tmp_path: Path) -> None:
+    store = Store(tmp_path / "gimme.sqlite")
+    signer, _ = Signer.load_or_create(tmp_path / "identity.key")
+    listings, _refused = load_catalog(lr_catalog, store, security_bits=128,
+                                      capacity=Capacity())
+    seller = Seller(listings, store, signer, tmp_path / "spool", Capacity(), 128)
+    try:
+        idle, fresh = (open_offer(seller.open_trial(buyer, LR), signer.public_key, LR)
+                       for buyer in ("bob", "carol"))
+        for offer in (idle, fresh):
+            (seller._trial_dir(offer.trial_id) / "relin.key").write_bytes(b"key")
+            store.set_keys(offer.trial_id, b"k" * 32)
+        old = time.time() - 7200
+        for item in (seller.spool / "trials" / idle.trial_id).rglob("*"):
+            os.utime(item, (old, old))
+        assert seller.expire_keys(3600) == 1
+        assert not (seller.spool / "trials" / idle.trial_id).exists()
+        assert (seller.spool / "trials" / fresh.trial_id / "relin.key").exists()
+        with pytest.raises(errors.WrongState, match="expired after the trial sat idle"):
+            seller.batch_shape("bob", idle.trial_id, 0, 10)
+        assert seller.batch_shape("carol", fresh.trial_id, 0, 10)[0] == 30
+    finally:
+        store.close()
