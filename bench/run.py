@@ -190,14 +190,15 @@ def _single_sample(cc: Any, secret: Any, public: Any, plan: HEPlan, rows: FloatA
     """Feature-packed latency of one row (its features in the slots of one ciphertext),
     with the weights already encoded."""
     packed = pack_plan(plan)
-    keys = engine.generate_rotation_keys(cc, secret, packed.rotation_indices())
     slots = cc.GetRingDimension() // 2
-    sample = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(packed.encode(rows[0], slots)
-                                                           .tolist()))
+    keys = engine.generate_rotation_keys(cc, secret, packed.rotation_indices(slots))
+    sample = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(
+        packed.layout(slots).encode(rows[:1]).tolist()))
     evaluator = engine.PackedEvaluator(cc, packed)
     evaluator.evaluate(sample)  # encodes the weights' plaintexts once, as at model load
     latency, scores = _timed(lambda: evaluator.evaluate(sample))
-    got = np.array(engine.decrypt_vector(cc, secret, scores, packed.scores))
+    got = packed.layout(slots).decode(
+        np.array(engine.decrypt_vector(cc, secret, scores, slots)), 1, packed.scores)[0]
     row.packed_latency_s = latency
     row.packed_rotation_keys_mb = len(keys) / 1e6
     row.packed_rotations = packed.rotations()

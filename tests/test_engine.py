@@ -200,22 +200,27 @@ def test_bident_merges_evaluate_encrypted(merge: str) -> None:
 
 @pytest.mark.parametrize("model", ["tanh-mlp", "max-bident"])
 def test_feature_packed_evaluation_matches_the_plan(model: str) -> None:
-    """One row per ciphertext, baby-step/giant-step diagonal products with hoisted
-    rotations: the same scores as the slot-per-sample plan."""
+    """All features of a row in one ciphertext, `stride` rows strided in it; baby-step/
+    giant-step diagonal products with hoisted rotations: the same scores as the
+    slot-per-sample plan, for full and partly filled ciphertexts."""
     onnx_model = g.mlp("Tanh") if model == "tanh-mlp" else g.bident("max", "square")
     rows = g.calibration()
     compiled, _params, cc = _setup(onnx_model, rows)
     packed = pack_plan(compiled.plan)  # type: ignore[attr-defined]
-    expected = compiled.plan.simulate(rows[:3])  # type: ignore[attr-defined]
-    for row, want in zip(rows[:3], expected, strict=True):
-        assert np.abs(packed.simulate(row) - want).max() < 1e-9  # the layout, in numpy
-    secret, public = engine.generate_keys(cc, new_key_tag())
-    keys = engine.generate_rotation_keys(cc, secret, packed.rotation_indices())
-    assert len(keys) > 0 and packed.rotation_indices() == [1, 2, 3, 4]
-    evaluator = engine.PackedEvaluator(cc, packed)
+    expected = compiled.plan.simulate(rows)  # type: ignore[attr-defined]
+    for row, want in zip(rows[:3], expected[:3], strict=True):
+        assert np.abs(packed.simulate(row) - want).max() < 1e-9  # the diagonals, in numpy
     slots = cc.GetRingDimension() // 2  # type: ignore[attr-defined]
-    for row, want in zip(rows[:3], expected, strict=True):
-        sample = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(  # type: ignore[attr-defined]
-            packed.encode(row, slots).tolist()))
-        scores = engine.decrypt_vector(cc, secret, evaluator.evaluate(sample), packed.scores)
-        assert np.abs(np.array(scores) - want).max() < 1e-3
+    layout = packed.layout(slots)
+    secret, public = engine.generate_keys(cc, new_key_tag())
+    indices = packed.rotation_indices(slots)
+    assert indices == [k * layout.stride for k in (1, 2, 3, 4)]
+    assert len(engine.generate_rotation_keys(cc, secret, indices)) > 0
+    evaluator = engine.PackedEvaluator(cc, packed)
+    for count in (min(layout.stride, len(rows)), 3):
+        vector = layout.encode(rows[:count])
+        assert np.array_equal(layout.decode(vector, count, packed.features), rows[:count])
+        sample = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(vector.tolist()))  # type: ignore[attr-defined]
+        scores = engine.decrypt_vector(cc, secret, evaluator.evaluate(sample), slots)
+        got = layout.decode(np.array(scores), count, packed.scores)
+        assert np.abs(got - expected[:count]).max() < 1e-3

@@ -458,17 +458,18 @@ def generate_rotation_keys(cc: Context, secret_key: Any, indices: Sequence[int])
 
 
 class PackedEvaluator:
-    """Feature-packed evaluation of one row at a time; the weights' plaintexts (diagonals
-    and biases) are encoded on first use and kept, as a serving model would."""
+    """Feature-packed evaluation (common.he.packing): each ciphertext holds `stride` rows.
+    The weights' plaintexts (diagonals and biases) are encoded on first use and kept, as a
+    serving model would."""
 
     def __init__(self, cc: Context, packed: PackedPlan) -> None:
         self.cc, self.packed = cc, packed
-        self.repeat = cc.GetRingDimension() // 2 // packed.d
+        self.layout = packed.layout(cc.GetRingDimension() // 2)
         self.plaintexts: dict[tuple[int, ...], Any] = {}
 
-    def evaluate(self, row: Ciphertext) -> Ciphertext:
-        """The row's scores (slots 0..scores-1) from its feature-packed ciphertext."""
-        blocks: dict[int, Ciphertext] = {0: row}
+    def evaluate(self, rows: Ciphertext) -> Ciphertext:
+        """The scores of the rows in one feature-packed ciphertext (entries 0..scores-1)."""
+        blocks: dict[int, Ciphertext] = {0: rows}
         for index, stage in enumerate(self.packed.stages):
             u = self._linear(index, stage.linear, blocks)
             for entry in _stage_entries(self.cc, stage, u):
@@ -478,7 +479,7 @@ class PackedEvaluator:
     def _plain(self, key: tuple[int, ...], values: npt.NDArray[np.float64], level: int) -> Any:
         if key not in self.plaintexts:
             self.plaintexts[key] = self.cc.MakeCKKSPackedPlaintext(
-                np.tile(values, self.repeat).tolist(), 1, level)
+                self.layout.spread(values).tolist(), 1, level)
         return self.plaintexts[key]
 
     def _linear(self, index: int, linear: PackedLinear, blocks: dict[int, Ciphertext]
@@ -486,6 +487,7 @@ class PackedEvaluator:
         """Baby steps hoisted per block, one giant rotation per step for all blocks, one
         rescale for the whole sum."""
         cc = self.cc
+        stride = self.layout.stride
         level = max(blocks[b].GetLevel() for b in linear.blocks)
         order = cc.GetCyclotomicOrder()
         inner: dict[int, list[Ciphertext]] = {}
@@ -495,7 +497,7 @@ class PackedEvaluator:
                 x = cc.LevelReduce(x, None, level - x.GetLevel())
             steps = linear.terms[block]
             digits = cc.EvalFastRotationPrecompute(x)
-            rotated = {b: cc.EvalFastRotation(x, b, order, digits) if b else x
+            rotated = {b: cc.EvalFastRotation(x, b * stride, order, digits) if b else x
                        for b in {b for babies in steps.values() for b in babies}}
             for g, babies in steps.items():
                 for b, diagonal in babies.items():
@@ -504,7 +506,7 @@ class PackedEvaluator:
         parts = []
         for g, products in sorted(inner.items()):
             part = cc.EvalAddMany(products) if len(products) > 1 else products[0]
-            parts.append(cc.EvalRotate(part, g * self.packed.baby) if g else part)
+            parts.append(cc.EvalRotate(part, g * self.packed.baby * stride) if g else part)
         total = cc.Rescale(cc.EvalAddMany(parts) if len(parts) > 1 else parts[0])
         return cc.EvalAdd(total, self._plain((index, -1, total.GetLevel()), linear.bias,
                                              total.GetLevel()))

@@ -1,8 +1,11 @@
-"""Feature-packed layout of an HE plan: one row per ciphertext, its features in the slots.
+"""Feature-packed layout of an HE plan: all features of a row in one ciphertext.
 
 The slot-per-sample plan (common.he.plan) has one ciphertext per basis entry and packs many
-rows into each; here one ciphertext holds a whole vector of one row, repeated with period
-`d` (a power of two >= every layer width) so that rotations wrap inside each period.
+rows into each; here one ciphertext holds whole vectors of `stride` rows. Each vector is
+padded to `d` entries (a power of two >= every layer width) and laid out strided: entry j
+of row r sits in slot j*stride + r. Rotating the ciphertext by k*stride then rotates every
+row's vector by k cyclically at once (the wrap-around of the slot vector is exactly the
+wrap-around inside each row), so the one-row algorithm below serves `stride` rows.
 Basis entries become *blocks*: the input is block 0, and each stage adds one block per
 entry kind (T_1(u)..T_D(u) over all its units, or u*u), the unit's entry in slot `unit`.
 
@@ -24,6 +27,46 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.he.plan import FloatArray, HEPlan, chebyshev_basis
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """Where rows and scores sit in a feature-packed ciphertext: all that the buyer and
+    an arbiter need to know of the packing (the weights stay with the seller)."""
+
+    period: int  # d
+    slots: int
+
+    @property
+    def stride(self) -> int:
+        """Rows per ciphertext."""
+        return self.slots // self.period
+
+    def encode(self, rows: FloatArray) -> FloatArray:
+        """Up to `stride` rows as one slot vector. Unused row positions repeat real rows
+        (a zero row can fall outside an activation's approximation range)."""
+        rows = np.asarray(rows, dtype=np.float64)
+        if not 0 < len(rows) <= self.stride or rows.shape[1] > self.period:
+            raise ValueError(f"{rows.shape} rows do not fit {self.stride} rows of "
+                             f"{self.period} entries")
+        matrix = np.zeros((self.period, self.stride))
+        matrix[:rows.shape[1]] = np.resize(rows, (self.stride, rows.shape[1])).T
+        return matrix.reshape(-1)
+
+    def decode(self, vector: FloatArray, rows: int, count: int) -> FloatArray:
+        """The first `count` entries of the first `rows` rows, shape (rows, count)."""
+        matrix = np.asarray(vector, dtype=np.float64).reshape(self.period, self.stride)
+        return matrix[:count, :rows].T.copy()
+
+    def mask(self, rows: int, count: int) -> FloatArray:
+        """1 where `decode(.., rows, count)` reads, 0 elsewhere."""
+        matrix = np.zeros((self.period, self.stride))
+        matrix[:count, :rows] = 1.0
+        return matrix.reshape(-1)
+
+    def spread(self, values: FloatArray) -> FloatArray:
+        """A per-entry vector (length d) for every row: what plaintext operands look like."""
+        return np.repeat(np.asarray(values, dtype=np.float64), self.stride)
 
 
 @dataclass(frozen=True)
@@ -61,12 +104,17 @@ class PackedPlan:
     output: PackedLinear
     scores: int
 
-    def rotation_indices(self) -> list[int]:
-        """Rotation keys the evaluation needs (the buyer generates and uploads them)."""
+    def rotation_indices(self, slots: int) -> list[int]:
+        """Slot rotations the evaluation uses: the rotation keys the buyer generates and
+        uploads (a row's vector rotates by k when the ciphertext rotates by k*stride)."""
         babies = set(range(1, self.baby))
         giants = {g * self.baby for s in (*self.stages, None)
                   for g in (s.linear if s else self.output).giant_steps() if g}
-        return sorted(babies | giants)
+        stride = self.layout(slots).stride
+        return [k * stride for k in sorted(babies | giants)]
+
+    def layout(self, slots: int) -> FeatureLayout:
+        return FeatureLayout(self.d, slots)
 
     def rotations(self) -> int:
         """Key switches per evaluation: hoisted baby steps per block + giant steps."""
@@ -78,12 +126,6 @@ class PackedPlan:
 
     def plaintext_products(self) -> int:
         return sum(s.linear.products() for s in self.stages) + self.output.products()
-
-    def encode(self, row: FloatArray, slots: int) -> FloatArray:
-        """A row's features as the input slot vector (period d, filling `slots`)."""
-        vector = np.zeros(self.d)
-        vector[:self.features] = row
-        return np.tile(vector, slots // self.d)
 
     def simulate(self, row: FloatArray) -> FloatArray:
         """The packed evaluation in numpy (np.roll for rotations): must equal the plan's."""
