@@ -41,7 +41,7 @@ from sklearn.preprocessing import MinMaxScaler
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from common.he import engine  # noqa: E402
-from common.he.packing import pack_plan  # noqa: E402
+from common.he.packing import SLOT_PER_SAMPLE, Packing, pack_plan  # noqa: E402
 from common.he.params import new_key_tag  # noqa: E402
 from common.he.plan import HEPlan, row_terms  # noqa: E402
 from common.onnx_io import MAX_IR_VERSION, model_feed, run_model, session  # noqa: E402
@@ -141,7 +141,9 @@ def bench_model(name: str, workers: int, with_tenseal: bool, console: Console) -
         seconds, scores = _timed(
             lambda: engine.evaluate(cc, plan, inputs, lambda done, total: None, workers))
         compute.append(seconds)
-        finished = engine.finish(cc, scores, len(rows), public, 0.0, np.random.default_rng())
+        masks = Packing(SLOT_PER_SAMPLE, cc.GetRingDimension() // 2).masks(len(rows),
+                                                                            len(scores))
+        finished = engine.finish(cc, scores, masks, public, 0.0, np.random.default_rng())
         return [engine.ciphertext_bytes(ct) for ct in finished]
 
     evaluate_s, result_bytes = _timed(seller)
@@ -193,12 +195,12 @@ def _single_sample(cc: Any, secret: Any, public: Any, plan: HEPlan, rows: FloatA
     slots = cc.GetRingDimension() // 2
     keys = engine.generate_rotation_keys(cc, secret, packed.rotation_indices(slots))
     sample = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(
-        packed.layout(slots).encode(rows[:1]).tolist()))
+        packed.layout(slots).encode(rows[:1])[0].tolist()))
     evaluator = engine.PackedEvaluator(cc, packed)
     evaluator.evaluate(sample)  # encodes the weights' plaintexts once, as at model load
     latency, scores = _timed(lambda: evaluator.evaluate(sample))
     got = packed.layout(slots).decode(
-        np.array(engine.decrypt_vector(cc, secret, scores, slots)), 1, packed.scores)[0]
+        [np.array(engine.decrypt_vector(cc, secret, scores, slots))], 1, packed.scores)[0]
     row.packed_latency_s = latency
     row.packed_rotation_keys_mb = len(keys) / 1e6
     row.packed_rotations = packed.rotations()

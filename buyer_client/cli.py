@@ -12,13 +12,15 @@ from rich.console import Console
 from rich.table import Table
 
 from buyer_client.client import SellerClient
+from buyer_client.planner import DEFAULT_MBPS
 from buyer_client.purchase import buy
 from buyer_client.run import run_locked
-from buyer_client.trial import run_trial, seller_key
+from buyer_client.trial import AUTO, run_trial, seller_key
 from buyer_client.verify import verify_delivery
 from buyer_client.workspace import Workspace
 from common.cli import run_command
 from common.errors import BadInput
+from common.he.packing import PACKINGS
 from common.rpc import TlsFiles
 from common.signing import fingerprint
 
@@ -60,7 +62,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_trial(args: argparse.Namespace) -> None:
     run_trial(_client(args), Workspace(args.home), console, model_id=args.model,
               data=args.data, label_column=args.label_column, max_rows=args.rows,
-              min_security=args.min_security)
+              min_security=args.min_security, packing=args.packing, link_mbps=args.link_mbps)
 
 
 def cmd_buy(args: argparse.Namespace) -> None:
@@ -126,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-security", type=int, default=128, choices=(0, 128, 192, 256),
                    help="refuse offers below this many bits of security (0: accept "
                         "anything, tests only)")
+    p.add_argument("--packing", default=AUTO, choices=(AUTO, *PACKINGS),
+                   help="how rows go into ciphertexts; auto (default) takes the packing the "
+                        "planner estimates fastest for your row count and link")
+    p.add_argument("--link-mbps", type=float, default=DEFAULT_MBPS,
+                   help=f"your link to the seller in Mbit/s, for the planner (default "
+                        f"{DEFAULT_MBPS:g})")
     p.set_defaults(func=cmd_trial)
 
     p = sub.add_parser("buy", parents=[common],

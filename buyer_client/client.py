@@ -67,17 +67,17 @@ class SellerClient:
         return [wire.listing_from_pb(m) for m in response.models], response.seller_public_key
 
     @_seller_errors
-    def open_trial(self, model_id: str) -> Signed:
-        response = self.stub.OpenTrial(pb.OpenTrialRequest(model_id=model_id),
+    def open_trial(self, model_id: str, packing: str) -> Signed:
+        response = self.stub.OpenTrial(pb.OpenTrialRequest(model_id=model_id, packing=packing),
                                        metadata=self.metadata, timeout=60)
         return wire.envelope_from_pb(response.offer)
 
     @_seller_errors
-    def upload_keys(self, trial_id: str, relin_key: bytes, public_key: bytes,
-                    on_bytes: BytesFn) -> bytes:
+    def upload_keys(self, trial_id: str, keys: dict[str, bytes], on_bytes: BytesFn) -> bytes:
+        """Upload the trial's keys in order: relin_key, public_key[, rotation_keys]."""
         def requests() -> Iterator[pb.UploadKeysRequest]:
             yield pb.UploadKeysRequest(trial=pb.TrialRef(trial_id=trial_id))
-            for name, data in (("relin_key", relin_key), ("public_key", public_key)):
+            for name, data in keys.items():
                 for frame in send_object(name, data, on_bytes):
                     yield pb.UploadKeysRequest(frame=frame)
 

@@ -12,16 +12,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from rich.console import Console
+from rich.table import Table
 
 from buyer_client.client import SellerClient
+from buyer_client.planner import DEFAULT_MBPS, TrialCost, choose, trial_cost
 from buyer_client.report import classification_metrics, render_metrics
 from buyer_client.ui import Bars
 from buyer_client.workspace import TrialFolder, Workspace
-from common.errors import BadInput, Exhausted
-from common.guarded import Limits
+from common.errors import BadInput, Exhausted, NotFound, Refused
 from common.he import engine
 from common.he.decryptor import decrypt
-from common.protocol import Offer, Signed
+from common.protocol import ModelListing, Offer, Signed
 from common.signing import fingerprint, keys_digest
 from common.tabular import load_table
 from common.tail import apply_tail, predicted_labels
@@ -29,7 +30,7 @@ from common.trust import check_security, open_offer, open_receipt
 
 log = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float64]
-DECRYPT_LIMITS = Limits(memory_bytes=4 << 30, timeout_s=600)
+AUTO = "auto"  # --packing: the planner's choice
 
 
 @dataclass(frozen=True)
@@ -41,30 +42,50 @@ class TrialResult:
 
 def seller_key(client: SellerClient, workspace: Workspace, console: Console) -> bytes:
     """The seller's pinned identity key; pinned on first contact (trust on first use)."""
+    return seller_catalog(client, workspace, console)[1]
+
+
+def seller_catalog(client: SellerClient, workspace: Workspace, console: Console
+                   ) -> tuple[list[ModelListing], bytes]:
+    """The seller's listings and identity key, which is pinned on first contact (trust on
+    first use)."""
     pinned = workspace.pinned_key(client.address)
-    _listings, presented = client.list_models()
+    listings, presented = client.list_models()
     workspace.pin_key(client.address, presented)
     if pinned is None:
         console.print(f"pinned seller key {fingerprint(presented)} for {client.address} "
                       f"(first contact)")
-    return presented
+    return listings, presented
 
 
 def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, model_id: str,
               data: Path, label_column: str | None, max_rows: int | None,
-              min_security: int) -> TrialResult:
-    key = seller_key(client, workspace, console)
-    signed_offer = client.open_trial(model_id)
+              min_security: int, packing: str = AUTO, link_mbps: float = DEFAULT_MBPS
+              ) -> TrialResult:
+    listings, key = seller_catalog(client, workspace, console)
+    listing = next((m for m in listings if m.model_id == model_id), None)
+    if listing is None:
+        raise NotFound(f"the seller lists no model {model_id!r}; 'gimme-buyer models' shows "
+                       f"what it offers")
+    table = load_table(data, listing.input_columns, label_column)
+    rows, labels = table.rows, table.labels
+    if max_rows is not None:
+        rows, labels = rows[:max_rows], labels[:max_rows] if labels else labels
+    costs = choose(listing.estimates, len(rows), len(listing.input_columns),
+                   max(len(listing.class_labels), 1), link_mbps)
+    chosen = _pick(costs, packing, model_id)
+    _show_plan(console, costs, chosen, len(rows), link_mbps, packing == AUTO)
+
+    signed_offer = client.open_trial(model_id, chosen.packing)
     offer = open_offer(signed_offer, key, model_id)
+    if offer.encoding.packing != chosen.packing:
+        raise Refused(f"asked for {chosen.packing} packing, offered {offer.encoding.packing}")
     derived = check_security(offer.params, min_security)
     console.print(f"offer {offer.trial_id}: {offer.params.describe()} -> {derived}-bit "
                   f"security (re-derived); price {offer.price_cents / 100:.2f}; tolerance "
                   f"{offer.tolerance:.2g}; {offer.trial_rows_remaining} trial rows left")
-
-    table = load_table(data, offer.encoding.input_columns, label_column)
-    rows, labels = table.rows, table.labels
-    if max_rows is not None:
-        rows, labels = rows[:max_rows], labels[:max_rows] if labels else labels
+    if offer.encoding.input_columns != listing.input_columns:
+        raise Refused("the offer's input columns differ from the seller's listing")
     if len(rows) > offer.trial_rows_remaining:
         raise Exhausted(f"{data} has {len(rows)} rows but only {offer.trial_rows_remaining} "
                         f"trial rows are left for {model_id!r}; pass --rows "
@@ -84,31 +105,33 @@ def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, m
     cc = engine.build_context(offer.params, offer.params.claimed_security_bits)
     tick = time.perf_counter()
     secret, public = engine.generate_keys(cc, offer.key_tag)
-    relin_key = engine.serialize_relin_key(offer.key_tag)
+    keys = {"relin_key": engine.serialize_relin_key(offer.key_tag),
+            "public_key": engine.serialize(public)}
+    if offer.encoding.rotation_indices:
+        keys["rotation_keys"] = engine.generate_rotation_keys(
+            cc, secret, offer.encoding.rotation_indices)
     measures["keygen_s"] = time.perf_counter() - tick
     folder.save_secret_key(engine.serialize(secret))
 
-    slots = offer.encoding.rows_per_ciphertext
-    batches = [rows[i:i + slots] for i in range(0, len(rows), slots)]
+    layout = offer.encoding.layout()
+    batches = [rows[i:i + layout.slots] for i in range(0, len(rows), layout.slots)]
     result_paths: list[list[str]] = []
     with Bars(console) as bars:
-        public_key = engine.serialize(public)
-        uploaded_keys = client.upload_keys(
-            offer.trial_id, relin_key, public_key,
-            bars.transfer("upload keys", len(relin_key) + len(public_key)))
-        if uploaded_keys != keys_digest(relin_key, public_key):
+        key_bytes = sum(len(k) for k in keys.values())
+        uploaded_keys = client.upload_keys(offer.trial_id, keys,
+                                           bars.transfer("upload keys", key_bytes))
+        if uploaded_keys != keys_digest(*keys.values()):
             raise BadInput("the seller acknowledged other keys than were sent")
-        measures.update(relin_key_bytes=len(relin_key),
-                        upload_bytes=len(relin_key) + len(public_key),
+        measures.update(packing=layout.kind, key_bytes=key_bytes, upload_bytes=key_bytes,
                         download_bytes=0, encrypt_s=0.0, evaluate_s=0.0)
 
         def encrypt(index: int) -> list[bytes]:
             tick = time.perf_counter()
-            batch = batches[index]
-            bar = bars.count(f"encrypt batch {index + 1}/{len(batches)}", batch.shape[1])
+            vectors = layout.encode(batches[index])
+            bar = bars.count(f"encrypt batch {index + 1}/{len(batches)}", len(vectors))
             blobs = []
-            for column in batch.T:
-                blobs.append(engine.ciphertext_bytes(engine.encrypt_vector(cc, public, column)))
+            for vector in vectors:
+                blobs.append(engine.ciphertext_bytes(engine.encrypt_vector(cc, public, vector)))
                 bar(len(blobs))
             measures["encrypt_s"] += time.perf_counter() - tick
             return blobs
@@ -122,14 +145,15 @@ def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, m
                 pending = encryptor.submit(encrypt, index + 1)
             upload = sum(len(b) for b in inputs)
             tick = time.perf_counter()
+            result_count = layout.result_count(len(batch), offer.output.score_count)
             results, receipt = client.evaluate(
                 offer.trial_id, index, len(batch), inputs,
-                result_count=offer.output.score_count,
+                result_count=result_count,
                 max_result_bytes=_max_result_bytes(offer),
                 on_upload=bars.transfer(f"upload batch {index + 1} ({len(batch)} rows)", upload),
                 on_progress=bars.steps(f"seller evaluates batch {index + 1}"),
                 on_download=bars.transfer(f"download results {index + 1}",
-                                          offer.output.score_count * _result_bytes_hint(offer)),
+                                          result_count * _result_bytes_hint(offer)),
             )
             measures["evaluate_s"] += time.perf_counter() - tick
             open_receipt(receipt, key, offer, signed_offer.payload, index, len(batch),
@@ -148,12 +172,12 @@ def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, m
     tick = time.perf_counter()
     scores = np.concatenate([
         decrypt(offer.params, engine.serialize(secret), offer.key_tag,
-                offer.output.result_level, paths, len(batch))
+                offer.output.result_level, paths, layout, len(batch), offer.output.score_count)
         for paths, batch in zip(result_paths, batches, strict=True)])
     measures["decrypt_s"] = time.perf_counter() - tick
     measures["total_s"] = time.perf_counter() - started
     np.save(folder.path / "scores.npy", scores)
-    measures["estimated"] = _estimate(offer, [len(b) for b in batches])
+    measures["estimated"] = _estimate(offer, len(rows), link_mbps)
     report = _report(offer, scores, labels, measures)
     folder.save_json("report.json", report)
     _show(console, offer, report, folder)
@@ -180,16 +204,37 @@ def _max_result_bytes(offer: Offer) -> int:
     return _result_bytes_hint(offer) + (64 << 10)
 
 
-def _estimate(offer: Offer, batch_rows: list[int]) -> dict[str, Any]:
-    """What the seller's signed estimate predicts for these batches."""
-    e = offer.estimate
-    columns = len(offer.encoding.input_columns)
-    return {
-        "packing": e.packing,
-        "upload_bytes": e.relin_key_bytes + len(batch_rows) * columns * e.ciphertext_bytes,
-        "download_bytes": len(batch_rows) * offer.output.score_count * e.result_bytes,
-        "seller_compute_s": len(batch_rows) * e.evaluate_seconds,
-    }
+def _estimate(offer: Offer, rows: int, link_mbps: float) -> dict[str, Any]:
+    """What the seller's signed estimate predicts for this trial."""
+    cost = trial_cost(offer.estimate, rows, len(offer.encoding.input_columns),
+                      offer.output.score_count, link_mbps)
+    return {"packing": cost.packing, "upload_bytes": cost.upload_bytes,
+            "download_bytes": cost.download_bytes, "seller_compute_s": cost.compute_s}
+
+
+def _pick(costs: list[TrialCost], packing: str, model_id: str) -> TrialCost:
+    if packing == AUTO:
+        return costs[0]
+    for cost in costs:
+        if cost.packing == packing:
+            return cost
+    raise BadInput(f"{model_id} is not offered with {packing} packing; it is offered with "
+                   f"{', '.join(c.packing for c in costs)} (or use --packing auto)")
+
+
+def _show_plan(console: Console, costs: list[TrialCost], chosen: TrialCost, rows: int,
+               link_mbps: float, automatic: bool) -> None:
+    table = Table("packing", "batches", "upload MB", "download MB", "seller s",
+                  f"transfer s at {link_mbps:g} Mbit/s", "estimated s",
+                  title=f"planner: {rows} rows, seller's figures")
+    for cost in costs:
+        mark = " (chosen)" if cost is chosen else ""
+        table.add_row(cost.packing + mark, str(cost.batches), f"{cost.upload_bytes / 1e6:.1f}",
+                      f"{cost.download_bytes / 1e6:.1f}", f"{cost.compute_s:.2f}",
+                      f"{cost.transfer_s:.2f}", f"{cost.total_s:.2f}")
+    console.print(table)
+    if not automatic:
+        console.print(f"packing {chosen.packing}: chosen with --packing")
 
 
 def _report(offer: Offer, scores: FloatArray, labels: tuple[str, ...] | None,
@@ -213,9 +258,10 @@ def _report(offer: Offer, scores: FloatArray, labels: tuple[str, ...] | None,
 def _show(console: Console, offer: Offer, report: dict[str, Any], folder: TrialFolder) -> None:
     m = report["measurements"]
     console.print(
-        f"trial {offer.trial_id}: {m['rows']} rows; keygen {m['keygen_s']:.2f}s, encrypt "
-        f"{m['encrypt_s']:.2f}s, upload {m['upload_bytes'] / 1e6:.1f} MB (key "
-        f"{m['relin_key_bytes'] / 1e6:.1f} MB), seller {m['evaluate_s']:.2f}s, download "
+        f"trial {offer.trial_id} ({m['packing']}): {m['rows']} rows; keygen "
+        f"{m['keygen_s']:.2f}s, encrypt {m['encrypt_s']:.2f}s, upload "
+        f"{m['upload_bytes'] / 1e6:.1f} MB (keys {m['key_bytes'] / 1e6:.1f} MB), seller "
+        f"{m['evaluate_s']:.2f}s, download "
         f"{m['download_bytes'] / 1e6:.1f} MB, decrypt {m['decrypt_s']:.2f}s, total "
         f"{m['total_s']:.2f}s")
     e = m["estimated"]

@@ -142,25 +142,28 @@ def _decrypted(bundle: Bundle, offer: Offer, receipts: list[Receipt], checks: _C
     """The tested rows and the trial results, decrypted here from the signed ciphertexts."""
     secret_key = bundle.read(SECRET_KEY)
     columns, scores = len(offer.encoding.input_columns), offer.output.score_count
+    layout = offer.encoding.layout()
     inputs, results = [], []
     with tempfile.TemporaryDirectory(prefix="gimme-arbiter-") as tmp:
         for receipt in receipts:
-            b = receipt.batch_index
-            if (len(receipt.input_sha256), len(receipt.result_sha256)) != (columns, scores):
+            b, rows = receipt.batch_index, receipt.rows
+            expected = (layout.ciphertexts(rows, columns), layout.result_count(rows, scores))
+            if (len(receipt.input_sha256), len(receipt.result_sha256)) != expected:
                 checks.require(Check("receipts match the offer", False,
                                      f"batch {b}: {len(receipt.input_sha256)} inputs and "
-                                     f"{len(receipt.result_sha256)} results for {columns} "
-                                     f"columns and {scores} scores"),
+                                     f"{len(receipt.result_sha256)} results where "
+                                     f"{layout.kind} packing of {rows} rows gives "
+                                     f"{expected[0]} and {expected[1]}"),
                                "the trial records are inconsistent")
             try:
                 inputs.append(decrypt(
                     offer.params, secret_key, offer.key_tag, 0,
-                    _extract(bundle, tmp, [input_name(b, j) for j in range(columns)]),
-                    receipt.rows))
+                    _extract(bundle, tmp, [input_name(b, j) for j in range(expected[0])]),
+                    layout, rows, columns))
                 results.append(decrypt(
                     offer.params, secret_key, offer.key_tag, offer.output.result_level,
-                    _extract(bundle, tmp, [result_name(b, i) for i in range(scores)]),
-                    receipt.rows))
+                    _extract(bundle, tmp, [result_name(b, i) for i in range(expected[1])]),
+                    layout, rows, scores))
             except GimmeError as exc:
                 checks.require(Check("ciphertexts decrypt with the revealed key", False,
                                      f"batch {b}: {exc.message}"),

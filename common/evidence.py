@@ -39,8 +39,8 @@ SECRET_KEY = "secret.key"
 MAX_BUNDLE_ENTRY = 4 << 30
 
 
-def input_name(batch: int, column: int) -> str:
-    return f"inputs/batch-{batch}/ct-{column}.bin"
+def input_name(batch: int, index: int) -> str:
+    return f"inputs/batch-{batch}/ct-{index}.bin"
 
 
 def result_name(batch: int, score: int) -> str:

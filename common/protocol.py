@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.he.packing import SLOT_PER_SAMPLE, Packing
 from common.he.params import CkksParams
 
 OFFER = "gimme.v1.Offer"
@@ -32,7 +33,12 @@ class EncodingSpec:
     rows_per_ciphertext: int
     input_min: tuple[float, ...]
     input_max: tuple[float, ...]
-    packing: str = "slot-per-sample"
+    packing: str = SLOT_PER_SAMPLE
+    period: int = 1  # feature-packed: entries per row vector
+    rotation_indices: tuple[int, ...] = ()  # feature-packed: rotation keys the buyer uploads
+
+    def layout(self) -> Packing:
+        return Packing(self.packing, self.rows_per_ciphertext, self.period)
 
 
 @dataclass(frozen=True)
@@ -57,13 +63,18 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class Estimate:
-    """The seller's figures for one batch (from its self-test at listing time)."""
+    """The seller's figures for one packing, from its self-test at listing time."""
 
     packing: str
-    relin_key_bytes: int
-    ciphertext_bytes: int
-    result_bytes: int
-    evaluate_seconds: float
+    key_bytes: int  # every evaluation key the buyer uploads
+    ciphertext_bytes: int  # one input ciphertext
+    result_bytes: int  # one result ciphertext
+    evaluate_seconds: float  # slot-per-sample: one batch; feature-packed: one ciphertext
+    rows_per_ciphertext: int
+    period: int = 1
+
+    def layout(self) -> Packing:
+        return Packing(self.packing, self.rows_per_ciphertext, self.period)
 
 
 @dataclass(frozen=True)
@@ -151,6 +162,7 @@ class ModelListing:
     trial_price_per_row_cents: int
     extraction_risk: str
     output_policy: str
+    estimates: tuple[Estimate, ...]  # one per packing the seller offers
 
 
 @dataclass(frozen=True)

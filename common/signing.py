@@ -17,9 +17,9 @@ def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def keys_digest(relin_key: bytes, public_key: bytes) -> bytes:
-    """One digest binding a trial's uploaded keys (receipts carry it)."""
-    return sha256(sha256(relin_key) + sha256(public_key))
+def keys_digest(*keys: bytes) -> bytes:
+    """One digest binding a trial's uploaded keys, in upload order (receipts carry it)."""
+    return sha256(b"".join(sha256(key) for key in keys))
 
 
 def signed_bytes(kind: str, payload: bytes) -> bytes:

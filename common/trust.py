@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from common.deeplock import KEY_BYTES
 from common.errors import BadInput, Refused
 from common.he import engine
+from common.he.packing import FEATURE_PACKED, PACKINGS
 from common.he.params import CkksParams
 from common.protocol import (
     DELIVERY,
@@ -60,11 +61,7 @@ def _check_offer_shape(offer: Offer) -> None:
         problems.append("no SHA-256 model commitment")
     if not 0 < offer.tolerance < 1e6:
         problems.append(f"tolerance {offer.tolerance}")
-    if offer.encoding.packing != "slot-per-sample":
-        problems.append(f"unknown packing {offer.encoding.packing!r}")
-    if offer.encoding.rows_per_ciphertext != offer.params.slots:
-        problems.append(f"{offer.encoding.rows_per_ciphertext} rows per ciphertext with "
-                        f"{offer.params.slots} slots")
+    problems += _packing_problems(offer)
     if not offer.encoding.input_columns:
         problems.append("no input columns")
     if not 0 < offer.output.score_count <= MAX_SCORES:
@@ -81,6 +78,30 @@ def _check_offer_shape(offer: Offer) -> None:
         problems.append(exc.message)
     if problems:
         raise Refused("the offer is malformed: " + "; ".join(problems))
+
+
+MAX_ROTATION_KEYS = 128
+
+
+def _packing_problems(offer: Offer) -> list[str]:
+    encoding, slots = offer.encoding, offer.params.slots
+    if encoding.packing not in PACKINGS:
+        return [f"unknown packing {encoding.packing!r}"]
+    problems = []
+    period = encoding.period
+    if (encoding.rows_per_ciphertext * period != slots or period & (period - 1)
+            or (encoding.packing == FEATURE_PACKED and period < len(encoding.input_columns))):
+        problems.append(f"{encoding.rows_per_ciphertext} rows of {period} entries per "
+                        f"ciphertext with {slots} slots and {len(encoding.input_columns)} "
+                        f"columns")
+    indices = encoding.rotation_indices
+    if encoding.packing == FEATURE_PACKED:
+        if not 0 < len(indices) <= MAX_ROTATION_KEYS or not all(0 < i < slots for i in indices):
+            problems.append(f"{len(indices)} rotation keys asked for (1..{MAX_ROTATION_KEYS} "
+                            f"rotations within {slots} slots)")
+    elif indices:
+        problems.append("rotation keys asked for without feature packing")
+    return problems
 
 
 def check_security(params: CkksParams, policy_bits: int) -> int:

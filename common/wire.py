@@ -111,6 +111,8 @@ def offer_payload(offer: Offer) -> bytes:
             rows_per_ciphertext=offer.encoding.rows_per_ciphertext,
             input_min=offer.encoding.input_min,
             input_max=offer.encoding.input_max,
+            period=offer.encoding.period,
+            rotation_indices=offer.encoding.rotation_indices,
         ),
         output=pb.OutputSpec(
             score_count=offer.output.score_count,
@@ -132,13 +134,7 @@ def offer_payload(offer: Offer) -> bytes:
         buyer_id=offer.buyer_id,
         issued_at=offer.issued_at,
         seller_public_key=offer.seller_public_key,
-        estimate=pb.Estimate(
-            packing=offer.estimate.packing,
-            relin_key_bytes=offer.estimate.relin_key_bytes,
-            ciphertext_bytes=offer.estimate.ciphertext_bytes,
-            result_bytes=offer.estimate.result_bytes,
-            evaluate_seconds=offer.estimate.evaluate_seconds,
-        ),
+        estimate=estimate_to_pb(offer.estimate),
         trial_price_per_row_cents=offer.trial_price_per_row_cents,
     )
     return message.SerializeToString(deterministic=True)
@@ -164,6 +160,8 @@ def offer_from_payload(payload: bytes) -> Offer:
             input_min=tuple(m.encoding.input_min),
             input_max=tuple(m.encoding.input_max),
             packing=m.encoding.packing,
+            period=m.encoding.period or 1,  # slot-per-sample offers may leave it unset
+            rotation_indices=tuple(m.encoding.rotation_indices),
         ),
         output=OutputSpec(
             score_count=m.output.score_count,
@@ -184,11 +182,21 @@ def offer_from_payload(payload: bytes) -> Offer:
         buyer_id=m.buyer_id,
         issued_at=m.issued_at,
         seller_public_key=m.seller_public_key,
-        estimate=Estimate(m.estimate.packing, m.estimate.relin_key_bytes,
-                          m.estimate.ciphertext_bytes, m.estimate.result_bytes,
-                          m.estimate.evaluate_seconds),
+        estimate=estimate_from_pb(m.estimate),
         trial_price_per_row_cents=m.trial_price_per_row_cents,
     )
+
+
+def estimate_to_pb(e: Estimate) -> pb.Estimate:
+    return pb.Estimate(packing=e.packing, key_bytes=e.key_bytes,
+                       ciphertext_bytes=e.ciphertext_bytes, result_bytes=e.result_bytes,
+                       evaluate_seconds=e.evaluate_seconds,
+                       rows_per_ciphertext=e.rows_per_ciphertext, period=e.period)
+
+
+def estimate_from_pb(m: pb.Estimate) -> Estimate:
+    return Estimate(m.packing, m.key_bytes, m.ciphertext_bytes, m.result_bytes,
+                    m.evaluate_seconds, m.rows_per_ciphertext, m.period or 1)
 
 
 # ----- receipts -----
@@ -293,6 +301,7 @@ def listing_to_pb(listing: ModelListing) -> pb.ModelListing:
         trial_price_per_row_cents=listing.trial_price_per_row_cents,
         extraction_risk=listing.extraction_risk,
         output_policy=listing.output_policy,
+        estimates=[estimate_to_pb(e) for e in listing.estimates],
     )
 
 
@@ -301,7 +310,8 @@ def listing_from_pb(m: pb.ModelListing) -> ModelListing:
                         m.trial_rows_remaining, tuple(m.input_columns), tuple(m.class_labels),
                         m.model_commitment, m.ring_dimension, m.multiplicative_depth,
                         m.tolerance, m.approximation, m.trial_price_per_row_cents,
-                        m.extraction_risk, m.output_policy)
+                        m.extraction_risk, m.output_policy,
+                        tuple(estimate_from_pb(e) for e in m.estimates))
 
 
 def progress_to_pb(progress: Progress) -> pb.Progress:

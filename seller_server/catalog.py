@@ -48,6 +48,7 @@ from onnx import numpy_helper
 from common.errors import BadInput, GimmeError
 from common.guarded import run_guarded
 from common.he import engine
+from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE
 from common.he.params import CkksParams
 from common.he.plan import HEPlan
 from common.onnx_io import parse_model, run_model
@@ -64,7 +65,7 @@ from seller_server.worker import Capacity
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "gimme-he-8"  # bump when compiled results would change
+ENGINE_VERSION = "gimme-he-9"  # bump when compiled results would change
 TOLERANCE_FACTOR = 3.0
 TOLERANCE_FLOOR = 1e-4
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -104,6 +105,12 @@ class Measured:
     computation_error: float  # max |decrypted - plan| before finishing
     flooding_std: float
     he_error: float  # max |tail(finished result) - onnxruntime| on the compared output
+    # feature packing (packed_period 0: not offered for this model)
+    packed_period: int = 0
+    packed_rotation_key_bytes: int = 0
+    packed_rotation_keys: int = 0
+    packed_evaluate_seconds: float = 0.0  # one ciphertext, every worker busy
+    packed_computation_error: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -128,14 +135,30 @@ class Listing:
     def model_id(self) -> str:
         return self.spec.model_id
 
-    def encoding(self) -> EncodingSpec:
-        return EncodingSpec(self.spec.input_columns, self.params.slots, self.input_min,
-                            self.input_max)
+    def encoding(self, estimate: Estimate, rotation_indices: tuple[int, ...]) -> EncodingSpec:
+        return EncodingSpec(self.spec.input_columns, estimate.rows_per_ciphertext,
+                            self.input_min, self.input_max, estimate.packing, estimate.period,
+                            rotation_indices)
 
-    def estimate(self) -> Estimate:
+    def estimates(self) -> tuple[Estimate, ...]:
+        """One per packing this listing offers, from the self-test."""
         m = self.measured
-        return Estimate("slot-per-sample", m.relin_key_bytes + m.public_key_bytes,
-                        m.ciphertext_bytes, m.result_bytes, m.evaluate_seconds)
+        keys = m.relin_key_bytes + m.public_key_bytes
+        offered = [Estimate(SLOT_PER_SAMPLE, keys, m.ciphertext_bytes, m.result_bytes,
+                            m.evaluate_seconds, self.params.slots)]
+        if m.packed_period:
+            offered.append(Estimate(FEATURE_PACKED, keys + m.packed_rotation_key_bytes,
+                                    m.ciphertext_bytes, m.result_bytes,
+                                    m.packed_evaluate_seconds,
+                                    self.params.slots // m.packed_period, m.packed_period))
+        return tuple(offered)
+
+    def estimate(self, packing: str) -> Estimate:
+        for estimate in self.estimates():
+            if estimate.packing == packing:
+                return estimate
+        offered = ", ".join(e.packing for e in self.estimates())
+        raise BadInput(f"{self.model_id} is not offered {packing!r}; it is offered: {offered}")
 
     def describe_output(self) -> str:
         policy = self.spec.output_policy
@@ -315,7 +338,9 @@ def _compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
                                      capacity)
     reference = run_model(model_bytes, test_rows, compiled.tail.probability_output,
                           compiled.tail.class_labels)
-    he_error = float(np.abs(apply_tail(decrypted, compiled.tail.ops) - reference).max())
+    # the tolerance covers every packing offered
+    he_error = max(float(np.abs(apply_tail(results, compiled.tail.ops)
+                                - reference[:len(results)]).max()) for results in decrypted)
     return {
         "plan": base64.b64encode(compiled.plan.to_bytes()).decode(),
         "tail": [list(compiled.tail.ops), list(compiled.tail.class_labels),
@@ -362,19 +387,22 @@ def fingerprint_strength(model_bytes: bytes, rows: FloatArray, tail: Tail) -> fl
 
 
 def _self_test(spec: ListingSpec, params: CkksParams, security_bits: int, plan: HEPlan,
-               rows: FloatArray, capacity: Capacity) -> tuple[FloatArray, dict[str, Any]]:
+               rows: FloatArray, capacity: Capacity) -> tuple[list[FloatArray], dict[str, Any]]:
+    """The decrypted finished results of each packing tested, and the measurements."""
     with tempfile.TemporaryDirectory(prefix="gimme-selftest-") as tmp:
-        plan_path, rows_path, out_path = (Path(tmp) / n for n in ("plan", "rows.npz", "out.npy"))
+        plan_path, rows_path, out_path, packed_out_path = (
+            Path(tmp) / n for n in ("plan", "rows.npz", "out.npy", "packed.npy"))
         plan_path.write_bytes(plan.to_bytes())
         np.savez(rows_path, rows=rows)
         measured = run_guarded("seller_server.worker:self_test", {
             "params": params.to_dict(), "security_bits": security_bits,
             "plan_path": str(plan_path), "rows_path": str(rows_path),
-            "out_path": str(out_path), "workers": capacity.workers_per_evaluation,
+            "out_path": str(out_path), "packed_out_path": str(packed_out_path),
+            "workers": capacity.workers_per_evaluation,
             "circuit_privacy": spec.circuit_privacy, "flooding_bits": spec.flooding_bits,
             "policy_noise_std": spec.output_policy.noise_std},
             limits=capacity.limits)
-        return np.load(out_path), measured
+        return [np.load(p) for p in (out_path, packed_out_path) if p.exists()], measured
 
 
 def extraction_risk(spec: ListingSpec, model_bytes: bytes, linear: bool) -> tuple[str, bool]:

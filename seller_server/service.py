@@ -15,6 +15,7 @@ from gimme.v1 import gimme_pb2_grpc as pb_grpc
 
 from common import wire
 from common.errors import BadInput, GimmeError, Refused, Unavailable
+from common.he.packing import SLOT_PER_SAMPLE
 from common.protocol import Progress
 from common.rpc import peer_identity
 from common.transfer import receive_object, send_object
@@ -97,7 +98,8 @@ class SellerServicer(pb_grpc.SellerServicer):
     @_guard
     def OpenTrial(self, request: pb.OpenTrialRequest, context: grpc.ServicerContext
                   ) -> pb.OpenTrialResponse:
-        signed = self.seller.open_trial(self._buyer(context), request.model_id)
+        signed = self.seller.open_trial(self._buyer(context), request.model_id,
+                                        request.packing or SLOT_PER_SAMPLE)
         return pb.OpenTrialResponse(offer=wire.envelope_to_pb(signed))
 
     @_guard
@@ -108,13 +110,13 @@ class SellerServicer(pb_grpc.SellerServicer):
         if first is None or not first.HasField("trial"):
             raise BadInput("UploadKeys: the first message must name the trial")
         trial_id = first.trial.trial_id
-        relin_size, public_size = self.seller.key_sizes(buyer, trial_id)
         frames = _frames(request_iterator)
-        relin = receive_object(frames, expected_name="relin_key", max_size=relin_size,
-                               exact_size=relin_size, what="UploadKeys")
-        public = receive_object(frames, expected_name="public_key", max_size=public_size,
-                                exact_size=public_size, what="UploadKeys")
-        digest = self.seller.accept_keys(buyer, trial_id, relin.data, public.data)
+        keys = {name: receive_object(frames, expected_name=name, max_size=cap,
+                                     exact_size=exact, what="UploadKeys").data
+                for name, (cap, exact) in self.seller.key_sizes(buyer, trial_id).items()}
+        if next(frames, None) is not None:
+            raise BadInput(f"UploadKeys: more than the keys this trial takes ({', '.join(keys)})")
+        digest = self.seller.accept_keys(buyer, trial_id, keys)
         return pb.UploadKeysResponse(keys_sha256=digest)
 
     @_guard_stream
@@ -131,7 +133,7 @@ class SellerServicer(pb_grpc.SellerServicer):
         inputs = [receive_object(frames, expected_name=f"ct-{j}", max_size=size,
                                  exact_size=size, what="Evaluate").data for j in range(count)]
         if next(frames, None) is not None:
-            raise BadInput(f"Evaluate: more than the {count} ciphertexts this model takes")
+            raise BadInput(f"Evaluate: more than the {count} ciphertexts this batch takes")
         events: queue.Queue[Progress | Evaluation | GimmeError | Exception] = queue.Queue()
 
         def work() -> None:

@@ -15,11 +15,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common.deeplock import key_id, lock, new_master_key
 from common.errors import BadInput, Exhausted, NotFound, WorkerFailed, WrongState
 from common.guarded import run_guarded
 from common.he import engine
+from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE, pack_plan
 from common.he.params import new_key_tag
 from common.he.plan import HEPlan
 from common.protocol import (
@@ -41,6 +43,7 @@ from common.signing import Signer, keys_digest, sha256
 from common.wire import (
     delivery_payload,
     key_release_payload,
+    offer_from_payload,
     offer_payload,
     payment_payload,
     receipt_payload,
@@ -70,6 +73,11 @@ class TrialModel:
 class Evaluation:
     results: list[bytes]
     receipt: Signed
+
+
+def _offer(trial: TrialRow) -> Offer:
+    """The offer the trial runs under, as signed."""
+    return offer_from_payload(trial.offer_payload)
 
 
 class Seller:
@@ -116,6 +124,7 @@ class Seller:
                 trial_price_per_row_cents=listing.spec.trial_price_per_row_cents,
                 extraction_risk=listing.extraction_risk,
                 output_policy=listing.describe_output(),
+                estimates=listing.estimates(),
             )
             for listing in self.listings.values()
         ]
@@ -126,8 +135,10 @@ class Seller:
 
     # ----- step 2: the signed offer -----
 
-    def open_trial(self, buyer_id: str, model_id: str) -> Signed:
+    def open_trial(self, buyer_id: str, model_id: str, packing: str = SLOT_PER_SAMPLE
+                   ) -> Signed:
         listing = self.listing(model_id)
+        estimate = listing.estimate(packing)
         remaining = self._remaining(buyer_id, listing)
         if remaining == 0:
             raise Exhausted(f"trial budget for {model_id!r} is used up "
@@ -135,6 +146,8 @@ class Seller:
                             f"{listing.spec.price_cents / 100:.2f} or ask the seller for more")
         key = new_key() if listing.fingerprint_strength else None
         model = self._copy(listing, key)
+        rotation_indices = (tuple(pack_plan(model.plan).rotation_indices(listing.params.slots))
+                            if estimate.packing == FEATURE_PACKED else ())
         offer = Offer(
             trial_id=secrets.token_hex(12),
             model_id=model_id,
@@ -142,7 +155,7 @@ class Seller:
             model_commitment=sha256(model.model_bytes),
             model_size=len(model.model_bytes),
             params=listing.params,
-            encoding=listing.encoding(),
+            encoding=listing.encoding(estimate, rotation_indices),
             output=listing.output(),
             tolerance=model.tolerance,
             price_cents=listing.spec.price_cents,
@@ -151,7 +164,7 @@ class Seller:
             buyer_id=buyer_id,
             issued_at=int(time.time()),
             seller_public_key=self.signer.public_key,
-            estimate=listing.estimate(),
+            estimate=estimate,
             trial_price_per_row_cents=listing.spec.trial_price_per_row_cents,
         )
         signed = self._sign(OFFER, offer_payload(offer))
@@ -162,8 +175,8 @@ class Seller:
             self.store.add_fingerprint(offer.trial_id, model_id, key,
                                        listing.fingerprint_strength)
         self._remember(offer.trial_id, model)
-        log.info("trial %s opened: buyer %s, model %s, %d rows left", offer.trial_id, buyer_id,
-                 model_id, remaining)
+        log.info("trial %s opened: buyer %s, model %s (%s), %d rows left", offer.trial_id,
+                 buyer_id, model_id, estimate.packing, remaining)
         return signed
 
     def _trial(self, buyer_id: str, trial_id: str) -> tuple[TrialRow, Listing]:
@@ -177,27 +190,47 @@ class Seller:
 
     # ----- step 4: keys -----
 
-    def key_sizes(self, buyer_id: str, trial_id: str) -> tuple[int, int]:
-        """Exact sizes of the (relinearization key, public key) this trial takes."""
-        measured = self._trial(buyer_id, trial_id)[1].measured
-        return measured.relin_key_bytes, measured.public_key_bytes
+    def key_sizes(self, buyer_id: str, trial_id: str) -> dict[str, tuple[int, int | None]]:
+        """The key objects this trial takes, in upload order: name -> (size cap, exact size
+        where it is known). Rotation keys are sized by the offer's index count; the
+        worker's byte template checks them exactly."""
+        trial, listing = self._trial(buyer_id, trial_id)
+        m = listing.measured
+        sizes: dict[str, tuple[int, int | None]] = {
+            "relin_key": (m.relin_key_bytes, m.relin_key_bytes),
+            "public_key": (m.public_key_bytes, m.public_key_bytes)}
+        indices = _offer(trial).encoding.rotation_indices
+        if indices:
+            per_key = -(-m.packed_rotation_key_bytes // m.packed_rotation_keys)
+            sizes["rotation_keys"] = (per_key * (len(indices) + 1), None)
+        return sizes
 
-    def accept_keys(self, buyer_id: str, trial_id: str, relin_key: bytes,
-                    public_key: bytes) -> bytes:
+    def accept_keys(self, buyer_id: str, trial_id: str, keys: dict[str, bytes]) -> bytes:
         trial, listing = self._trial(buyer_id, trial_id)
         directory = self._trial_dir(trial_id)
-        (directory / "relin.key").write_bytes(relin_key)
-        (directory / "public.key").write_bytes(public_key)
-        run_guarded("seller_server.worker:check_keys", {
+        for name, data in keys.items():
+            (directory / f"{name}.bin").write_bytes(data)
+        run_guarded("seller_server.worker:check_keys", self._worker_request(trial, listing),
+                    limits=self.capacity.limits)
+        digest = keys_digest(*keys.values())
+        self.store.set_keys(trial_id, digest)
+        log.info("trial %s: keys accepted (%s)", trial_id,
+                 ", ".join(f"{name} {len(data)} bytes" for name, data in keys.items()))
+        return digest
+
+    def _worker_request(self, trial: TrialRow, listing: Listing) -> dict[str, Any]:
+        """What every worker job of this trial is told: parameters, plan, packing, keys."""
+        encoding = _offer(trial).encoding
+        directory = self._trial_dir(trial.trial_id)
+        return {
             "params": listing.params.to_dict(), "security_bits": self.security_bits,
             "plan_path": str(self._plan_file(self._trial_model(trial, listing).plan)),
-            "key_tag": trial.key_tag, "relin_key_path": str(directory / "relin.key"),
-            "public_key_path": str(directory / "public.key")}, limits=self.capacity.limits)
-        digest = keys_digest(relin_key, public_key)
-        self.store.set_keys(trial_id, digest)
-        log.info("trial %s: keys accepted (%d + %d bytes)", trial_id, len(relin_key),
-                 len(public_key))
-        return digest
+            "key_tag": trial.key_tag,
+            "packing": encoding.layout().to_dict(),
+            "rotation_indices": list(encoding.rotation_indices),
+            "relin_key_path": str(directory / "relin_key.bin"),
+            "public_key_path": str(directory / "public_key.bin"),
+            "rotation_keys_path": str(directory / "rotation_keys.bin")}
 
     # ----- steps 4-5: evaluation -----
 
@@ -210,13 +243,15 @@ class Seller:
                              f"expired after the trial sat idle): upload them before data")
         if not 0 < rows <= listing.params.slots:
             raise BadInput(f"a batch holds 1..{listing.params.slots} rows, not {rows}")
+        layout = _offer(trial).encoding.layout()
         if batch_index > 10_000:
             raise BadInput(f"batch index {batch_index} is out of range")
         remaining = self._remaining(buyer_id, listing)
         if rows > remaining:
             raise budget_exhausted(listing.model_id, remaining, listing.spec.trial_budget_rows,
                                    rows, listing.spec.trial_price_per_row_cents)
-        return len(listing.spec.input_columns), listing.measured.ciphertext_bytes
+        return (layout.ciphertexts(rows, len(listing.spec.input_columns)),
+                listing.measured.ciphertext_bytes)
 
     def evaluate(self, buyer_id: str, trial_id: str, batch_index: int, rows: int,
                  inputs: Sequence[bytes], on_progress: ProgressFn) -> Evaluation:
@@ -236,11 +271,7 @@ class Seller:
             with self._evaluation_slots:
                 outcome = run_guarded(
                     "seller_server.worker:evaluate_batch",
-                    {"params": listing.params.to_dict(), "security_bits": self.security_bits,
-                     "plan_path": str(self._plan_file(self._trial_model(trial, listing).plan)),
-                     "key_tag": trial.key_tag,
-                     "relin_key_path": str(self._trial_dir(trial_id) / "relin.key"),
-                     "public_key_path": str(self._trial_dir(trial_id) / "public.key"),
+                    self._worker_request(trial, listing) | {
                      "rows": rows, "circuit_privacy": listing.spec.circuit_privacy,
                      "flooding_std": listing.measured.flooding_std,
                      "policy_noise_std": listing.spec.output_policy.noise_std,

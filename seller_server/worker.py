@@ -14,8 +14,9 @@ import numpy as np
 
 from common.guarded import Json, Limits, ProgressFn
 from common.he import engine
+from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE, Packing, pack_plan
 from common.he.params import CkksParams, new_key_tag
-from common.he.plan import HEPlan
+from common.he.plan import FloatArray, HEPlan
 
 
 @dataclass(frozen=True)
@@ -42,39 +43,76 @@ def _evaluation_progress(report: ProgressFn) -> engine.ProgressFn:
     return lambda done, total: report({"stage": "evaluating", "done": done, "total": total})
 
 
+# Feature packing is offered only where its rotation keys stay within reason.
+MAX_ROTATION_KEYS = 64
+
+
 def self_test(request: Json, report: ProgressFn) -> Json:
     """Encrypt calibration rows with throwaway keys, evaluate, finish as a trial would,
-    decrypt: measures the real CKKS error, sizes the flooding noise, and records the exact
-    size of every object a trial moves."""
+    decrypt, in each packing: measures the real CKKS error, sizes the flooding noise, and
+    records the exact size of every object a trial moves and the evaluation time."""
     cc, plan = _setup(request)
     rows = np.load(request["rows_path"])["rows"]
-    tag = new_key_tag()
+    workers = int(request["workers"])
+    slots = cc.GetRingDimension() // 2
     report({"stage": "generating keys"})
-    secret, public = engine.generate_keys(cc, tag)
+    secret, public = engine.generate_keys(cc, new_key_tag())
     report({"stage": "encrypting"})
-    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    layout = Packing(SLOT_PER_SAMPLE, slots)
+    inputs = [engine.encrypt_vector(cc, public, v) for v in layout.encode(rows)]
     start = time.perf_counter()
-    scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report),
-                             int(request["workers"]))
+    scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report), workers)
     seconds = time.perf_counter() - start
-    raw = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
+    raw = _decrypted(cc, secret, layout, scores, len(rows), len(scores))
     computation_error = float(np.abs(raw - plan.simulate(rows)).max())
     flooding_std = (computation_error * 2.0 ** int(request["flooding_bits"])
                     if request["circuit_privacy"] else 0.0)
-    finished = engine.finish(cc, scores, len(rows), public, _noise(request, flooding_std),
+    noise = _noise(request, flooding_std)
+    finished = engine.finish(cc, scores, layout.masks(len(rows), len(scores)), public, noise,
                              np.random.default_rng())
-    decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows))
-                          for ct in finished]).T
-    np.save(request["out_path"], decrypted)
-    return {
+    np.save(request["out_path"], _decrypted(cc, secret, layout, finished, len(rows),
+                                             len(scores)))
+    measured: Json = {
         "evaluate_seconds": seconds,
         "computation_error": computation_error,
         "flooding_std": flooding_std,
         "ciphertext_bytes": len(engine.ciphertext_bytes(inputs[0])),
-        "relin_key_bytes": len(engine.serialize_relin_key(tag)),
+        "relin_key_bytes": len(engine.serialize_relin_key(secret.GetKeyTag())),
         "public_key_bytes": len(engine.serialize(public)),
         "result_bytes": len(engine.ciphertext_bytes(finished[0])),
     }
+    packed = pack_plan(plan)
+    indices = packed.rotation_indices(slots) if packed.d <= slots else []
+    if not 0 < len(indices) <= MAX_ROTATION_KEYS:
+        return measured
+    report({"stage": "feature-packed: generating rotation keys"})
+    rotation_keys = engine.generate_rotation_keys(cc, secret, indices)
+    layout = packed.layout(slots)
+    sample = rows[:max(1, min(len(rows), workers * layout.rows_per_ciphertext))]
+    inputs = [engine.encrypt_vector(cc, public, v) for v in layout.encode(sample)]
+    start = time.perf_counter()
+    scores = engine.evaluate_packed(cc, packed, inputs, _evaluation_progress(report), workers)
+    seconds = time.perf_counter() - start
+    raw = _decrypted(cc, secret, layout, scores, len(sample), packed.scores)
+    finished = engine.finish(cc, scores, layout.masks(len(sample), packed.scores), public,
+                             noise, np.random.default_rng())
+    np.save(request["packed_out_path"],
+            _decrypted(cc, secret, layout, finished, len(sample), packed.scores))
+    return measured | {
+        "packed_period": packed.d,
+        "packed_rotation_key_bytes": len(rotation_keys),
+        "packed_rotation_keys": len(indices),
+        # per ciphertext with every worker busy (each takes one ciphertext at a time)
+        "packed_evaluate_seconds": seconds / (-(-len(inputs) // workers) * workers),
+        "packed_computation_error": float(np.abs(raw - plan.simulate(sample)).max()),
+    }
+
+
+def _decrypted(cc: Any, secret: Any, layout: Packing, scores: list[Any], rows: int,
+               count: int) -> FloatArray:
+    """The (rows, count) scores the buyer would read from `scores`."""
+    return layout.decode([np.array(engine.decrypt_vector(cc, secret, ct, layout.slots))
+                          for ct in scores], rows, count)
 
 
 def _noise(request: Json, flooding_std: float) -> float:
@@ -82,15 +120,30 @@ def _noise(request: Json, flooding_std: float) -> float:
     return float(np.hypot(flooding_std, float(request["policy_noise_std"])))
 
 
+def _key_templates(cc: Any, request: Json, report: ProgressFn) -> dict[str, Any]:
+    """Check every uploaded key file against a template (bytes only, nothing
+    deserialized); returns {name: (template, bytes)}."""
+    tag = request["key_tag"]
+    report({"stage": "building templates"})
+    templates = {"relinearization key": (engine.relin_key_template(cc, tag),
+                                         request["relin_key_path"]),
+                 "public key": (engine.public_key_template(cc, tag), request["public_key_path"])}
+    if request["packing"]["kind"] == FEATURE_PACKED:
+        templates["rotation keys"] = (engine.rotation_key_template(
+            cc, tag, request["rotation_indices"]), request["rotation_keys_path"])
+    report({"stage": "checking uploads"})
+    checked = {}
+    for name, (template, path) in templates.items():
+        data = Path(path).read_bytes()
+        template.check(data, name)
+        checked[name] = (template, data)
+    return checked
+
+
 def check_keys(request: Json, report: ProgressFn) -> Json:
     """Template-check uploaded keys (bytes only, nothing deserialized)."""
     cc, _plan = _setup(request)
-    report({"stage": "building templates"})
-    relin = engine.relin_key_template(cc, request["key_tag"])
-    public = engine.public_key_template(cc, request["key_tag"])
-    report({"stage": "checking uploads"})
-    relin.check(Path(request["relin_key_path"]).read_bytes(), "relinearization key")
-    public.check(Path(request["public_key_path"]).read_bytes(), "public key")
+    _key_templates(cc, request, report)
     return {}
 
 
@@ -98,32 +151,34 @@ def evaluate_batch(request: Json, report: ProgressFn) -> Json:
     """Check, open and evaluate one batch of uploaded ciphertexts; finish and write the
     results."""
     cc, plan = _setup(request)
-    tag = request["key_tag"]
-    report({"stage": "building templates"})
-    relin_template = engine.relin_key_template(cc, tag)
-    public_template = engine.public_key_template(cc, tag)
-    gate = engine.CiphertextGate(cc, tag, level=0)
-    report({"stage": "checking uploads"})
-    relin_key = Path(request["relin_key_path"]).read_bytes()
-    public_key = Path(request["public_key_path"]).read_bytes()
-    relin_template.check(relin_key, "relinearization key")
-    public_template.check(public_key, "public key")
+    layout = Packing(**request["packing"])
+    keys = _key_templates(cc, request, report)
+    gate = engine.CiphertextGate(cc, request["key_tag"], level=0)
     blobs = [Path(p).read_bytes() for p in request["ciphertext_paths"]]
     for index, blob in enumerate(blobs):
         gate.check(blob, f"ciphertext {index}")
     report({"stage": "loading relinearization key"})
-    engine.load_relin_key(relin_key, relin_template)
-    buyer_public = engine.load_public_key(public_key, public_template)
+    engine.load_relin_key(keys["relinearization key"][1], keys["relinearization key"][0])
+    if "rotation keys" in keys:
+        engine.load_rotation_keys(keys["rotation keys"][1], keys["rotation keys"][0])
+    buyer_public = engine.load_public_key(keys["public key"][1], keys["public key"][0])
     report({"stage": "loading ciphertexts"})
-    inputs = gate.load_all(blobs, "ciphertext", threads=int(request["workers"]))
-    del blobs
+    workers = int(request["workers"])
+    inputs = gate.load_all(blobs, "ciphertext", threads=workers)
+    del blobs, keys
     start = time.perf_counter()
-    scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report),
-                             int(request["workers"]))
+    if layout.kind == FEATURE_PACKED:
+        packed = pack_plan(plan)
+        scores = engine.evaluate_packed(cc, packed, inputs, _evaluation_progress(report),
+                                        workers)
+        count = packed.scores
+    else:
+        scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report), workers)
+        count = len(scores)
     seconds = time.perf_counter() - start
     report({"stage": "finishing"})
     noise = _noise(request, float(request["flooding_std"]))
-    finished = engine.finish(cc, scores, int(request["rows"]),
+    finished = engine.finish(cc, scores, layout.masks(int(request["rows"]), count),
                              buyer_public if request["circuit_privacy"] or noise else None,
                              noise, np.random.default_rng())
     report({"stage": "writing results"})

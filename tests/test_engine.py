@@ -10,8 +10,9 @@ import pytest
 
 from common.errors import BadInput, Refused
 from common.he import engine
-from common.he.packing import pack_plan
+from common.he.packing import SLOT_PER_SAMPLE, Packing, pack_plan
 from common.he.params import CkksParams, new_key_tag
+from common.he.template import learn_template
 from common.tabular import FloatArray
 from common.trust import check_security
 from seller_server.compiler import compile_model
@@ -59,7 +60,8 @@ def test_finishing_masks_unpaid_slots_and_rerandomizes(
     scores = engine.evaluate(cc, compiled.plan, inputs,  # type: ignore[attr-defined]
                              lambda done, total: None)
     paid, noise = 40, 1e-3
-    first, second = (engine.finish(cc, scores, paid, public, noise, np.random.default_rng(s))
+    masks = Packing(SLOT_PER_SAMPLE, len(rows)).masks(paid, len(scores))
+    first, second = (engine.finish(cc, scores, masks, public, noise, np.random.default_rng(s))
                      for s in (1, 2))
     level = engine.result_level(compiled.plan)  # type: ignore[attr-defined]
     assert all(ct.GetLevel() == level for ct in first)
@@ -176,6 +178,32 @@ def test_relin_key_template(small_context: tuple[object, str, object, object]) -
         engine.relin_key_template(cc, new_key_tag()).check(key, "relinearization key")
 
 
+def test_template_finds_a_block_whose_first_byte_agreed_by_chance() -> None:
+    """Three samples share a coefficient block's first (low) byte: the block still starts
+    there, so an honest object that differs in that byte passes."""
+    rng = np.random.default_rng(1)
+
+    def sample(low_byte: int) -> bytes:
+        words = rng.integers(0, 2**36, 64, dtype=np.uint64)  # 36-bit coefficients
+        words[0] = (words[0] & ~np.uint64(0xFF)) | np.uint64(low_byte)
+        return b"header:8" + words.tobytes() + b"trailer!"
+
+    template = learn_template([sample(7) for _ in range(3)], 64 * 8)
+    assert int(np.flatnonzero(~template.fixed)[0]) == 8
+    template.check(sample(9), "key")
+    with pytest.raises(BadInput, match="byte 4 "):
+        template.check(b"headX:8" + sample(9)[7:], "key")
+
+
+def test_rotation_key_template(small_context: tuple[object, str, object, object]) -> None:
+    cc, tag, secret, _public = small_context
+    keys = engine.generate_rotation_keys(cc, secret, [1, 4])
+    template = engine.rotation_key_template(cc, tag, [1, 4])
+    engine.load_rotation_keys(keys, template)
+    with pytest.raises(BadInput, match="rotation keys: expected exactly"):
+        engine.rotation_key_template(cc, tag, [1, 2, 4]).check(keys, "rotation keys")
+
+
 def _encrypted_error(model: bytes, rows: FloatArray) -> float:
     """max |decrypted encrypted evaluation - the plan in plaintext| on `rows`."""
     compiled, _params, cc = _setup(model, rows)
@@ -214,13 +242,13 @@ def test_feature_packed_evaluation_matches_the_plan(model: str) -> None:
     layout = packed.layout(slots)
     secret, public = engine.generate_keys(cc, new_key_tag())
     indices = packed.rotation_indices(slots)
-    assert indices == [k * layout.stride for k in (1, 2, 3, 4)]
+    assert indices == [k * layout.rows_per_ciphertext for k in (1, 2, 3, 4)]
     assert len(engine.generate_rotation_keys(cc, secret, indices)) > 0
     evaluator = engine.PackedEvaluator(cc, packed)
-    for count in (min(layout.stride, len(rows)), 3):
-        vector = layout.encode(rows[:count])
-        assert np.array_equal(layout.decode(vector, count, packed.features), rows[:count])
+    for count in (min(layout.rows_per_ciphertext, len(rows)), 3):
+        [vector] = layout.encode(rows[:count])
+        assert np.array_equal(layout.decode([vector], count, packed.features), rows[:count])
         sample = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(vector.tolist()))  # type: ignore[attr-defined]
         scores = engine.decrypt_vector(cc, secret, evaluator.evaluate(sample), slots)
-        got = layout.decode(np.array(scores), count, packed.scores)
+        got = layout.decode([np.array(scores)], count, packed.scores)
         assert np.abs(got - expected[:count]).max() < 1e-3

@@ -21,6 +21,7 @@ from common import errors
 from common.deeplock import unlock
 from common.evidence import LOCKED_MODEL
 from common.he import engine
+from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE
 from common.onnx_io import run_model
 from common.protocol import Progress
 from common.signing import Signer, sha256
@@ -141,29 +142,33 @@ def _client(daemon: Daemon, identity: str) -> SellerClient:
 class _Trial:
     """A buyer that drives the protocol by hand, so tests can cheat at any step."""
 
-    def __init__(self, daemon: Daemon, identity: str) -> None:
+    def __init__(self, daemon: Daemon, identity: str, packing: str = SLOT_PER_SAMPLE) -> None:
         self.client = _client(daemon, identity)
         _listings, self.key = self.client.list_models()
-        self.signed = self.client.open_trial(LR)
+        self.signed = self.client.open_trial(LR, packing)
         self.offer = open_offer(self.signed, self.key, LR)
+        self.layout = self.offer.encoding.layout()
         self.cc = engine.build_context(self.offer.params, 128)
         self.secret, self.public = engine.generate_keys(self.cc, self.offer.key_tag)
-        self.relin_key = engine.serialize_relin_key(self.offer.key_tag)
+        self.keys = {"relin_key": engine.serialize_relin_key(self.offer.key_tag),
+                     "public_key": engine.serialize(self.public)}
+        if self.offer.encoding.rotation_indices:
+            self.keys["rotation_keys"] = engine.generate_rotation_keys(
+                self.cc, self.secret, self.offer.encoding.rotation_indices)
 
-    def upload_keys(self, relin_key: bytes | None = None, public_key: bytes | None = None
-                    ) -> bytes:
-        return self.client.upload_keys(self.offer.trial_id, relin_key or self.relin_key,
-                                       public_key or engine.serialize(self.public),
+    def upload_keys(self, **replaced: bytes) -> bytes:
+        return self.client.upload_keys(self.offer.trial_id, self.keys | replaced,
                                        lambda n: None)
 
     def ciphertexts(self, rows: FloatArray) -> list[bytes]:
-        return [engine.ciphertext_bytes(engine.encrypt_vector(self.cc, self.public, c))
-                for c in rows.T]
+        return [engine.ciphertext_bytes(engine.encrypt_vector(self.cc, self.public, v))
+                for v in self.layout.encode(rows)]
 
     def evaluate(self, batch: int, rows: int, blobs: list[bytes]) -> tuple[list[bytes], object]:
         progress: list[Progress] = []
         return self.client.evaluate(
-            self.offer.trial_id, batch, rows, blobs, result_count=2, max_result_bytes=1 << 22,
+            self.offer.trial_id, batch, rows, blobs,
+            result_count=self.layout.result_count(rows, 2), max_result_bytes=1 << 22,
             on_upload=lambda n: None, on_progress=progress.append, on_download=lambda n: None)
 
     def buy(self) -> bytes:
@@ -176,10 +181,10 @@ class _Trial:
 
 def test_corrupted_uploads_are_rejected_and_the_daemon_keeps_serving(lr_seller: Daemon) -> None:
     trial = _Trial(lr_seller, "carol")
-    key = bytearray(trial.relin_key)
+    key = bytearray(trial.keys["relin_key"])
     key[100] ^= 0xFF  # a header byte of the key
     with pytest.raises(errors.BadInput, match="relinearization key: byte 100"):
-        trial.upload_keys(bytes(key))
+        trial.upload_keys(relin_key=bytes(key))
     public = bytearray(engine.serialize(trial.public))
     public[200] ^= 0x01
     with pytest.raises(errors.BadInput, match="public key: byte 200"):
@@ -206,11 +211,79 @@ def test_corrupted_uploads_are_rejected_and_the_daemon_keeps_serving(lr_seller: 
     assert [m.model_id for m in listings] == [LR]
 
 
+def test_feature_packed_trial_buy_verify_and_arbiter(lr_seller: Daemon, examples: Path,
+                                                     tmp_path: Path) -> None:
+    """All 30 features of a row in one ciphertext, 150 rows in two ciphertexts (the second
+    part full): the whole trade works, and an arbiter decodes the packing from the offer."""
+    trial = buyer_cli(lr_seller, tmp_path, "dave", "trial", LR, "--data",
+                      str(_test_csv(examples)), "--label-column", "y", "--rows", "150",
+                      "--packing", "feature-packed")
+    assert trial.returncode == 0, trial.stdout + trial.stderr
+    assert "planner: 150 rows" in trial.stdout and "chosen with --packing" in trial.stdout
+    assert "(feature-packed): 150 rows" in trial.stdout
+    folder = next((tmp_path / "trials" / LR).glob("*/report.json")).parent
+    report = json.loads((folder / "report.json").read_text())
+    measured = report["measurements"]
+    assert measured["packing"] == measured["estimated"]["packing"] == "feature-packed"
+    # 2 input ciphertexts instead of 30; the rotation keys make up most of the upload
+    assert measured["upload_bytes"] == measured["key_bytes"] + 2 * measured["ciphertext_bytes"]
+    assert measured["download_bytes"] == 2 * measured["result_bytes"]
+    assert measured["estimated"]["upload_bytes"] == pytest.approx(measured["upload_bytes"],
+                                                                  rel=0.05)
+    model = (examples / "catalog" / "breast_cancer_lr.onnx").read_bytes()
+    columns = json.loads((examples / "catalog" / "breast_cancer_lr.json").read_text())[
+        "input_columns"]
+    table = load_table(_test_csv(examples), columns, "y")
+    probabilities = run_model(model, table.rows[:150], "output_probability", ["0", "1"])
+    clear = np.abs(probabilities[:, 1] - 0.5) > report["tolerance"]
+    plain = predicted_labels(probabilities, ["0", "1"])
+    assert all(a == b for a, b, c in zip(report["predictions"], plain, clear, strict=True) if c)
+    for command in ("buy", "verify"):
+        done = buyer_cli(lr_seller, tmp_path, "dave", command, LR)
+        assert done.returncode == 0, done.stdout + done.stderr
+    bundle = next(folder.glob("evidence-*.zip"))
+    key = subprocess.run([str(BIN / "gimme-seller"), "identity", "--state",
+                          str(lr_seller.state)], capture_output=True, text=True, check=True)
+    ruling = subprocess.run([str(BIN / "gimme-arbiter"), "verify", str(bundle), "--seller-key",
+                             key.stdout.strip()], capture_output=True, text=True, timeout=600)
+    assert ruling.returncode == 0 and "NO FAULT FOUND" in ruling.stdout, ruling.stdout
+
+
+def test_feature_packed_keys_are_checked_and_unpaid_rows_come_back_zero(
+        lr_seller: Daemon, lr_catalog: Path) -> None:
+    trial = _Trial(lr_seller, "erin", FEATURE_PACKED)
+    assert trial.offer.encoding.period == 32 and trial.layout.rows_per_ciphertext == 128
+    rotation = bytearray(trial.keys["rotation_keys"])
+    rotation[64] ^= 0x10  # a header byte
+    with pytest.raises(errors.BadInput, match="rotation keys: byte 64"):
+        trial.upload_keys(rotation_keys=bytes(rotation))
+    with pytest.raises(errors.BadInput, match="rotation keys: expected exactly"):
+        trial.upload_keys(rotation_keys=bytes(rotation[:-8]))
+    trial.upload_keys()
+    columns = json.loads((lr_catalog / "breast_cancer_lr.json").read_text())["input_columns"]
+    rows = load_table(lr_catalog / "breast_cancer_lr_calibration.csv", columns).rows[:200]
+    with pytest.raises(errors.BadInput, match="more than the 2 ciphertexts"):
+        trial.evaluate(0, 200, trial.ciphertexts(rows)[:1] * 3)  # 200 rows take 2
+    # declares (and pays for) 130 rows, packs 200: row 130 onwards comes back zero
+    results, _receipt = trial.evaluate(0, 130, trial.ciphertexts(rows))
+    assert len(results) == 2
+    gate = engine.CiphertextGate(trial.cc, trial.offer.key_tag, trial.offer.output.result_level)
+    slots = trial.layout.slots
+    vectors = [np.array(engine.decrypt_vector(trial.cc, trial.secret, gate.load(r, "r"), slots))
+               for r in results]
+    scores = trial.layout.decode(vectors, 200, 2)
+    plain = run_model(trial.buy(), rows, "output_probability", ["0", "1"])  # the buyer's copy
+    probabilities = apply_tail(scores[:130], trial.offer.output.tail)
+    assert np.abs(probabilities - plain[:130]).max() <= trial.offer.tolerance
+    assert np.abs(scores[130:]).max() < 1e-3
+    assert np.abs(vectors[1].reshape(32, 128)[2:]).max() < 1e-3  # padding entries too
+
+
 def test_budget_is_enforced_by_the_seller(lr_seller: Daemon) -> None:
     trial = _Trial(lr_seller, "dave")
     trial.upload_keys()
     remaining = trial.offer.trial_rows_remaining
-    with pytest.raises(errors.Exhausted, match=f"{remaining} of {remaining} rows remain"):
+    with pytest.raises(errors.Exhausted, match=rf"{remaining} of \d+ rows remain"):
         trial.evaluate(0, remaining + 1, trial.ciphertexts(np.zeros((1, 30))))
 
 
@@ -451,17 +524,18 @@ def test_idle_trials_lose_their_keys_and_can_upload_them_again(lr_catalog: Path,
                                       capacity=Capacity())
     seller = Seller(listings, store, signer, tmp_path / "spool", Capacity(), 128)
     try:
-        idle, fresh = (open_offer(seller.open_trial(buyer, LR), signer.public_key, LR)
+        idle, fresh = (open_offer(seller.open_trial(buyer, LR, SLOT_PER_SAMPLE),
+                                  signer.public_key, LR)
                        for buyer in ("bob", "carol"))
         for offer in (idle, fresh):
-            (seller._trial_dir(offer.trial_id) / "relin.key").write_bytes(b"key")
+            (seller._trial_dir(offer.trial_id) / "relin_key.bin").write_bytes(b"key")
             store.set_keys(offer.trial_id, b"k" * 32)
         old = time.time() - 7200
         for item in (seller.spool / "trials" / idle.trial_id).rglob("*"):
             os.utime(item, (old, old))
         assert seller.expire_keys(3600) == 1
         assert not (seller.spool / "trials" / idle.trial_id).exists()
-        assert (seller.spool / "trials" / fresh.trial_id / "relin.key").exists()
+        assert (seller.spool / "trials" / fresh.trial_id / "relin_key.bin").exists()
         with pytest.raises(errors.WrongState, match="expired after the trial sat idle"):
             seller.batch_shape("bob", idle.trial_id, 0, 10)
         assert seller.batch_shape("carol", fresh.trial_id, 0, 10)[0] == 30

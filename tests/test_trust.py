@@ -48,7 +48,8 @@ def _offer(signer: Signer, **changes: object) -> Offer:
         output=_output(2, ("softmax",), ("x", "y"), 1, "probabilities", ""),
         tolerance=0.01, price_cents=100, trial_rows_remaining=10, key_tag=new_key_tag(),
         buyer_id="alice", issued_at=1, seller_public_key=signer.public_key,
-        estimate=Estimate("slot-per-sample", 1, 2, 3, 0.5), trial_price_per_row_cents=1)
+        estimate=Estimate("slot-per-sample", 1, 2, 3, 0.5, PARAMS.slots),
+        trial_price_per_row_cents=1)
     return dataclasses.replace(offer, **changes)  # type: ignore[arg-type]
 
 
@@ -56,15 +57,29 @@ def _sign(signer: Signer, kind: str, payload: bytes) -> Signed:
     return Signed(kind, payload, signer.sign(kind, payload))
 
 
-def test_a_well_formed_offer_opens(signer: Signer) -> None:
-    offer = _offer(signer)
+FEATURE_PACKED = EncodingSpec(("a", "b"), PARAMS.slots // 4, (), (), "feature-packed", 4,
+                              (PARAMS.slots // 4, PARAMS.slots // 2))
+
+
+@pytest.mark.parametrize("encoding", [None, FEATURE_PACKED])
+def test_a_well_formed_offer_opens(signer: Signer, encoding: EncodingSpec | None) -> None:
+    offer = _offer(signer, **({"encoding": encoding} if encoding else {}))
     assert open_offer(_sign(signer, OFFER, offer_payload(offer)), signer.public_key, "m") == offer
 
 
 @pytest.mark.parametrize(("changes", "message"), [
     ({"tolerance": 0.0}, "tolerance 0.0"),
     ({"model_commitment": b"short"}, "no SHA-256 model commitment"),
-    ({"encoding": EncodingSpec(("a",), 99, (), ())}, "99 rows per ciphertext"),
+    ({"encoding": EncodingSpec(("a",), 99, (), ())}, "99 rows of 1 entries per ciphertext"),
+    ({"encoding": EncodingSpec(("a",), PARAMS.slots, (), (), "diagonal")}, "unknown packing"),
+    ({"encoding": EncodingSpec(("a",), PARAMS.slots, (), (), rotation_indices=(1,))},
+     "rotation keys asked for without feature packing"),
+    ({"encoding": dataclasses.replace(FEATURE_PACKED, period=1, rows_per_ciphertext=PARAMS.slots)},
+     "of 1 entries per ciphertext with 4096 slots and 2 columns"),
+    ({"encoding": dataclasses.replace(FEATURE_PACKED, rotation_indices=(PARAMS.slots,))},
+     "1 rotation keys asked for"),
+    ({"encoding": dataclasses.replace(FEATURE_PACKED, rotation_indices=tuple(range(1, 200)))},
+     "199 rotation keys asked for"),
     ({"output": _output(2, ("exp",), (), 1, "p", "")}, "unknown output tail"),
     ({"output": _output(2, (), (), 5, "p", "")}, "result level 5 for depth 1"),
     ({"output": _output(3, (), ("x",), 1, "p", "")}, "1 class labels for 3 scores"),

@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from common.guarded import Json, Limits, ProgressFn, run_guarded
 from common.he import engine
+from common.he.packing import Packing
 from common.he.params import CkksParams
 
 UNTRUSTED_STAGES = frozenset({"decrypting"})
@@ -22,15 +23,16 @@ FloatArray = npt.NDArray[np.float64]
 
 
 def decrypt(params: CkksParams, secret_key: bytes, key_tag: str, level: int,
-            paths: list[str], rows: int) -> FloatArray:
-    """(rows, len(paths)): the first `rows` slots of each ciphertext file, which must have
-    the layout of an honest ciphertext at `level` under `key_tag`."""
+            paths: list[str], layout: Packing, rows: int, count: int) -> FloatArray:
+    """(rows, count): the values one batch's ciphertext files hold in `layout`; each file
+    must have the byte layout of an honest ciphertext at `level` under `key_tag`."""
     with tempfile.TemporaryDirectory(prefix="gimme-decrypt-") as tmp:
         out = Path(tmp) / "values.npy"
         run_guarded("common.he.decryptor:decrypt_job", {
             "params": params.to_dict(), "security_bits": params.claimed_security_bits,
             "secret_key": base64.b64encode(secret_key).decode(), "key_tag": key_tag,
-            "level": level, "paths": paths, "rows": rows, "out_path": str(out),
+            "level": level, "paths": paths, "layout": layout.to_dict(), "rows": rows,
+            "count": count, "out_path": str(out),
         }, limits=LIMITS, untrusted_phase=lambda p: p.get("stage") in UNTRUSTED_STAGES)
         values: FloatArray = np.load(out)
         return values
@@ -45,8 +47,9 @@ def decrypt_job(request: Json, report: ProgressFn) -> Json:
     for index, blob in enumerate(blobs):
         gate.check(blob, f"ciphertext {index}")
     report({"stage": "decrypting"})
-    rows = int(request["rows"])
-    values = [engine.decrypt_vector(cc, secret, gate.load(blob, f"ciphertext {i}"), rows)
-              for i, blob in enumerate(blobs)]
-    np.save(request["out_path"], np.array(values, dtype=np.float64).T)
+    layout = Packing(**request["layout"])
+    values = [np.array(engine.decrypt_vector(cc, secret, gate.load(blob, f"ciphertext {i}"),
+                                             layout.slots)) for i, blob in enumerate(blobs)]
+    np.save(request["out_path"], layout.decode(values, int(request["rows"]),
+                                               int(request["count"])))
     return {}

@@ -259,25 +259,22 @@ def result_level(plan: HEPlan) -> int:
     return levels_needed(plan)
 
 
-def finish(cc: Context, scores: Sequence[Ciphertext], rows: int, public_key: Any | None,
-           noise_std: float, rng: np.random.Generator) -> list[Ciphertext]:
-    """What leaves the seller: every score times a 0/1 mask that keeps only the `rows`
-    slots paid for (the seller cannot see how many rows were packed, so it enforces the
-    budget by construction), then, given the buyer's public key, plus a fresh encryption
-    of Gaussian noise in those slots. The fresh encryption re-randomizes both ciphertext
-    components: without it the result's second component is a known linear function of
-    the inputs' and gives the weights away; the noise floods the computation's own error,
-    which also depends on the weights."""
-    slots = cc.GetRingDimension() // 2
-    mask = np.zeros(slots)
-    mask[:rows] = 1.0
+def finish(cc: Context, scores: Sequence[Ciphertext], masks: Sequence[npt.NDArray[np.float64]],
+           public_key: Any | None, noise_std: float, rng: np.random.Generator
+           ) -> list[Ciphertext]:
+    """What leaves the seller: every score ciphertext times its 0/1 mask, which keeps only
+    the slots of the rows paid for (the seller cannot see how many rows were packed, so it
+    enforces the budget by construction; `Packing.masks`), then, given the buyer's public
+    key, plus a fresh encryption of Gaussian noise in those slots. The fresh encryption
+    re-randomizes both ciphertext components: without it the result's second component is
+    a known linear function of the inputs' and gives the weights away; the noise floods
+    the computation's own error, which also depends on the weights."""
     finished = []
-    for ct in scores:
+    for ct, mask in zip(scores, masks, strict=True):
         masked = cc.Rescale(cc.EvalMult(ct, cc.MakeCKKSPackedPlaintext(
             mask.tolist(), 1, ct.GetLevel())))
         if public_key is not None:
-            noise = np.zeros(slots)
-            noise[:rows] = rng.normal(0.0, noise_std, rows) if noise_std > 0 else 0.0
+            noise = mask * (rng.normal(0.0, noise_std, mask.size) if noise_std > 0 else 0.0)
             fresh = cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(noise.tolist()))
             masked = cc.EvalAdd(masked, cc.LevelReduce(fresh, None, masked.GetLevel()))
         finished.append(masked)
@@ -457,6 +454,67 @@ def generate_rotation_keys(cc: Context, secret_key: Any, indices: Sequence[int])
     return data
 
 
+def evaluate_packed(cc: Context, packed: PackedPlan, inputs: Sequence[Ciphertext],
+                    progress: ProgressFn, workers: int = 1) -> list[Ciphertext]:
+    """Feature-packed evaluation of a batch: one score ciphertext per input ciphertext,
+    settled at the plan's depth. Ciphertexts are independent, so with workers > 1 forked
+    processes (one OpenMP thread each) take every workers-th one."""
+    def run(rank: int, report: ProgressFn) -> dict[int, Ciphertext]:
+        evaluator = PackedEvaluator(cc, packed)
+        mine = range(rank, len(inputs), workers)
+        done = {}
+        for i in mine:
+            done[i] = settle(cc, evaluator.evaluate(inputs[i]), packed.depth)
+            report(len(done), len(mine))
+        return done
+
+    workers = max(1, min(workers, len(inputs)))
+    if workers == 1:
+        scores = run(0, progress)
+        return [scores[i] for i in range(len(inputs))]
+    if os.environ.get("OMP_NUM_THREADS") != "1":
+        raise RuntimeError("sharded evaluation forks: it needs OMP_NUM_THREADS=1 set before "
+                           "OpenFHE loads (a forked OpenMP thread pool hangs)")
+    context = multiprocessing.get_context("fork")  # children share the loaded inputs and keys
+    pipes = [context.Pipe(duplex=False) for _ in range(1, workers)]
+
+    def helper(rank: int) -> None:
+        scores = run(rank, lambda done, total: None)
+        pipes[rank - 1][1].send({i: serialize(ct) for i, ct in scores.items()})
+
+    children = [context.Process(target=helper, args=(rank,), daemon=True)
+                for rank in range(1, workers)]
+    for child in children:
+        child.start()
+    try:
+        scores = run(0, progress)
+        for rank in range(1, workers):
+            for i, data in _receive(pipes[rank - 1][0], rank).items():
+                scores[i] = adopt(cc, inputs[0], data)
+    finally:
+        for child in children:
+            child.join(timeout=5)
+            if child.is_alive():
+                child.kill()
+    return [scores[i] for i in range(len(inputs))]
+
+
+def load_rotation_keys(data: bytes, template: ByteTemplate) -> None:
+    template.check(data, "rotation keys")
+    fhe.CryptoContext.ClearEvalAutomorphismKeys()
+    fhe.DeserializeEvalAutomorphismKeyString(data, fhe.BINARY)
+
+
+def rotation_key_template(cc: Context, key_tag: str, indices: Sequence[int]) -> ByteTemplate:
+    samples = []
+    for _ in range(3):
+        secret, _public = _tagged_pair(cc, key_tag)
+        fhe.CryptoContext.ClearEvalAutomorphismKeys()
+        samples.append(generate_rotation_keys(cc, secret, indices))
+    fhe.CryptoContext.ClearEvalAutomorphismKeys()
+    return learn_template(samples, cc.GetRingDimension() * 8)
+
+
 class PackedEvaluator:
     """Feature-packed evaluation (common.he.packing): each ciphertext holds `stride` rows.
     The weights' plaintexts (diagonals and biases) are encoded on first use and kept, as a
@@ -487,7 +545,7 @@ class PackedEvaluator:
         """Baby steps hoisted per block, one giant rotation per step for all blocks, one
         rescale for the whole sum."""
         cc = self.cc
-        stride = self.layout.stride
+        stride = self.layout.rows_per_ciphertext
         level = max(blocks[b].GetLevel() for b in linear.blocks)
         order = cc.GetCyclotomicOrder()
         inner: dict[int, list[Ciphertext]] = {}

@@ -28,45 +28,85 @@ import numpy as np
 
 from common.he.plan import FloatArray, HEPlan, chebyshev_basis
 
+SLOT_PER_SAMPLE = "slot-per-sample"
+FEATURE_PACKED = "feature-packed"
+PACKINGS = (SLOT_PER_SAMPLE, FEATURE_PACKED)
+
 
 @dataclass(frozen=True)
-class FeatureLayout:
-    """Where rows and scores sit in a feature-packed ciphertext: all that the buyer and
-    an arbiter need to know of the packing (the weights stay with the seller)."""
+class Packing:
+    """Where a batch's rows and scores sit in its ciphertexts: all that the buyer and an
+    arbiter need to know of the packing (the weights stay with the seller).
 
-    period: int  # d
-    slots: int
+    slot-per-sample: ciphertext j holds column j of every row (row r in slot r).
+    feature-packed: ciphertext i holds rows i*stride.. of the batch, entry j of row r in
+    slot j*stride + r, entries padded to `period`.
+    """
+
+    kind: str
+    rows_per_ciphertext: int  # slots, or the stride
+    period: int = 1
 
     @property
-    def stride(self) -> int:
-        """Rows per ciphertext."""
-        return self.slots // self.period
+    def slots(self) -> int:
+        return self.rows_per_ciphertext * self.period
 
-    def encode(self, rows: FloatArray) -> FloatArray:
-        """Up to `stride` rows as one slot vector. Unused row positions repeat real rows
-        (a zero row can fall outside an activation's approximation range)."""
+    def ciphertexts(self, rows: int, width: int) -> int:
+        """How many ciphertexts `rows` rows of `width` entries take."""
+        if self.kind == SLOT_PER_SAMPLE:
+            return width
+        return -(-rows // self.rows_per_ciphertext)
+
+    def result_count(self, rows: int, scores: int) -> int:
+        """How many result ciphertexts a batch of `rows` rows gets back."""
+        return scores if self.kind == SLOT_PER_SAMPLE else self.ciphertexts(rows, scores)
+
+    def to_dict(self) -> dict[str, int | str]:
+        return {"kind": self.kind, "rows_per_ciphertext": self.rows_per_ciphertext,
+                "period": self.period}
+
+    def encode(self, rows: FloatArray) -> list[FloatArray]:
+        """A batch (at most `slots` rows) as slot vectors. Unused positions repeat real
+        rows: a zero row can fall outside an activation's approximation range."""
         rows = np.asarray(rows, dtype=np.float64)
-        if not 0 < len(rows) <= self.stride or rows.shape[1] > self.period:
-            raise ValueError(f"{rows.shape} rows do not fit {self.stride} rows of "
-                             f"{self.period} entries")
-        matrix = np.zeros((self.period, self.stride))
-        matrix[:rows.shape[1]] = np.resize(rows, (self.stride, rows.shape[1])).T
-        return matrix.reshape(-1)
+        if self.kind == SLOT_PER_SAMPLE:
+            return [np.resize(column, self.slots) for column in rows.T]
+        stride = self.rows_per_ciphertext
+        vectors: list[FloatArray] = []
+        for start in range(0, len(rows), stride):
+            matrix = np.zeros((self.period, stride))
+            matrix[:rows.shape[1]] = np.resize(rows[start:start + stride],
+                                               (stride, rows.shape[1])).T
+            vectors.append(matrix.reshape(-1))
+        return vectors
 
-    def decode(self, vector: FloatArray, rows: int, count: int) -> FloatArray:
-        """The first `count` entries of the first `rows` rows, shape (rows, count)."""
-        matrix = np.asarray(vector, dtype=np.float64).reshape(self.period, self.stride)
-        return matrix[:count, :rows].T.copy()
+    def decode(self, vectors: list[FloatArray], rows: int, count: int) -> FloatArray:
+        """The first `count` entries of the batch's `rows` rows, shape (rows, count)."""
+        if self.kind == SLOT_PER_SAMPLE:
+            return np.array([v[:rows] for v in vectors], dtype=np.float64).T.reshape(rows, count)
+        parts = [np.asarray(v, dtype=np.float64).reshape(self.period, self.rows_per_ciphertext)
+                 [:count, :self._rows_in(i, rows)].T for i, v in enumerate(vectors)]
+        return np.concatenate(parts).reshape(rows, count)
 
-    def mask(self, rows: int, count: int) -> FloatArray:
-        """1 where `decode(.., rows, count)` reads, 0 elsewhere."""
-        matrix = np.zeros((self.period, self.stride))
-        matrix[:count, :rows] = 1.0
-        return matrix.reshape(-1)
+    def masks(self, rows: int, count: int) -> list[FloatArray]:
+        """Per result ciphertext, 1 where `decode` reads and 0 elsewhere."""
+        if self.kind == SLOT_PER_SAMPLE:
+            mask = np.zeros(self.slots)
+            mask[:rows] = 1.0
+            return [mask] * count
+        masks: list[FloatArray] = []
+        for i in range(self.ciphertexts(rows, count)):
+            matrix = np.zeros((self.period, self.rows_per_ciphertext))
+            matrix[:count, :self._rows_in(i, rows)] = 1.0
+            masks.append(matrix.reshape(-1))
+        return masks
 
     def spread(self, values: FloatArray) -> FloatArray:
-        """A per-entry vector (length d) for every row: what plaintext operands look like."""
-        return np.repeat(np.asarray(values, dtype=np.float64), self.stride)
+        """A per-entry vector (length `period`) for every row: a plaintext operand."""
+        return np.repeat(np.asarray(values, dtype=np.float64), self.rows_per_ciphertext)
+
+    def _rows_in(self, index: int, rows: int) -> int:
+        return min(self.rows_per_ciphertext, rows - index * self.rows_per_ciphertext)
 
 
 @dataclass(frozen=True)
@@ -99,6 +139,7 @@ class PackedStage:
 class PackedPlan:
     d: int  # period of every slot vector
     baby: int  # b1
+    depth: int  # levels the evaluation consumes (the slot-per-sample plan's depth)
     features: int
     stages: tuple[PackedStage, ...]
     output: PackedLinear
@@ -110,11 +151,11 @@ class PackedPlan:
         babies = set(range(1, self.baby))
         giants = {g * self.baby for s in (*self.stages, None)
                   for g in (s.linear if s else self.output).giant_steps() if g}
-        stride = self.layout(slots).stride
+        stride = self.layout(slots).rows_per_ciphertext
         return [k * stride for k in sorted(babies | giants)]
 
-    def layout(self, slots: int) -> FeatureLayout:
-        return FeatureLayout(self.d, slots)
+    def layout(self, slots: int) -> Packing:
+        return Packing(FEATURE_PACKED, slots // self.d, self.d)
 
     def rotations(self) -> int:
         """Key switches per evaluation: hoisted baby steps per block + giant steps."""
@@ -162,7 +203,8 @@ def pack_plan(plan: HEPlan) -> PackedPlan:
         layout += [(first + k, unit) for unit in range(stage.units)
                    for k in range(stage.width)]  # unit-major, as the plan lays entries out
     output = _linear(plan.output.weights, plan.output.bias, layout, d, baby)
-    return PackedPlan(d, baby, plan.input_count, tuple(stages), output, plan.score_count)
+    return PackedPlan(d, baby, plan.depth(), plan.input_count, tuple(stages), output,
+                      plan.score_count)
 
 
 def _linear(weights: object, bias: FloatArray, layout: list[tuple[int, int]], d: int,

@@ -63,7 +63,7 @@ def learn_template(samples: list[bytes], block_bytes: int) -> ByteTemplate:
         ahead = positions[positions >= cursor]
         if ahead.size == 0:
             break
-        start = int(ahead[0])
+        start = _block_start(differs, int(ahead[0]), block_bytes)
         end = start + block_bytes
         if end > fixed.size:
             raise RuntimeError(f"template learning: random bytes at {start} do not form a "
@@ -71,3 +71,21 @@ def learn_template(samples: list[bytes], block_bytes: int) -> ByteTemplate:
         fixed[start:end] = False
         cursor = end
     return ByteTemplate(reference=samples[0], fixed=fixed)
+
+
+def _block_start(differs: npt.NDArray[np.bool_], first: int, block_bytes: int) -> int:
+    """Where the block whose first differing byte is `first` begins.
+
+    Its first coefficient's low byte can agree in every sample by chance (1 in 65,536
+    with 3 samples: keys with hundreds of blocks hit it), making the block look a byte or
+    more late. Coefficients are little-endian words narrower than 64 bits, so in each word
+    a run of low bytes varies and the top bytes do not: the byte offset (mod 8) where
+    that run starts is where words, and so the block, start.
+    """
+    window = differs[first:first + block_bytes]
+    words = len(window) // WORD
+    varying = {r for r in range(WORD) if window[r::WORD].sum() > words // 2}
+    starts = [r for r in varying if (r - 1) % WORD not in varying]
+    if len(starts) != 1:
+        return first  # every byte varies (wide moduli): no late start can hide
+    return max(first - (-starts[0]) % WORD, 0)

@@ -141,6 +141,7 @@ class ModelListing(_message.Message):
     TRIAL_PRICE_PER_ROW_CENTS_FIELD_NUMBER: _builtins.int
     EXTRACTION_RISK_FIELD_NUMBER: _builtins.int
     OUTPUT_POLICY_FIELD_NUMBER: _builtins.int
+    ESTIMATES_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     name: _builtins.str
     description: _builtins.str
@@ -162,6 +163,10 @@ class ModelListing(_message.Message):
     def input_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def class_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def estimates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Estimate]:
+        """one per packing offered: what the buyer plans with"""
+
     def __init__(
         self,
         *,
@@ -181,10 +186,11 @@ class ModelListing(_message.Message):
         trial_price_per_row_cents: _builtins.int = ...,
         extraction_risk: _builtins.str = ...,
         output_policy: _builtins.str = ...,
+        estimates: _abc.Iterable[Global___Estimate] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approximation", b"approximation", "class_labels", b"class_labels", "description", b"description", "extraction_risk", b"extraction_risk", "input_columns", b"input_columns", "model_commitment", b"model_commitment", "model_id", b"model_id", "multiplicative_depth", b"multiplicative_depth", "name", b"name", "output_policy", b"output_policy", "price_cents", b"price_cents", "ring_dimension", b"ring_dimension", "tolerance", b"tolerance", "trial_budget_rows", b"trial_budget_rows", "trial_price_per_row_cents", b"trial_price_per_row_cents", "trial_rows_remaining", b"trial_rows_remaining"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approximation", b"approximation", "class_labels", b"class_labels", "description", b"description", "estimates", b"estimates", "extraction_risk", b"extraction_risk", "input_columns", b"input_columns", "model_commitment", b"model_commitment", "model_id", b"model_id", "multiplicative_depth", b"multiplicative_depth", "name", b"name", "output_policy", b"output_policy", "price_cents", b"price_cents", "ring_dimension", b"ring_dimension", "tolerance", b"tolerance", "trial_budget_rows", b"trial_budget_rows", "trial_price_per_row_cents", b"trial_price_per_row_cents", "trial_rows_remaining", b"trial_rows_remaining"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -274,13 +280,18 @@ class EncodingSpec(_message.Message):
     ROWS_PER_CIPHERTEXT_FIELD_NUMBER: _builtins.int
     INPUT_MIN_FIELD_NUMBER: _builtins.int
     INPUT_MAX_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    ROTATION_INDICES_FIELD_NUMBER: _builtins.int
     packing: _builtins.str
-    """"slot-per-sample" """
+    """"slot-per-sample": ciphertext j carries column j, row r in slot r.
+    "feature-packed": ciphertext i carries rows i*rows_per_ciphertext.., entry j of row r
+    in slot j*rows_per_ciphertext + r, each row padded to `period` entries.
+    """
     rows_per_ciphertext: _builtins.int
+    period: _builtins.int
+    """feature-packed only"""
     @_builtins.property
-    def input_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """ciphertext j carries column j"""
-
+    def input_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def input_min(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """per-column range of the seller's calibration data (empty for exact models): the
@@ -290,6 +301,10 @@ class EncodingSpec(_message.Message):
 
     @_builtins.property
     def input_max(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def rotation_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """feature-packed: rotation keys to upload"""
+
     def __init__(
         self,
         *,
@@ -298,10 +313,12 @@ class EncodingSpec(_message.Message):
         rows_per_ciphertext: _builtins.int = ...,
         input_min: _abc.Iterable[_builtins.float] | None = ...,
         input_max: _abc.Iterable[_builtins.float] | None = ...,
+        period: _builtins.int = ...,
+        rotation_indices: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_columns", b"input_columns", "input_max", b"input_max", "input_min", b"input_min", "packing", b"packing", "rows_per_ciphertext", b"rows_per_ciphertext"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_columns", b"input_columns", "input_max", b"input_max", "input_min", b"input_min", "packing", b"packing", "period", b"period", "rotation_indices", b"rotation_indices", "rows_per_ciphertext", b"rows_per_ciphertext"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -394,38 +411,44 @@ Global___OutputSpec: _TypeAlias = OutputSpec  # noqa: Y015
 
 @_typing.final
 class Estimate(_message.Message):
-    """The seller's figures for one batch, from its own self-test at listing time; the buyer
-    prints them beside what it measures.
+    """The seller's figures for one packing, from its own self-test at listing time; the
+    buyer plans with them and prints them beside what it measures.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PACKING_FIELD_NUMBER: _builtins.int
-    RELIN_KEY_BYTES_FIELD_NUMBER: _builtins.int
+    KEY_BYTES_FIELD_NUMBER: _builtins.int
     CIPHERTEXT_BYTES_FIELD_NUMBER: _builtins.int
     RESULT_BYTES_FIELD_NUMBER: _builtins.int
     EVALUATE_SECONDS_FIELD_NUMBER: _builtins.int
+    ROWS_PER_CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
     packing: _builtins.str
-    """"slot-per-sample" """
-    relin_key_bytes: _builtins.int
+    key_bytes: _builtins.int
+    """every evaluation key uploaded"""
     ciphertext_bytes: _builtins.int
     """one input ciphertext"""
     result_bytes: _builtins.int
     """one result ciphertext"""
     evaluate_seconds: _builtins.float
-    """one batch, on the seller"""
+    """slot-per-sample: one batch; feature-packed: one ciphertext"""
+    rows_per_ciphertext: _builtins.int
+    period: _builtins.int
     def __init__(
         self,
         *,
         packing: _builtins.str = ...,
-        relin_key_bytes: _builtins.int = ...,
+        key_bytes: _builtins.int = ...,
         ciphertext_bytes: _builtins.int = ...,
         result_bytes: _builtins.int = ...,
         evaluate_seconds: _builtins.float = ...,
+        rows_per_ciphertext: _builtins.int = ...,
+        period: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext_bytes", b"ciphertext_bytes", "evaluate_seconds", b"evaluate_seconds", "packing", b"packing", "relin_key_bytes", b"relin_key_bytes", "result_bytes", b"result_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext_bytes", b"ciphertext_bytes", "evaluate_seconds", b"evaluate_seconds", "key_bytes", b"key_bytes", "packing", b"packing", "period", b"period", "result_bytes", b"result_bytes", "rows_per_ciphertext", b"rows_per_ciphertext"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -511,15 +534,19 @@ class OpenTrialRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
+    PACKING_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
+    packing: _builtins.str
+    """one of the listing's estimates' packings"""
     def __init__(
         self,
         *,
         model_id: _builtins.str = ...,
+        packing: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "packing", b"packing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -594,6 +621,10 @@ Global___UploadKeysRequest: _TypeAlias = UploadKeysRequest  # noqa: Y015
 
 @_typing.final
 class UploadKeysResponse(_message.Message):
+    """UploadKeys frames: "relin_key", "public_key", then for feature-packed trials
+    "rotation_keys".
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_SHA256_FIELD_NUMBER: _builtins.int
