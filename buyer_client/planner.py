@@ -47,7 +47,7 @@ def trial_cost(estimate: Estimate, rows: int, columns: int, scores: int,
     upload = estimate.key_bytes + inputs * estimate.ciphertext_bytes
     download = results * estimate.result_bytes
     return TrialCost(estimate, len(sizes), upload, download,
-                     units * estimate.evaluate_seconds,
+                     estimate.setup_seconds + units * estimate.evaluate_seconds,
                      (upload + download) * 8 / (link_mbps * 1e6))
 
 

@@ -72,6 +72,7 @@ class Estimate:
     evaluate_seconds: float  # slot-per-sample: one batch; feature-packed: one ciphertext
     rows_per_ciphertext: int
     period: int = 1
+    setup_seconds: float = 0.0  # once per trial: checking the uploaded keys
 
     def layout(self) -> Packing:
         return Packing(self.packing, self.rows_per_ciphertext, self.period)

@@ -65,7 +65,7 @@ from seller_server.worker import Capacity
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "gimme-he-9"  # bump when compiled results would change
+ENGINE_VERSION = "gimme-he-10"  # bump when compiled results would change
 TOLERANCE_FACTOR = 3.0
 TOLERANCE_FLOOR = 1e-4
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -102,6 +102,7 @@ class Measured:
     public_key_bytes: int
     result_bytes: int
     evaluate_seconds: float
+    key_check_seconds: float  # per trial: byte templates of the relinearization + public key
     computation_error: float  # max |decrypted - plan| before finishing
     flooding_std: float
     he_error: float  # max |tail(finished result) - onnxruntime| on the compared output
@@ -109,6 +110,7 @@ class Measured:
     packed_period: int = 0
     packed_rotation_key_bytes: int = 0
     packed_rotation_keys: int = 0
+    packed_key_check_seconds: float = 0.0  # per trial: the rotation keys' byte template
     packed_evaluate_seconds: float = 0.0  # one ciphertext, every worker busy
     packed_computation_error: float = 0.0
 
@@ -145,12 +147,13 @@ class Listing:
         m = self.measured
         keys = m.relin_key_bytes + m.public_key_bytes
         offered = [Estimate(SLOT_PER_SAMPLE, keys, m.ciphertext_bytes, m.result_bytes,
-                            m.evaluate_seconds, self.params.slots)]
+                            m.evaluate_seconds, self.params.slots, 1, m.key_check_seconds)]
         if m.packed_period:
             offered.append(Estimate(FEATURE_PACKED, keys + m.packed_rotation_key_bytes,
                                     m.ciphertext_bytes, m.result_bytes,
                                     m.packed_evaluate_seconds,
-                                    self.params.slots // m.packed_period, m.packed_period))
+                                    self.params.slots // m.packed_period, m.packed_period,
+                                    m.key_check_seconds + m.packed_key_check_seconds))
         return tuple(offered)
 
     def estimate(self, packing: str) -> Estimate:

@@ -272,7 +272,8 @@ class Seller:
                 outcome = run_guarded(
                     "seller_server.worker:evaluate_batch",
                     self._worker_request(trial, listing) | {
-                     "rows": rows, "circuit_privacy": listing.spec.circuit_privacy,
+                     "keys_sha256": trial.keys_sha256.hex(), "rows": rows,
+                     "circuit_privacy": listing.spec.circuit_privacy,
                      "flooding_std": listing.measured.flooding_std,
                      "policy_noise_std": listing.spec.output_policy.noise_std,
                      "ciphertext_paths": paths, "out_dir": str(batch_dir / "out"),

@@ -12,11 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import BadInput
 from common.guarded import Json, Limits, ProgressFn
 from common.he import engine
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE, Packing, pack_plan
 from common.he.params import CkksParams, new_key_tag
 from common.he.plan import FloatArray, HEPlan
+from common.signing import keys_digest
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ def self_test(request: Json, report: ProgressFn) -> Json:
     workers = int(request["workers"])
     slots = cc.GetRingDimension() // 2
     report({"stage": "generating keys"})
-    secret, public = engine.generate_keys(cc, new_key_tag())
+    tag = new_key_tag()
+    secret, public = engine.generate_keys(cc, tag)
     report({"stage": "encrypting"})
     layout = Packing(SLOT_PER_SAMPLE, slots)
     inputs = [engine.encrypt_vector(cc, public, v) for v in layout.encode(rows)]
@@ -72,23 +75,30 @@ def self_test(request: Json, report: ProgressFn) -> Json:
                              np.random.default_rng())
     np.save(request["out_path"], _decrypted(cc, secret, layout, finished, len(rows),
                                              len(scores)))
+    relin_key = engine.serialize_relin_key(tag)
     measured: Json = {
         "evaluate_seconds": seconds,
         "computation_error": computation_error,
         "flooding_std": flooding_std,
         "ciphertext_bytes": len(engine.ciphertext_bytes(inputs[0])),
-        "relin_key_bytes": len(engine.serialize_relin_key(secret.GetKeyTag())),
+        "relin_key_bytes": len(relin_key),
         "public_key_bytes": len(engine.serialize(public)),
         "result_bytes": len(engine.ciphertext_bytes(finished[0])),
     }
+    measured["key_check_seconds"] = _timed(lambda: (engine.relin_key_template(cc, tag),
+                                                    engine.public_key_template(cc, tag)))
+    engine.load_relin_key(relin_key)  # learning the template replaced it
     packed = pack_plan(plan)
     indices = packed.rotation_indices(slots) if packed.d <= slots else []
     if not 0 < len(indices) <= MAX_ROTATION_KEYS:
         return measured
     report({"stage": "feature-packed: generating rotation keys"})
     rotation_keys = engine.generate_rotation_keys(cc, secret, indices)
+    check_seconds = _timed(lambda: engine.rotation_key_template(cc, tag, indices))
+    engine.load_rotation_keys(rotation_keys)  # learning the template replaced them
     layout = packed.layout(slots)
-    sample = rows[:max(1, min(len(rows), workers * layout.rows_per_ciphertext))]
+    # two ciphertexts per worker: each worker encodes the weights once per batch
+    sample = rows[:max(1, min(len(rows), 2 * workers * layout.rows_per_ciphertext))]
     inputs = [engine.encrypt_vector(cc, public, v) for v in layout.encode(sample)]
     start = time.perf_counter()
     scores = engine.evaluate_packed(cc, packed, inputs, _evaluation_progress(report), workers)
@@ -102,10 +112,17 @@ def self_test(request: Json, report: ProgressFn) -> Json:
         "packed_period": packed.d,
         "packed_rotation_key_bytes": len(rotation_keys),
         "packed_rotation_keys": len(indices),
+        "packed_key_check_seconds": check_seconds,
         # per ciphertext with every worker busy (each takes one ciphertext at a time)
         "packed_evaluate_seconds": seconds / (-(-len(inputs) // workers) * workers),
         "packed_computation_error": float(np.abs(raw - plan.simulate(sample)).max()),
     }
+
+
+def _timed(work: Any) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
 
 
 def _decrypted(cc: Any, secret: Any, layout: Packing, scores: list[Any], rows: int,
@@ -120,30 +137,32 @@ def _noise(request: Json, flooding_std: float) -> float:
     return float(np.hypot(flooding_std, float(request["policy_noise_std"])))
 
 
-def _key_templates(cc: Any, request: Json, report: ProgressFn) -> dict[str, Any]:
-    """Check every uploaded key file against a template (bytes only, nothing
-    deserialized); returns {name: (template, bytes)}."""
-    tag = request["key_tag"]
-    report({"stage": "building templates"})
-    templates = {"relinearization key": (engine.relin_key_template(cc, tag),
-                                         request["relin_key_path"]),
-                 "public key": (engine.public_key_template(cc, tag), request["public_key_path"])}
+KEY_NAMES = {"relin_key": "relinearization key", "public_key": "public key",
+             "rotation_keys": "rotation keys"}
+
+
+def _key_files(request: Json) -> dict[str, Path]:
+    """The trial's uploaded key files, in upload order."""
+    names = ["relin_key", "public_key"]
     if request["packing"]["kind"] == FEATURE_PACKED:
-        templates["rotation keys"] = (engine.rotation_key_template(
-            cc, tag, request["rotation_indices"]), request["rotation_keys_path"])
-    report({"stage": "checking uploads"})
-    checked = {}
-    for name, (template, path) in templates.items():
-        data = Path(path).read_bytes()
-        template.check(data, name)
-        checked[name] = (template, data)
-    return checked
+        names.append("rotation_keys")
+    return {name: Path(request[f"{name}_path"]) for name in names}
 
 
 def check_keys(request: Json, report: ProgressFn) -> Json:
-    """Template-check uploaded keys (bytes only, nothing deserialized)."""
+    """Template-check uploaded keys (bytes only, nothing deserialized); evaluations later
+    open only key files with the digest of what passed here."""
     cc, _plan = _setup(request)
-    _key_templates(cc, request, report)
+    tag = request["key_tag"]
+    report({"stage": "building templates"})
+    templates = {"relin_key": engine.relin_key_template(cc, tag),
+                 "public_key": engine.public_key_template(cc, tag)}
+    if request["packing"]["kind"] == FEATURE_PACKED:
+        templates["rotation_keys"] = engine.rotation_key_template(
+            cc, tag, request["rotation_indices"])
+    report({"stage": "checking uploads"})
+    for name, path in _key_files(request).items():
+        templates[name].check(path.read_bytes(), KEY_NAMES[name])
     return {}
 
 
@@ -152,16 +171,21 @@ def evaluate_batch(request: Json, report: ProgressFn) -> Json:
     results."""
     cc, plan = _setup(request)
     layout = Packing(**request["packing"])
-    keys = _key_templates(cc, request, report)
+    keys = {name: path.read_bytes() for name, path in _key_files(request).items()}
+    if keys_digest(*keys.values()).hex() != request["keys_sha256"]:
+        raise BadInput("the trial's key files are not the ones checked at upload; upload "
+                       "the keys again")
+    report({"stage": "building templates"})
     gate = engine.CiphertextGate(cc, request["key_tag"], level=0)
+    report({"stage": "checking uploads"})
     blobs = [Path(p).read_bytes() for p in request["ciphertext_paths"]]
     for index, blob in enumerate(blobs):
         gate.check(blob, f"ciphertext {index}")
     report({"stage": "loading relinearization key"})
-    engine.load_relin_key(keys["relinearization key"][1], keys["relinearization key"][0])
-    if "rotation keys" in keys:
-        engine.load_rotation_keys(keys["rotation keys"][1], keys["rotation keys"][0])
-    buyer_public = engine.load_public_key(keys["public key"][1], keys["public key"][0])
+    engine.load_relin_key(keys["relin_key"])
+    if "rotation_keys" in keys:
+        engine.load_rotation_keys(keys["rotation_keys"])
+    buyer_public = engine.load_public_key(keys["public_key"])
     report({"stage": "loading ciphertexts"})
     workers = int(request["workers"])
     inputs = gate.load_all(blobs, "ciphertext", threads=workers)

@@ -169,7 +169,7 @@ def test_relin_key_template(small_context: tuple[object, str, object, object]) -
     key = engine.serialize_relin_key(tag)
     template = engine.relin_key_template(cc, tag)
     template.check(key, "relinearization key")
-    engine.load_relin_key(key, template)
+    engine.load_relin_key(key)
     tampered = bytearray(key)
     tampered[int(np.flatnonzero(template.fixed)[40])] ^= 0xFF
     with pytest.raises(BadInput, match="relinearization key"):
@@ -199,7 +199,8 @@ def test_rotation_key_template(small_context: tuple[object, str, object, object]
     cc, tag, secret, _public = small_context
     keys = engine.generate_rotation_keys(cc, secret, [1, 4])
     template = engine.rotation_key_template(cc, tag, [1, 4])
-    engine.load_rotation_keys(keys, template)
+    template.check(keys, "rotation keys")
+    engine.load_rotation_keys(keys)
     with pytest.raises(BadInput, match="rotation keys: expected exactly"):
         engine.rotation_key_template(cc, tag, [1, 2, 4]).check(keys, "rotation keys")
 

@@ -9,18 +9,18 @@ from common.protocol import Estimate
 
 MB = 1_000_000
 # shaped like digits-mlp at N=16384: 64 columns, 10 scores, 8192 slots, period 64
-SLOTS = Estimate("slot-per-sample", 12 * MB, 2 * MB, MB, 0.6, 8192)
-PACKED = Estimate("feature-packed", 70 * MB, 2 * MB, MB, 0.1, 128, 64)
+SLOTS = Estimate("slot-per-sample", 12 * MB, 2 * MB, MB, 0.6, 8192, 1, 0.2)
+PACKED = Estimate("feature-packed", 70 * MB, 2 * MB, MB, 0.1, 128, 64, 1.0)
 
 
 def test_costs_count_ciphertexts_keys_and_evaluations() -> None:
     few = trial_cost(PACKED, 200, 64, 10, link_mbps=100)
     assert (few.batches, few.upload_bytes, few.download_bytes) == (1, 74 * MB, 2 * MB)
-    assert few.compute_s == pytest.approx(0.2)  # two ciphertexts
+    assert few.compute_s == pytest.approx(1.0 + 0.2)  # checking the keys, two ciphertexts
     assert few.transfer_s == pytest.approx(76 * 8 / 100)
     many = trial_cost(SLOTS, 9000, 64, 10, link_mbps=100)  # two batches
     assert (many.batches, many.upload_bytes, many.download_bytes) == (2, 268 * MB, 20 * MB)
-    assert many.compute_s == pytest.approx(1.2)
+    assert many.compute_s == pytest.approx(0.2 + 1.2)
 
 
 @pytest.mark.parametrize(("rows", "link", "expected"), [
@@ -28,6 +28,7 @@ def test_costs_count_ciphertexts_keys_and_evaluations() -> None:
     (2000, 100, "feature-packed"),  # 102 MB against 140 MB
     (8192, 100, "slot-per-sample"),  # 64 ciphertexts either way; keys and compute decide
     (2000, 10_000, "slot-per-sample"),  # a fast link: compute decides
+    (10, 10_000, "slot-per-sample"),  # ... including checking the rotation keys
 ])
 def test_the_planner_picks_the_cheaper_packing(rows: int, link: float, expected: str) -> None:
     costs = choose((SLOTS, PACKED), rows, 64, 10, link)

@@ -1,9 +1,10 @@
 """The CKKS engine: the only module that calls OpenFHE.
 
 Both parties build their context from the same `CkksParams` record (the seller never
-ships a context). Objects that arrive over the network are opened only by
-`CiphertextGate.load` / `load_relin_key`, and only inside guarded worker processes after
-their bytes passed a `ByteTemplate` check.
+ships a context). Objects that arrive over the network are opened only inside guarded
+worker processes after their bytes passed a `ByteTemplate` check: ciphertexts through
+`CiphertextGate.load`, evaluation keys through the `load_*` functions once the worker has
+checked them (at upload, then by digest: seller_server.worker).
 """
 
 from __future__ import annotations
@@ -143,8 +144,8 @@ def load_secret_key(data: bytes) -> Any:
     return fhe.DeserializePrivateKeyString(data, fhe.BINARY)
 
 
-def load_relin_key(data: bytes, template: ByteTemplate) -> None:
-    template.check(data, "relinearization key")
+def load_relin_key(data: bytes) -> None:
+    """Only for bytes that passed `relin_key_template`."""
     fhe.ClearEvalMultKeys()  # deserializing over keys with the same tag throws
     fhe.DeserializeEvalMultKeyString(data, fhe.BINARY)
 
@@ -195,8 +196,8 @@ def public_key_template(cc: Context, key_tag: str) -> ByteTemplate:
     return learn_template(samples, cc.GetRingDimension() * 8)
 
 
-def load_public_key(data: bytes, template: ByteTemplate) -> Any:
-    template.check(data, "public key")
+def load_public_key(data: bytes) -> Any:
+    """Only for bytes that passed `public_key_template`."""
     return fhe.DeserializePublicKeyString(data, fhe.BINARY)
 
 
@@ -499,8 +500,8 @@ def evaluate_packed(cc: Context, packed: PackedPlan, inputs: Sequence[Ciphertext
     return [scores[i] for i in range(len(inputs))]
 
 
-def load_rotation_keys(data: bytes, template: ByteTemplate) -> None:
-    template.check(data, "rotation keys")
+def load_rotation_keys(data: bytes) -> None:
+    """Only for bytes that passed `rotation_key_template`."""
     fhe.CryptoContext.ClearEvalAutomorphismKeys()
     fhe.DeserializeEvalAutomorphismKeyString(data, fhe.BINARY)
 

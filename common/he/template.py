@@ -60,10 +60,10 @@ def learn_template(samples: list[bytes], block_bytes: int) -> ByteTemplate:
     positions = np.flatnonzero(differs)
     cursor = 0
     while True:
-        ahead = positions[positions >= cursor]
-        if ahead.size == 0:
+        following = int(np.searchsorted(positions, cursor))  # positions are sorted
+        if following == positions.size:
             break
-        start = _block_start(differs, int(ahead[0]), block_bytes)
+        start = _block_start(differs, int(positions[following]), block_bytes)
         end = start + block_bytes
         if end > fixed.size:
             raise RuntimeError(f"template learning: random bytes at {start} do not form a "

@@ -424,6 +424,7 @@ class Estimate(_message.Message):
     EVALUATE_SECONDS_FIELD_NUMBER: _builtins.int
     ROWS_PER_CIPHERTEXT_FIELD_NUMBER: _builtins.int
     PERIOD_FIELD_NUMBER: _builtins.int
+    SETUP_SECONDS_FIELD_NUMBER: _builtins.int
     packing: _builtins.str
     key_bytes: _builtins.int
     """every evaluation key uploaded"""
@@ -435,6 +436,8 @@ class Estimate(_message.Message):
     """slot-per-sample: one batch; feature-packed: one ciphertext"""
     rows_per_ciphertext: _builtins.int
     period: _builtins.int
+    setup_seconds: _builtins.float
+    """once per trial: checking the uploaded keys"""
     def __init__(
         self,
         *,
@@ -445,10 +448,11 @@ class Estimate(_message.Message):
         evaluate_seconds: _builtins.float = ...,
         rows_per_ciphertext: _builtins.int = ...,
         period: _builtins.int = ...,
+        setup_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext_bytes", b"ciphertext_bytes", "evaluate_seconds", b"evaluate_seconds", "key_bytes", b"key_bytes", "packing", b"packing", "period", b"period", "result_bytes", b"result_bytes", "rows_per_ciphertext", b"rows_per_ciphertext"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext_bytes", b"ciphertext_bytes", "evaluate_seconds", b"evaluate_seconds", "key_bytes", b"key_bytes", "packing", b"packing", "period", b"period", "result_bytes", b"result_bytes", "rows_per_ciphertext", b"rows_per_ciphertext", "setup_seconds", b"setup_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
