@@ -391,20 +391,29 @@ def fingerprint_strength(model_bytes: bytes, rows: FloatArray, tail: Tail) -> fl
 
 def _self_test(spec: ListingSpec, params: CkksParams, security_bits: int, plan: HEPlan,
                rows: FloatArray, capacity: Capacity) -> tuple[list[FloatArray], dict[str, Any]]:
-    """The decrypted finished results of each packing tested, and the measurements."""
+    """The decrypted finished results of each packing tested, and the measurements. Feature
+    packing is offered only where its own self-test passes."""
     with tempfile.TemporaryDirectory(prefix="gimme-selftest-") as tmp:
         plan_path, rows_path, out_path, packed_out_path = (
             Path(tmp) / n for n in ("plan", "rows.npz", "out.npy", "packed.npy"))
         plan_path.write_bytes(plan.to_bytes())
         np.savez(rows_path, rows=rows)
-        measured = run_guarded("seller_server.worker:self_test", {
+        request = {
             "params": params.to_dict(), "security_bits": security_bits,
             "plan_path": str(plan_path), "rows_path": str(rows_path),
             "out_path": str(out_path), "packed_out_path": str(packed_out_path),
             "workers": capacity.workers_per_evaluation,
             "circuit_privacy": spec.circuit_privacy, "flooding_bits": spec.flooding_bits,
-            "policy_noise_std": spec.output_policy.noise_std},
-            limits=capacity.limits)
+            "policy_noise_std": spec.output_policy.noise_std}
+        measured = run_guarded("seller_server.worker:self_test", request,
+                               limits=capacity.limits)
+        try:
+            measured |= run_guarded("seller_server.worker:self_test_packed",
+                                    request | {"flooding_std": measured["flooding_std"]},
+                                    limits=capacity.limits)
+        except GimmeError as exc:
+            log.warning("%s: feature packing is not offered: its self-test failed (%s)",
+                        spec.model_id, exc.message)
         return [np.load(p) for p in (out_path, packed_out_path) if p.exists()], measured
 
 

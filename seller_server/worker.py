@@ -15,7 +15,7 @@ import numpy as np
 from common.errors import BadInput
 from common.guarded import Json, Limits, ProgressFn
 from common.he import engine
-from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE, Packing, pack_plan
+from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE, PackedPlan, Packing, pack_plan
 from common.he.params import CkksParams, new_key_tag
 from common.he.plan import FloatArray, HEPlan
 from common.signing import keys_digest
@@ -50,29 +50,48 @@ MAX_ROTATION_KEYS = 64
 
 
 def self_test(request: Json, report: ProgressFn) -> Json:
-    """Encrypt calibration rows with throwaway keys, evaluate, finish as a trial would,
-    decrypt, in each packing: measures the real CKKS error, sizes the flooding noise, and
+    """Slot-per-sample: encrypt calibration rows with throwaway keys, evaluate, finish as a
+    trial would, decrypt: measures the real CKKS error, sizes the flooding noise, and
     records the exact size of every object a trial moves and the evaluation time."""
     cc, plan = _setup(request)
     rows = np.load(request["rows_path"])["rows"]
-    workers = int(request["workers"])
-    slots = cc.GetRingDimension() // 2
     report({"stage": "generating keys"})
-    tag = new_key_tag()
-    secret, public = engine.generate_keys(cc, tag)
+    secret, public = engine.generate_keys(cc, new_key_tag())
+    return _self_test_slots(request, report, cc, plan, rows, secret, public)
+
+
+def self_test_packed(request: Json, report: ProgressFn) -> Json:
+    """The same for feature packing, in a process of its own (a CryptoNets-sized model
+    needs GBs for each packing); {} when the model is not offered feature-packed."""
+    cc, plan = _setup(request)
+    packed = pack_plan(plan)
+    slots = cc.GetRingDimension() // 2
+    indices = packed.rotation_indices(slots) if packed.d <= slots else []
+    if not 0 < len(indices) <= MAX_ROTATION_KEYS:
+        return {}
+    rows = np.load(request["rows_path"])["rows"]
+    report({"stage": "generating keys"})
+    secret, public = engine.generate_keys(cc, new_key_tag())
+    return _self_test_packed(request, report, cc, plan, packed, indices, rows, secret, public,
+                             _noise(request, float(request["flooding_std"])))
+
+
+def _self_test_slots(request: Json, report: ProgressFn, cc: Any, plan: HEPlan,
+                     rows: FloatArray, secret: Any, public: Any) -> Json:
+    tag = secret.GetKeyTag()
+    layout = Packing(SLOT_PER_SAMPLE, cc.GetRingDimension() // 2)
     report({"stage": "encrypting"})
-    layout = Packing(SLOT_PER_SAMPLE, slots)
     inputs = [engine.encrypt_vector(cc, public, v) for v in layout.encode(rows)]
     start = time.perf_counter()
-    scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report), workers)
+    scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report),
+                             int(request["workers"]))
     seconds = time.perf_counter() - start
     raw = _decrypted(cc, secret, layout, scores, len(rows), len(scores))
     computation_error = float(np.abs(raw - plan.simulate(rows)).max())
     flooding_std = (computation_error * 2.0 ** int(request["flooding_bits"])
                     if request["circuit_privacy"] else 0.0)
-    noise = _noise(request, flooding_std)
-    finished = engine.finish(cc, scores, layout.masks(len(rows), len(scores)), public, noise,
-                             np.random.default_rng())
+    finished = engine.finish(cc, scores, layout.masks(len(rows), len(scores)), public,
+                             _noise(request, flooding_std), np.random.default_rng())
     np.save(request["out_path"], _decrypted(cc, secret, layout, finished, len(rows),
                                              len(scores)))
     relin_key = engine.serialize_relin_key(tag)
@@ -88,15 +107,19 @@ def self_test(request: Json, report: ProgressFn) -> Json:
     measured["key_check_seconds"] = _timed(lambda: (engine.relin_key_template(cc, tag),
                                                     engine.public_key_template(cc, tag)))
     engine.load_relin_key(relin_key)  # learning the template replaced it
-    packed = pack_plan(plan)
-    indices = packed.rotation_indices(slots) if packed.d <= slots else []
-    if not 0 < len(indices) <= MAX_ROTATION_KEYS:
-        return measured
+    return measured
+
+
+def _self_test_packed(request: Json, report: ProgressFn, cc: Any, plan: HEPlan,
+                      packed: PackedPlan, indices: list[int], rows: FloatArray, secret: Any,
+                      public: Any, noise: float) -> Json:
+    workers = int(request["workers"])
+    tag = secret.GetKeyTag()
     report({"stage": "feature-packed: generating rotation keys"})
     rotation_keys = engine.generate_rotation_keys(cc, secret, indices)
     check_seconds = _timed(lambda: engine.rotation_key_template(cc, tag, indices))
     engine.load_rotation_keys(rotation_keys)  # learning the template replaced them
-    layout = packed.layout(slots)
+    layout = packed.layout(cc.GetRingDimension() // 2)
     # two ciphertexts per worker: each worker encodes the weights once per batch
     sample = rows[:max(1, min(len(rows), 2 * workers * layout.rows_per_ciphertext))]
     inputs = [engine.encrypt_vector(cc, public, v) for v in layout.encode(sample)]
@@ -108,7 +131,7 @@ def self_test(request: Json, report: ProgressFn) -> Json:
                              noise, np.random.default_rng())
     np.save(request["packed_out_path"],
             _decrypted(cc, secret, layout, finished, len(sample), packed.scores))
-    return measured | {
+    return {
         "packed_period": packed.d,
         "packed_rotation_key_bytes": len(rotation_keys),
         "packed_rotation_keys": len(indices),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
@@ -507,24 +507,32 @@ def load_rotation_keys(data: bytes) -> None:
 
 
 def rotation_key_template(cc: Context, key_tag: str, indices: Sequence[int]) -> ByteTemplate:
-    samples = []
-    for _ in range(3):
-        secret, _public = _tagged_pair(cc, key_tag)
+    def samples() -> Iterator[bytes]:  # one at a time: each can be hundreds of MB
+        for _ in range(3):
+            secret, _public = _tagged_pair(cc, key_tag)
+            fhe.CryptoContext.ClearEvalAutomorphismKeys()
+            yield generate_rotation_keys(cc, secret, indices)
         fhe.CryptoContext.ClearEvalAutomorphismKeys()
-        samples.append(generate_rotation_keys(cc, secret, indices))
-    fhe.CryptoContext.ClearEvalAutomorphismKeys()
-    return learn_template(samples, cc.GetRingDimension() * 8)
+
+    return learn_template(samples(), cc.GetRingDimension() * 8)
+
+
+# Encoded diagonals are kept for the next ciphertext up to this many (at N=16384 and 8
+# towers one takes 1 MB; a CryptoNets-sized model has thousands): past it, each is encoded
+# where it is used.
+MAX_CACHED_PLAINTEXTS = 1024
 
 
 class PackedEvaluator:
     """Feature-packed evaluation (common.he.packing): each ciphertext holds `stride` rows.
     The weights' plaintexts (diagonals and biases) are encoded on first use and kept, as a
-    serving model would."""
+    serving model would, when they fit MAX_CACHED_PLAINTEXTS."""
 
     def __init__(self, cc: Context, packed: PackedPlan) -> None:
         self.cc, self.packed = cc, packed
         self.layout = packed.layout(cc.GetRingDimension() // 2)
         self.plaintexts: dict[tuple[int, ...], Any] = {}
+        self.cache = packed.plaintext_products() <= MAX_CACHED_PLAINTEXTS
 
     def evaluate(self, rows: Ciphertext) -> Ciphertext:
         """The scores of the rows in one feature-packed ciphertext (entries 0..scores-1)."""
@@ -536,10 +544,12 @@ class PackedEvaluator:
         return self._linear(len(self.packed.stages), self.packed.output, blocks)
 
     def _plain(self, key: tuple[int, ...], values: npt.NDArray[np.float64], level: int) -> Any:
-        if key not in self.plaintexts:
-            self.plaintexts[key] = self.cc.MakeCKKSPackedPlaintext(
-                self.layout.spread(values).tolist(), 1, level)
-        return self.plaintexts[key]
+        if key in self.plaintexts:
+            return self.plaintexts[key]
+        plain = self.cc.MakeCKKSPackedPlaintext(self.layout.spread(values).tolist(), 1, level)
+        if self.cache:
+            self.plaintexts[key] = plain
+        return plain
 
     def _linear(self, index: int, linear: PackedLinear, blocks: dict[int, Ciphertext]
                 ) -> Ciphertext:

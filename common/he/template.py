@@ -10,6 +10,7 @@ before deserialization.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy.typing as npt
 from common.errors import BadInput
 
 WORD = 8  # coefficients are 64-bit words
+CHUNK = 1 << 24  # bytes compared at a time (bounds temporary arrays)
 
 
 @dataclass(frozen=True)
@@ -37,40 +39,63 @@ class ByteTemplate:
                            f"or truncated")
         got = np.frombuffer(data, dtype=np.uint8)
         want = np.frombuffer(self.reference, dtype=np.uint8)
-        bad = np.flatnonzero((got != want) & self.fixed)
-        if bad.size:
-            raise BadInput(f"{what}: byte {int(bad[0])} (and {bad.size - 1} more) outside the "
-                           f"coefficient data differs from the expected layout (wrong context, "
-                           f"level, key tag, or a corrupted upload); re-create it from the offer")
+        for start in range(0, got.size, CHUNK):
+            part = slice(start, start + CHUNK)
+            bad = np.flatnonzero((got[part] != want[part]) & self.fixed[part])
+            if bad.size:
+                raise BadInput(f"{what}: byte {start + int(bad[0])} outside the coefficient "
+                               f"data differs from the expected layout (wrong context, level, "
+                               f"key tag, or a corrupted upload); re-create it from the offer")
 
 
-def learn_template(samples: list[bytes], block_bytes: int) -> ByteTemplate:
-    """Build a template from >= 3 same-shaped serializations of the receiver's own objects.
+def learn_template(samples: Iterable[bytes], block_bytes: int) -> ByteTemplate:
+    """Build a template from >= 3 same-shaped serializations of the receiver's own objects
+    (taken one at a time: rotation keys run to hundreds of MB each).
 
     Coefficient data comes in blocks of `block_bytes` (ring dimension x 8). Each block
     starts at the first differing byte; everything outside the blocks is fixed.
     """
-    if len(samples) < 3 or len({len(s) for s in samples}) != 1:
-        raise RuntimeError("template learning needs >= 3 samples of equal length")
-    arrays = [np.frombuffer(s, dtype=np.uint8) for s in samples]
-    differs = np.zeros(arrays[0].size, dtype=bool)
-    for other in arrays[1:]:
-        differs |= other != arrays[0]
-    fixed = np.ones(arrays[0].size, dtype=bool)
-    positions = np.flatnonzero(differs)
+    reference: bytes | None = None
+    differs = np.zeros(0, dtype=bool)
+    count = 0
+    for sample in samples:
+        count += 1
+        if reference is None:
+            reference = sample
+            differs = np.zeros(len(sample), dtype=bool)
+            continue
+        if len(sample) != len(reference):
+            raise RuntimeError("template learning needs samples of equal length")
+        got, want = np.frombuffer(sample, dtype=np.uint8), np.frombuffer(reference, np.uint8)
+        for start in range(0, got.size, CHUNK):
+            part = slice(start, start + CHUNK)
+            differs[part] |= got[part] != want[part]
+    if reference is None or count < 3:
+        raise RuntimeError("template learning needs >= 3 samples")
+    fixed = np.ones(differs.size, dtype=bool)
     cursor = 0
-    while True:
-        following = int(np.searchsorted(positions, cursor))  # positions are sorted
-        if following == positions.size:
-            break
-        start = _block_start(differs, int(positions[following]), block_bytes)
+    while (first := _next_differing(differs, cursor)) >= 0:
+        start = _block_start(differs, first, block_bytes)
         end = start + block_bytes
         if end > fixed.size:
             raise RuntimeError(f"template learning: random bytes at {start} do not form a "
                                f"{block_bytes}-byte coefficient block")
         fixed[start:end] = False
         cursor = end
-    return ByteTemplate(reference=samples[0], fixed=fixed)
+    return ByteTemplate(reference=reference, fixed=fixed)
+
+
+def _next_differing(differs: npt.NDArray[np.bool_], cursor: int) -> int:
+    """The first differing byte at or after `cursor` (-1: none), scanning in growing
+    windows: headers between blocks are short."""
+    step = 4096
+    while cursor < differs.size:
+        hits = np.flatnonzero(differs[cursor:cursor + step])
+        if hits.size:
+            return cursor + int(hits[0])
+        cursor += step
+        step *= 2
+    return -1
 
 
 def _block_start(differs: npt.NDArray[np.bool_], first: int, block_bytes: int) -> int:
