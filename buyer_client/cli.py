@@ -42,7 +42,8 @@ def cmd_models(args: argparse.Namespace) -> None:
     listings, key = client.list_models()
     Workspace(args.home).pin_key(client.address, key)
     table = Table("model", "price", "trial rows left", "inputs", "classes", "CKKS",
-                  "tolerance", title=f"models at {args.seller} (seller key {fingerprint(key)})")
+                  "tolerance", "packings",
+                  title=f"models at {args.seller} (seller key {fingerprint(key)})")
     for m in listings:
         classes = (", ".join(m.class_labels) if len(m.class_labels) <= 4
                    else f"{len(m.class_labels)} classes")
@@ -50,7 +51,7 @@ def cmd_models(args: argparse.Namespace) -> None:
                       f"{m.trial_rows_remaining}/{m.trial_budget_rows}",
                       str(len(m.input_columns)), classes or "-",
                       f"N={m.ring_dimension}, depth {m.multiplicative_depth}",
-                      f"{m.tolerance:.2g}")
+                      f"{m.tolerance:.2g}", ", ".join(e.packing for e in m.estimates))
     console.print(table)
     for m in listings:
         console.print(f"[bold]{m.model_id}[/bold]: {m.description or '(no description)'}\n"

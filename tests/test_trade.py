@@ -45,6 +45,7 @@ def test_listing_shows_the_catalog(lr_seller: Daemon, tmp_path: Path) -> None:
     result = buyer_cli(lr_seller, tmp_path, "alice", "models")
     assert result.returncode == 0, result.stdout + result.stderr
     assert LR in result.stdout and "25.00" in result.stdout and "N=8192" in result.stdout
+    assert "slot-per-sample, feature-packed" in result.stdout
 
 
 def test_full_trade_trial_buy_verify(lr_seller: Daemon, examples: Path, tmp_path: Path) -> None:
