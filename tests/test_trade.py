@@ -280,6 +280,17 @@ def test_feature_packed_keys_are_checked_and_unpaid_rows_come_back_zero(
     assert np.abs(vectors[1].reshape(32, 128)[2:]).max() < 1e-3  # padding entries too
 
 
+def test_packings_not_offered_and_keys_not_asked_for_are_refused(lr_seller: Daemon) -> None:
+    client = _client(lr_seller, "carol")
+    with pytest.raises(errors.BadInput, match="breast-cancer-lr is not offered 'diagonal'; it "
+                                              "is offered: slot-per-sample, feature-packed"):
+        client.open_trial(LR, "diagonal")
+    trial = _Trial(lr_seller, "carol")  # slot-per-sample: no rotation keys
+    with pytest.raises(errors.BadInput, match=r"more than the keys this trial takes "
+                                              r"\(relin_key, public_key\)"):
+        trial.upload_keys(rotation_keys=b"\0" * 1024)
+
+
 def test_budget_is_enforced_by_the_seller(lr_seller: Daemon) -> None:
     trial = _Trial(lr_seller, "dave")
     trial.upload_keys()
