@@ -215,6 +215,24 @@ def _encrypted_error(model: bytes, rows: FloatArray) -> float:
     return float(np.abs(decrypted - compiled.plan.simulate(rows)).max())  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_squares_read_by_few_rows_are_relinearized_once_per_row(workers: int) -> None:
+    """An MLP whose 40 squares feed 3 outputs: the squares stay 3-element ciphertexts and
+    each output is relinearized once (also across processes exchanging partial sums);
+    the scores are unchanged."""
+    rows = g.calibration()[:64]
+    compiled, _params, cc = _setup(g.mlp("square", hidden=40), rows)
+    plan = compiled.plan  # type: ignore[attr-defined]
+    assert engine.lazy_entries(plan) == frozenset(range(6, 46))
+    narrow = _setup(g.mlp("square", hidden=4, classes=6), rows)[0].plan  # type: ignore[attr-defined]
+    assert not engine.lazy_entries(narrow)  # 6 relinearizations would replace 4
+    secret, public = engine.generate_keys(cc, new_key_tag())
+    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    scores = engine.evaluate(cc, plan, inputs, lambda done, total: None, workers)
+    decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
+    assert np.abs(decrypted - plan.simulate(rows)).max() < 1e-3
+
+
 def test_residual_sum_mixes_levels_correctly() -> None:
     from tests.test_compiler import _branches
 

@@ -359,7 +359,8 @@ class _Rank:
         self.size = len(peers) + 1
         self.shell = inputs[0]
         self.inputs = len(inputs)
-        self.basis = _Basis(cc, dict(enumerate(inputs)))
+        self.lazy = lazy_entries(plan)
+        self.basis = _Basis(cc, dict(enumerate(inputs)), self.lazy)
 
     def owner(self, row: int, rows: int) -> int:
         return row * self.size // rows
@@ -373,8 +374,9 @@ class _Rank:
         done = 0
         offset = self.inputs
         for index, stage in enumerate(self.plan.stages):
+            lazy = offset in self.lazy
             for unit, u in self._rows(stage.weights, stage.bias).items():
-                for k, entry in enumerate(_stage_entries(self.cc, stage, u)):
+                for k, entry in enumerate(_stage_entries(self.cc, stage, u, relinearize=not lazy)):
                     self.basis.put(offset + unit * stage.width + k, entry)
                 done += 1
                 progress(done, total)
@@ -413,6 +415,8 @@ class _Rank:
             total = pieces[0] if pieces else self.basis.zero()
             for piece in pieces[1:]:
                 total = self.cc.EvalAdd(total, piece)
+            if not self.lazy.isdisjoint(row_terms(weights, row)[0].tolist()):
+                total = self.cc.Relinearize(total)  # once here instead of once per entry
             bias = float(biases[row])
             result[row] = self.cc.EvalAdd(total, bias) if bias else total
         return result
@@ -429,12 +433,12 @@ class _Rank:
         return received
 
 
-def _stage_entries(cc: Context, stage: PolyStage | PackedStage, u: Ciphertext
-                   ) -> list[Ciphertext]:
+def _stage_entries(cc: Context, stage: PolyStage | PackedStage, u: Ciphertext,
+                   relinearize: bool = True) -> list[Ciphertext]:
     """The basis entries one unit of `stage` adds (or, feature-packed, one block per entry
     kind over all units at once): u*u, or T_1(u)..T_D(u)."""
     if stage.kind == "square":
-        return [cc.Rescale(cc.EvalMult(u, u))]
+        return [cc.Rescale(cc.EvalMult(u, u) if relinearize else cc.EvalMultNoRelin(u, u))]
     powers: list[Ciphertext] = [None, u]
     for k in range(2, stage.degree + 1):
         a, b = chebyshev_split(k)
@@ -581,13 +585,43 @@ class PackedEvaluator:
                                              total.GetLevel()))
 
 
+# A relinearization costs about this many terms of a linear sum (measured at N=16384,
+# 6 towers: 6.8 ms against 0.3 ms per term), and a term over an unrelinearized
+# (3-element) ciphertext half a term more.
+RELINEARIZATION_TERMS = 22
+
+
+def lazy_entries(plan: HEPlan) -> frozenset[int]:
+    """Basis entries left unrelinearized: the squares of a stage whose readers relinearize
+    each of their rows once instead, where that saves key switching (few reading rows,
+    e.g. an MLP's output layer) and the slower sums over 3-element ciphertexts do not eat
+    the saving (a CryptoNets conv layer read by 84,500 terms stays relinearized)."""
+    lazy: set[int] = set()
+    readers = [*(s.weights for s in plan.stages), plan.output.weights]
+    offset = plan.input_count
+    for index, stage in enumerate(plan.stages):
+        size = stage.units * stage.width
+        if stage.kind == "square":
+            rows = terms = 0
+            for weights in readers[index + 1:]:
+                block = weights[:, offset:offset + size]
+                rows += int(np.count_nonzero(np.diff(block.indptr)))
+                terms += block.nnz
+            if stage.units > rows + terms / 2 / RELINEARIZATION_TERMS:
+                lazy.update(range(offset, offset + size))
+        offset += size
+    return frozenset(lazy)
+
+
 class _Basis:
     """The basis ciphertexts this process holds, plus copies dropped to the levels linear
     sums need (FIXEDMANUAL EvalLinearWSum wants equal levels; each copy is made once)."""
 
-    def __init__(self, cc: Context, items: dict[int, Ciphertext]) -> None:
+    def __init__(self, cc: Context, items: dict[int, Ciphertext], lazy: frozenset[int]
+                 ) -> None:
         self.cc = cc
         self.items = items
+        self.lazy = lazy  # unrelinearized entries: summed apart (EvalLinearWSum cannot mix)
         self.lowered: dict[tuple[int, int], Ciphertext] = {}
 
     def put(self, j: int, ct: Ciphertext) -> None:
@@ -616,8 +650,11 @@ class _Basis:
         if not terms:
             return None
         level = max(self.items[j].GetLevel() for j, _w in terms)
-        return self.cc.EvalLinearWSum([self.at_level(j, level) for j, _w in terms],
-                                      [w for _j, w in terms])
+        sums = [self.cc.EvalLinearWSum([self.at_level(j, level) for j, _w in group],
+                                       [w for _j, w in group])
+                for group in ([t for t in terms if t[0] in self.lazy],
+                              [t for t in terms if t[0] not in self.lazy]) if group]
+        return sums[0] if len(sums) == 1 else self.cc.EvalAdd(*sums)
 
     def zero(self) -> Ciphertext:
         """An encryption of zero at level 1, for a row with no nonzero weight."""
