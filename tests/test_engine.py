@@ -245,19 +245,27 @@ def test_bident_merges_evaluate_encrypted(merge: str) -> None:
     assert _encrypted_error(g.bident(merge, "square"), g.calibration()[:64]) < 1e-3
 
 
-@pytest.mark.parametrize("model", ["tanh-mlp", "max-bident"])
-def test_feature_packed_evaluation_matches_the_plan(model: str) -> None:
+@pytest.mark.parametrize(("model", "degree", "folded"), [
+    ("tanh-mlp", 6, True), ("tanh-mlp", 7, False), ("max-bident", 6, True)])
+def test_feature_packed_evaluation_matches_the_plan(model: str, degree: int,
+                                                    folded: bool) -> None:
     """All features of a row in one ciphertext, `stride` rows strided in it; baby-step/
     giant-step diagonal products with hoisted rotations: the same scores as the
-    slot-per-sample plan, for full and partly filled ciphertexts."""
+    slot-per-sample plan, for full and partly filled ciphertexts. A tanh of degree 6 is
+    folded into one block (T_1..T_4 and T_4 * (T_1, T_2): no extra level); degree 7
+    would need one, so it stays 7 blocks; the bident's Max is a folded |a - b|."""
     onnx_model = g.mlp("Tanh") if model == "tanh-mlp" else g.bident("max", "square")
     rows = g.calibration()
-    compiled, _params, cc = _setup(onnx_model, rows)
-    packed = pack_plan(compiled.plan)  # type: ignore[attr-defined]
-    expected = compiled.plan.simulate(rows)  # type: ignore[attr-defined]
+    compiled = compile_model(onnx_model, rows, degree=degree)
+    params = choose_params(engine.levels_needed(compiled.plan), 128,
+                           float(np.abs(compiled.plan.simulate(rows)).max()))
+    cc = engine.build_context(params, 128)
+    packed = pack_plan(compiled.plan)
+    assert any(s.fold is not None for s in packed.stages) == folded
+    expected = compiled.plan.simulate(rows)
     for row, want in zip(rows[:3], expected[:3], strict=True):
         assert np.abs(packed.simulate(row) - want).max() < 1e-9  # the diagonals, in numpy
-    slots = cc.GetRingDimension() // 2  # type: ignore[attr-defined]
+    slots = cc.GetRingDimension() // 2
     layout = packed.layout(slots)
     secret, public = engine.generate_keys(cc, new_key_tag())
     indices = packed.rotation_indices(slots)
@@ -267,7 +275,7 @@ def test_feature_packed_evaluation_matches_the_plan(model: str) -> None:
     for count in (min(layout.rows_per_ciphertext, len(rows)), 3):
         [vector] = layout.encode(rows[:count])
         assert np.array_equal(layout.decode([vector], count, packed.features), rows[:count])
-        sample = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(vector.tolist()))  # type: ignore[attr-defined]
+        sample = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(vector.tolist()))
         scores = engine.decrypt_vector(cc, secret, evaluator.evaluate(sample), slots)
         got = layout.decode([np.array(scores)], count, packed.scores)
         assert np.abs(got - expected[:count]).max() < 1e-3

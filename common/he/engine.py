@@ -542,10 +542,38 @@ class PackedEvaluator:
         """The scores of the rows in one feature-packed ciphertext (entries 0..scores-1)."""
         blocks: dict[int, Ciphertext] = {0: rows}
         for index, stage in enumerate(self.packed.stages):
-            u = self._linear(index, stage.linear, blocks)
-            for entry in _stage_entries(self.cc, stage, u):
+            entries = _stage_entries(self.cc, stage, self._linear(index, stage.linear, blocks))
+            if stage.fold is not None:
+                entries = [self._fold(index, stage.fold, entries)]
+            for entry in entries:
                 blocks[len(blocks)] = entry
         return self._linear(len(self.packed.stages), self.packed.output, blocks)
+
+    def _fold(self, index: int, fold: npt.NDArray[np.float64], powers: list[Ciphertext]
+              ) -> Ciphertext:
+        """sum_k fold[k-1] * T_k(u) at the level of T_degree (see packing._foldable):
+        the terms past T_H go through T_H times a sum of low-degree terms."""
+        cc, degree = self.cc, len(powers)
+        half = 1 << (degree - 1).bit_length() - 1
+        top = powers[-1].GetLevel()
+
+        def weighted(j: int, values: npt.NDArray[np.float64], level: int) -> Ciphertext:
+            t = powers[j - 1]
+            product = cc.Rescale(cc.EvalMult(t, self._plain((index, -2, j, level), values,
+                                                            t.GetLevel())))
+            return cc.LevelReduce(product, None, level - product.GetLevel()) if (
+                product.GetLevel() < level) else product
+
+        highs = [weighted(j, 2.0 * fold[half + j - 1], top - 1)
+                 for j in range(1, degree - half + 1)]
+        high = highs[0] if len(highs) == 1 else cc.EvalAddMany(highs)
+        low = []
+        for j in range(1, half + 1):
+            mirror = 2 * half - j
+            values = fold[j - 1] - (fold[mirror - 1] if half < mirror <= degree else 0.0)
+            low.append(weighted(j, values, top))
+        low.append(cc.Rescale(cc.EvalMult(powers[half - 1], high)))
+        return cc.EvalAddMany(low)
 
     def _plain(self, key: tuple[int, ...], values: npt.NDArray[np.float64], level: int) -> Any:
         if key in self.plaintexts:

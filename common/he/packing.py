@@ -133,6 +133,18 @@ class PackedStage:
     linear: PackedLinear
     kind: str  # "chebyshev" or "square"
     degree: int
+    # chebyshev, folded: the stage adds one block, sum_k fold[k-1] * T_k(u), instead of
+    # one block per T_k (see `_foldable`); fold[k-1][i] is unit i's coefficient of T_k
+    fold: FloatArray | None = None
+
+    def entries(self, u: FloatArray) -> list[FloatArray]:
+        """The blocks the stage adds, in numpy."""
+        if self.kind == "square":
+            return [np.square(u)]
+        powers = chebyshev_basis(u[None], self.degree).reshape(len(u), self.degree).T
+        if self.fold is not None:
+            return [np.sum(self.fold * powers, axis=0)]
+        return list(powers)
 
 
 @dataclass(frozen=True)
@@ -172,10 +184,7 @@ class PackedPlan:
         """The packed evaluation in numpy (np.roll for rotations): must equal the plan's."""
         blocks = {0: np.pad(np.asarray(row, dtype=np.float64), (0, self.d - self.features))}
         for stage in self.stages:
-            u = self._apply(stage.linear, blocks)
-            entries = (np.square(u)[None] if stage.kind == "square" else
-                       chebyshev_basis(u[None], stage.degree).reshape(self.d, stage.degree).T)
-            for values in entries:
+            for values in stage.entries(self._apply(stage.linear, blocks)):
                 blocks[len(blocks)] = values
         return self._apply(self.output, blocks)[:self.scores]
 
@@ -194,22 +203,75 @@ def pack_plan(plan: HEPlan) -> PackedPlan:
     widths = [plan.input_count, plan.score_count, *(s.units for s in plan.stages)]
     d = 1 << max(w - 1 for w in widths).bit_length()
     baby = 1 << math.ceil(math.log2(d) / 2)
-    layout: list[tuple[int, int]] = [(0, i) for i in range(plan.input_count)]  # entry: block, slot
+    readers = [np.asarray(w.toarray())
+               for w in (*(s.weights for s in plan.stages), plan.output.weights)]
+    # the packed basis: each entry is (block, slot) and a combination of plan entries
+    layout: list[tuple[int, int]] = [(0, i) for i in range(plan.input_count)]
+    combos: list[tuple[list[int], FloatArray]] = [([i], np.ones(1))
+                                                   for i in range(plan.input_count)]
     stages = []
-    for stage in plan.stages:
-        stages.append(PackedStage(_linear(stage.weights, stage.bias, layout, d, baby),
-                                  stage.kind, stage.degree))
+    offset = plan.input_count
+    for index, stage in enumerate(plan.stages):
+        linear = _linear(_combined(readers[index], combos), stage.bias, layout, d, baby)
         first = 1 + max(block for block, _slot in layout)
-        layout += [(first + k, unit) for unit in range(stage.units)
-                   for k in range(stage.width)]  # unit-major, as the plan lays entries out
-    output = _linear(plan.output.weights, plan.output.bias, layout, d, baby)
+        entries = [list(range(offset + unit * stage.width, offset + (unit + 1) * stage.width))
+                   for unit in range(stage.units)]
+        coefficients = (_foldable(stage.degree, [r[:, offset:] for r in readers[index + 1:]],
+                                  stage.units) if stage.kind == "chebyshev" else None)
+        if coefficients is None:
+            layout += [(first + k, unit) for unit in range(stage.units)
+                       for k in range(stage.width)]  # unit-major, as the plan lays entries out
+            combos += [([column], np.ones(1)) for columns in entries for column in columns]
+            fold = None
+        else:
+            layout += [(first, unit) for unit in range(stage.units)]
+            combos += list(zip(entries, coefficients, strict=True))
+            fold = np.zeros((stage.degree, d))
+            fold[:, :stage.units] = coefficients.T
+        stages.append(PackedStage(linear, stage.kind, stage.degree, fold))
+        offset += stage.units * stage.width
+    output = _linear(_combined(readers[-1], combos), plan.output.bias, layout, d, baby)
     return PackedPlan(d, baby, plan.depth(), plan.input_count, tuple(stages), output,
                       plan.score_count)
 
 
-def _linear(weights: object, bias: FloatArray, layout: list[tuple[int, int]], d: int,
+def _combined(weights: FloatArray, combos: list[tuple[list[int], FloatArray]]) -> FloatArray:
+    """A plan layer's weights over the packed basis (the entries it can read)."""
+    usable = [(columns, c) for columns, c in combos if columns[-1] < weights.shape[1]]
+    return np.stack([weights[:, columns] @ c for columns, c in usable], axis=1)
+
+
+def _foldable(degree: int, readers: list[FloatArray], units: int) -> FloatArray | None:
+    """Per unit, the unit-norm coefficients c (over T_1..T_degree) with which every later
+    layer reads the unit's entries, when each reads them as w * (c . T(u)) (an activation
+    polynomial followed by a linear layer does); None when some unit is read otherwise or
+    folding would need a level more. Then c . T(u) is one block, and the next layer reads
+    one block instead of `degree`, each with its own rotations.
+
+    Depth: with L = ceil(log2 degree) (the level of T_degree) and H = 2^(L-1),
+    sum c_k T_k = sum_{j<=H} (c_j - c_{2H-j}) T_j + 2 T_H (sum_{j<=degree-H} c_{H+j} T_j)
+    stays at level L when degree - H <= H/2 (engine.PackedEvaluator._fold)."""
+    if degree < 3:
+        return None
+    half = 1 << (degree - 1).bit_length() - 1
+    if degree - half > half // 2:
+        return None
+    coefficients = np.zeros((units, degree))
+    for unit in range(units):
+        columns = slice(unit * degree, (unit + 1) * degree)
+        read = np.concatenate([r[:, columns] for r in readers])
+        if not np.any(read):
+            coefficients[unit, 0] = 1.0
+            continue
+        _u, singular, vt = np.linalg.svd(read, full_matrices=False)
+        if singular.size > 1 and singular[1] > 1e-9 * singular[0]:
+            return None
+        coefficients[unit] = vt[0]
+    return coefficients
+
+
+def _linear(dense: FloatArray, bias: FloatArray, layout: list[tuple[int, int]], d: int,
             baby: int) -> PackedLinear:
-    dense = np.asarray(weights.toarray())  # type: ignore[attr-defined]
     per_block: dict[int, FloatArray] = {}
     for column in np.flatnonzero(np.any(dense != 0, axis=0)):
         block, slot = layout[column]
