@@ -27,6 +27,16 @@ from common.signing import fingerprint
 console = Console()
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0 (Mbit/s)")
+    return value
+
+
 def _client(args: argparse.Namespace) -> SellerClient:
     if args.insecure:
         if not args.token:
@@ -132,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packing", default=AUTO, choices=(AUTO, *PACKINGS),
                    help="how rows go into ciphertexts; auto (default) takes the packing the "
                         "planner estimates fastest for your row count and link")
-    p.add_argument("--link-mbps", type=float, default=DEFAULT_MBPS,
+    p.add_argument("--link-mbps", type=_positive, default=DEFAULT_MBPS,
                    help=f"your link to the seller in Mbit/s, for the planner (default "
                         f"{DEFAULT_MBPS:g})")
     p.set_defaults(func=cmd_trial)

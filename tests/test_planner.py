@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from buyer_client.planner import choose, trial_cost
 from common.protocol import Estimate
+from tests.conftest import BIN
 
 MB = 1_000_000
 # shaped like digits-mlp at N=16384: 64 columns, 10 scores, 8192 slots, period 64
@@ -34,3 +37,11 @@ def test_the_planner_picks_the_cheaper_packing(rows: int, link: float, expected:
     costs = choose((SLOTS, PACKED), rows, 64, 10, link)
     assert costs[0].packing == expected
     assert costs[0].total_s <= costs[1].total_s
+
+
+@pytest.mark.parametrize(("value", "message"), [("0", "0 must be above 0 (Mbit/s)"),
+                                                ("fast", "'fast' is not a number")])
+def test_a_link_speed_that_is_no_speed_is_refused(value: str, message: str) -> None:
+    done = subprocess.run([str(BIN / "gimme-buyer"), "trial", "digits-mlp", "--data", "x.csv",
+                           "--link-mbps", value], capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr
