@@ -296,37 +296,47 @@ def evaluate(
     if workers <= 1:
         scores = _Rank(cc, plan, inputs, 0, {}).run(progress)
         return [scores[row] for row in range(plan.score_count)]
-    if os.environ.get("OMP_NUM_THREADS") != "1":
-        raise RuntimeError("sharded evaluation forks: it needs OMP_NUM_THREADS=1 set before "
-                           "OpenFHE loads (a forked OpenMP thread pool hangs)")
-    context = multiprocessing.get_context("fork")  # children share the loaded inputs
-    links = {(a, b): context.Pipe() for a in range(workers) for b in range(a + 1, workers)}
+    links = {(a, b): multiprocessing.Pipe() for a in range(workers)
+             for b in range(a + 1, workers)}
 
     def peers(rank: int) -> dict[int, Connection]:
         return {b if a == rank else a: pipe[0] if a == rank else pipe[1]
                 for (a, b), pipe in links.items() if rank in (a, b)}
 
+    scores = _in_ranks(cc, inputs[0], workers, progress,
+                       lambda rank, report: _Rank(cc, plan, inputs, rank, peers(rank)).run(report))
+    return [scores[row] for row in range(plan.score_count)]
+
+
+def _in_ranks(cc: Context, shell: Ciphertext, workers: int, progress: ProgressFn,
+              work: Callable[[int, ProgressFn], dict[int, Ciphertext]]) -> dict[int, Ciphertext]:
+    """Run `work(rank)` for ranks 1.. in forked processes (one OpenMP thread each; they
+    share everything loaded so far) and rank 0 here; the union of their results."""
+    if os.environ.get("OMP_NUM_THREADS") != "1":
+        raise RuntimeError("sharded evaluation forks: it needs OMP_NUM_THREADS=1 set before "
+                           "OpenFHE loads (a forked OpenMP thread pool hangs)")
+    context = multiprocessing.get_context("fork")
+    pipes = [context.Pipe(duplex=False) for _ in range(1, workers)]
+
     def helper(rank: int) -> None:
-        connections = peers(rank)
-        scores = _Rank(cc, plan, inputs, rank, connections).run(lambda done, total: None)
-        connections[0].send({row: serialize(ct) for row, ct in scores.items()})
+        results = work(rank, lambda done, total: None)
+        pipes[rank - 1][1].send({key: serialize(ct) for key, ct in results.items()})
 
     children = [context.Process(target=helper, args=(rank,), daemon=True)
                 for rank in range(1, workers)]
     for child in children:
         child.start()
     try:
-        connections = peers(0)
-        scores = _Rank(cc, plan, inputs, 0, connections).run(progress)
+        results = work(0, progress)
         for rank in range(1, workers):
-            for row, data in _receive(connections[rank], rank).items():
-                scores[row] = adopt(cc, inputs[0], data)
+            for key, data in _receive(pipes[rank - 1][0], rank).items():
+                results[key] = adopt(cc, shell, data)
     finally:
         for child in children:
             child.join(timeout=5)
             if child.is_alive():
                 child.kill()
-    return [scores[row] for row in range(plan.score_count)]
+    return results
 
 
 def adopt(cc: Context, shell: Ciphertext, data: bytes) -> Ciphertext:
@@ -474,33 +484,8 @@ def evaluate_packed(cc: Context, packed: PackedPlan, inputs: Sequence[Ciphertext
         return done
 
     workers = max(1, min(workers, len(inputs)))
-    if workers == 1:
-        scores = run(0, progress)
-        return [scores[i] for i in range(len(inputs))]
-    if os.environ.get("OMP_NUM_THREADS") != "1":
-        raise RuntimeError("sharded evaluation forks: it needs OMP_NUM_THREADS=1 set before "
-                           "OpenFHE loads (a forked OpenMP thread pool hangs)")
-    context = multiprocessing.get_context("fork")  # children share the loaded inputs and keys
-    pipes = [context.Pipe(duplex=False) for _ in range(1, workers)]
-
-    def helper(rank: int) -> None:
-        scores = run(rank, lambda done, total: None)
-        pipes[rank - 1][1].send({i: serialize(ct) for i, ct in scores.items()})
-
-    children = [context.Process(target=helper, args=(rank,), daemon=True)
-                for rank in range(1, workers)]
-    for child in children:
-        child.start()
-    try:
-        scores = run(0, progress)
-        for rank in range(1, workers):
-            for i, data in _receive(pipes[rank - 1][0], rank).items():
-                scores[i] = adopt(cc, inputs[0], data)
-    finally:
-        for child in children:
-            child.join(timeout=5)
-            if child.is_alive():
-                child.kill()
+    scores = run(0, progress) if workers == 1 else _in_ranks(cc, inputs[0], workers,
+                                                             progress, run)
     return [scores[i] for i in range(len(inputs))]
 
 
