@@ -17,6 +17,7 @@ A catalog directory holds one `NAME.json` listing per model:
       "circuit_privacy": true,                   # optional, default true
       "flooding_bits": 4,                        # optional: noise = 2^bits x CKKS error
       "fingerprint": true,                       # optional: a marked copy per sale
+      "feature_packing": true,                   # optional: also offer feature packing
       "extraction_criterion": "warn",            # optional: "warn" or "refuse"
       "criterion_factor": 10                     # optional: c in criterion 1
     }
@@ -91,6 +92,9 @@ class ListingSpec:
     extraction_criterion: str
     criterion_factor: float
     fingerprint: bool
+    # offer feature packing too: its rotation indices tell buyers the widest layer's size
+    # (rounded up to a power of two) and which diagonals the weights fill
+    feature_packing: bool = True
 
 
 @dataclass(frozen=True)
@@ -221,7 +225,7 @@ def read_listing(path: Path) -> ListingSpec:
         _cents(path, "trial_price_per_row", raw.get("trial_price_per_row", "0")), degree,
         max_error, _output_policy(path, raw.get("output_policy", {"kind": "full"})),
         bool(raw.get("circuit_privacy", True)), flooding_bits, criterion, factor,
-        bool(raw.get("fingerprint", True)))
+        bool(raw.get("fingerprint", True)), bool(raw.get("feature_packing", True)))
 
 
 def _cents(path: Path, field: str, value: object) -> int:
@@ -407,6 +411,8 @@ def _self_test(spec: ListingSpec, params: CkksParams, security_bits: int, plan: 
             "policy_noise_std": spec.output_policy.noise_std}
         measured = run_guarded("seller_server.worker:self_test", request,
                                limits=capacity.limits)
+        if not spec.feature_packing:
+            return [np.load(out_path)], measured
         try:
             measured |= run_guarded("seller_server.worker:self_test_packed",
                                     request | {"flooding_std": measured["flooding_std"]},

@@ -280,11 +280,25 @@ def test_feature_packed_keys_are_checked_and_unpaid_rows_come_back_zero(
     assert np.abs(vectors[1].reshape(32, 128)[2:]).max() < 1e-3  # padding entries too
 
 
-def test_packings_not_offered_and_keys_not_asked_for_are_refused(lr_seller: Daemon) -> None:
+def test_packings_not_offered_and_keys_not_asked_for_are_refused(
+        lr_seller: Daemon, lr_catalog: Path, tmp_path: Path) -> None:
     client = _client(lr_seller, "carol")
     with pytest.raises(errors.BadInput, match="breast-cancer-lr is not offered 'diagonal'; it "
                                               "is offered: slot-per-sample, feature-packed"):
         client.open_trial(LR, "diagonal")
+    # a seller may keep its layer widths to itself: no feature packing
+    catalog = tmp_path / "catalog"
+    shutil.copytree(lr_catalog, catalog)
+    listing = json.loads((catalog / "breast_cancer_lr.json").read_text())
+    (catalog / "breast_cancer_lr.json").write_text(json.dumps(listing | {
+        "feature_packing": False}))
+    store = Store(tmp_path / "gimme.sqlite")
+    try:
+        [only], _refused = load_catalog(catalog, store, security_bits=128, capacity=Capacity())
+        assert [e.packing for e in only.estimates()] == ["slot-per-sample"]
+        assert not only.measured.packed_period
+    finally:
+        store.close()
     trial = _Trial(lr_seller, "carol")  # slot-per-sample: no rotation keys
     with pytest.raises(errors.BadInput, match=r"more than the keys this trial takes "
                                               r"\(relin_key, public_key\)"):
