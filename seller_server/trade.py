@@ -188,13 +188,23 @@ class Seller:
                              f"offered; open a new trial to test the current model")
         return trial, listing
 
+    def _trial_to_evaluate(self, buyer_id: str, trial_id: str) -> tuple[TrialRow, Listing]:
+        """`_trial`, whose packing the listing must still offer (its self-test figures
+        size the keys); buying what was tested stays possible either way."""
+        trial, listing = self._trial(buyer_id, trial_id)
+        packing = _offer(trial).encoding.packing
+        if packing not in {estimate.packing for estimate in listing.estimates()}:
+            raise WrongState(f"model {trial.model_id!r} is no longer offered {packing} "
+                             f"(trial {trial_id}); open a new trial")
+        return trial, listing
+
     # ----- step 4: keys -----
 
     def key_sizes(self, buyer_id: str, trial_id: str) -> dict[str, tuple[int, int | None]]:
         """The key objects this trial takes, in upload order: name -> (size cap, exact size
         where it is known). Rotation keys are sized by the offer's index count; the
         worker's byte template checks them exactly."""
-        trial, listing = self._trial(buyer_id, trial_id)
+        trial, listing = self._trial_to_evaluate(buyer_id, trial_id)
         m = listing.measured
         sizes: dict[str, tuple[int, int | None]] = {
             "relin_key": (m.relin_key_bytes, m.relin_key_bytes),
@@ -206,7 +216,7 @@ class Seller:
         return sizes
 
     def accept_keys(self, buyer_id: str, trial_id: str, keys: dict[str, bytes]) -> bytes:
-        trial, listing = self._trial(buyer_id, trial_id)
+        trial, listing = self._trial_to_evaluate(buyer_id, trial_id)
         directory = self._trial_dir(trial_id)
         for name, data in keys.items():
             (directory / f"{name}.bin").write_bytes(data)
@@ -237,7 +247,7 @@ class Seller:
     def batch_shape(self, buyer_id: str, trial_id: str, batch_index: int, rows: int
                     ) -> tuple[int, int]:
         """Check a batch before its upload; returns (ciphertext count, exact size of each)."""
-        trial, listing = self._trial(buyer_id, trial_id)
+        trial, listing = self._trial_to_evaluate(buyer_id, trial_id)
         if trial.keys_sha256 is None:
             raise WrongState(f"trial {trial_id}: no evaluation keys (not uploaded yet, or "
                              f"expired after the trial sat idle): upload them before data")
@@ -255,7 +265,7 @@ class Seller:
 
     def evaluate(self, buyer_id: str, trial_id: str, batch_index: int, rows: int,
                  inputs: Sequence[bytes], on_progress: ProgressFn) -> Evaluation:
-        trial, listing = self._trial(buyer_id, trial_id)
+        trial, listing = self._trial_to_evaluate(buyer_id, trial_id)
         assert trial.keys_sha256 is not None
         self.store.reserve_rows(trial, batch_index, rows, listing.spec.trial_budget_rows,
                                 listing.spec.trial_price_per_row_cents)

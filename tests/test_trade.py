@@ -293,10 +293,18 @@ def test_packings_not_offered_and_keys_not_asked_for_are_refused(
     (catalog / "breast_cancer_lr.json").write_text(json.dumps(listing | {
         "feature_packing": False}))
     store = Store(tmp_path / "gimme.sqlite")
+    signer, _ = Signer.load_or_create(tmp_path / "identity.key")
     try:
+        full, _refused = load_catalog(lr_catalog, store, security_bits=128, capacity=Capacity())
+        before = Seller(full, store, signer, tmp_path / "spool", Capacity(), 128)
+        offer = open_offer(before.open_trial("carol", LR, FEATURE_PACKED), signer.public_key, LR)
         [only], _refused = load_catalog(catalog, store, security_bits=128, capacity=Capacity())
         assert [e.packing for e in only.estimates()] == ["slot-per-sample"]
         assert not only.measured.packed_period
+        # a trial opened feature-packed before the seller stopped offering it
+        after = Seller([only], store, signer, tmp_path / "spool", Capacity(), 128)
+        with pytest.raises(errors.WrongState, match="no longer offered feature-packed"):
+            after.key_sizes("carol", offer.trial_id)
     finally:
         store.close()
     trial = _Trial(lr_seller, "carol")  # slot-per-sample: no rotation keys
