@@ -134,7 +134,8 @@ def _show(console: Console, results: list[dict[str, Any]], link_mbps: float) -> 
                   for p, m in result["packings"].items()}
         for packing, m in result["packings"].items():
             e = m["estimated"]
-            estimated = e["seller_compute_s"] + link_s(e["upload_bytes"], e["download_bytes"])
+            estimated = (e["seller_compute_s"] + e["encrypt_s"]
+                         + link_s(e["upload_bytes"], e["download_bytes"]))
             marks = ("planner's choice" if packing == result["chosen"] else "",
                      "fastest" if totals[packing] == min(totals.values()) else "")
             table.add_row(result["model"], str(result["rows"]),

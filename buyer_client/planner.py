@@ -24,6 +24,7 @@ class TrialCost:
     download_bytes: int
     compute_s: float  # seller's evaluation time
     transfer_s: float
+    encrypt_s: float  # the buyer's encryption
 
     @property
     def packing(self) -> str:
@@ -31,7 +32,7 @@ class TrialCost:
 
     @property
     def total_s(self) -> float:
-        return self.compute_s + self.transfer_s
+        return self.compute_s + self.transfer_s + self.encrypt_s
 
 
 def trial_cost(estimate: Estimate, rows: int, columns: int, scores: int,
@@ -48,7 +49,8 @@ def trial_cost(estimate: Estimate, rows: int, columns: int, scores: int,
     download = results * estimate.result_bytes
     return TrialCost(estimate, len(sizes), upload, download,
                      estimate.setup_seconds + units * estimate.evaluate_seconds,
-                     (upload + download) * 8 / (link_mbps * 1e6))
+                     (upload + download) * 8 / (link_mbps * 1e6),
+                     inputs * estimate.encrypt_seconds)
 
 
 def choose(estimates: tuple[Estimate, ...], rows: int, columns: int, scores: int,

@@ -209,7 +209,8 @@ def _estimate(offer: Offer, rows: int, link_mbps: float) -> dict[str, Any]:
     cost = trial_cost(offer.estimate, rows, len(offer.encoding.input_columns),
                       offer.output.score_count, link_mbps)
     return {"packing": cost.packing, "upload_bytes": cost.upload_bytes,
-            "download_bytes": cost.download_bytes, "seller_compute_s": cost.compute_s}
+            "download_bytes": cost.download_bytes, "seller_compute_s": cost.compute_s,
+            "encrypt_s": cost.encrypt_s}
 
 
 def _pick(costs: list[TrialCost], packing: str, model_id: str) -> TrialCost:
@@ -224,14 +225,14 @@ def _pick(costs: list[TrialCost], packing: str, model_id: str) -> TrialCost:
 
 def _show_plan(console: Console, costs: list[TrialCost], chosen: TrialCost, rows: int,
                link_mbps: float, automatic: bool) -> None:
-    table = Table("packing", "batches", "upload MB", "download MB", "seller s",
-                  f"transfer s at {link_mbps:g} Mbit/s", "estimated s",
+    table = Table("packing", "batches", "upload MB", "download MB", "your encryption s",
+                  "seller s", f"transfer s at {link_mbps:g} Mbit/s", "estimated s",
                   title=f"planner: {rows} rows, seller's figures")
     for cost in costs:
         mark = " (chosen)" if cost is chosen else ""
         table.add_row(cost.packing + mark, str(cost.batches), f"{cost.upload_bytes / 1e6:.1f}",
-                      f"{cost.download_bytes / 1e6:.1f}", f"{cost.compute_s:.2f}",
-                      f"{cost.transfer_s:.2f}", f"{cost.total_s:.2f}")
+                      f"{cost.download_bytes / 1e6:.1f}", f"{cost.encrypt_s:.2f}",
+                      f"{cost.compute_s:.2f}", f"{cost.transfer_s:.2f}", f"{cost.total_s:.2f}")
     console.print(table)
     if not automatic:
         console.print(f"packing {chosen.packing}: chosen with --packing")

@@ -72,7 +72,8 @@ class Estimate:
     evaluate_seconds: float  # slot-per-sample: one batch; feature-packed: one ciphertext
     rows_per_ciphertext: int
     period: int = 1
-    setup_seconds: float = 0.0  # once per trial: checking the uploaded keys
+    setup_seconds: float = 0.0  # once per trial: making and checking the keys
+    encrypt_seconds: float = 0.0  # the buyer's side: one input ciphertext
 
     def layout(self) -> Packing:
         return Packing(self.packing, self.rows_per_ciphertext, self.period)

@@ -192,13 +192,13 @@ def estimate_to_pb(e: Estimate) -> pb.Estimate:
                        ciphertext_bytes=e.ciphertext_bytes, result_bytes=e.result_bytes,
                        evaluate_seconds=e.evaluate_seconds,
                        rows_per_ciphertext=e.rows_per_ciphertext, period=e.period,
-                       setup_seconds=e.setup_seconds)
+                       setup_seconds=e.setup_seconds, encrypt_seconds=e.encrypt_seconds)
 
 
 def estimate_from_pb(m: pb.Estimate) -> Estimate:
     return Estimate(m.packing, m.key_bytes, m.ciphertext_bytes, m.result_bytes,
                     m.evaluate_seconds, m.rows_per_ciphertext, m.period or 1,
-                    m.setup_seconds)
+                    m.setup_seconds, m.encrypt_seconds)
 
 
 # ----- receipts -----

@@ -66,7 +66,7 @@ from seller_server.worker import Capacity
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "gimme-he-11"  # bump when compiled results would change
+ENGINE_VERSION = "gimme-he-12"  # bump when compiled results would change
 TOLERANCE_FACTOR = 3.0
 TOLERANCE_FLOOR = 1e-4
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -107,6 +107,7 @@ class Measured:
     result_bytes: int
     evaluate_seconds: float
     key_check_seconds: float  # per trial: byte templates of the relinearization + public key
+    encrypt_seconds: float  # one input ciphertext, on one core (the buyer's side)
     computation_error: float  # max |decrypted - plan| before finishing
     flooding_std: float
     he_error: float  # max |tail(finished result) - onnxruntime| on the compared output
@@ -151,13 +152,15 @@ class Listing:
         m = self.measured
         keys = m.relin_key_bytes + m.public_key_bytes
         offered = [Estimate(SLOT_PER_SAMPLE, keys, m.ciphertext_bytes, m.result_bytes,
-                            m.evaluate_seconds, self.params.slots, 1, m.key_check_seconds)]
+                            m.evaluate_seconds, self.params.slots, 1, m.key_check_seconds,
+                            m.encrypt_seconds)]
         if m.packed_period:
             offered.append(Estimate(FEATURE_PACKED, keys + m.packed_rotation_key_bytes,
                                     m.ciphertext_bytes, m.result_bytes,
                                     m.packed_evaluate_seconds,
                                     self.params.slots // m.packed_period, m.packed_period,
-                                    m.key_check_seconds + m.packed_setup_seconds))
+                                    m.key_check_seconds + m.packed_setup_seconds,
+                                    m.encrypt_seconds))
         return tuple(offered)
 
     def estimate(self, packing: str) -> Estimate:

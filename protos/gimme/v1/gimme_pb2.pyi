@@ -425,6 +425,7 @@ class Estimate(_message.Message):
     ROWS_PER_CIPHERTEXT_FIELD_NUMBER: _builtins.int
     PERIOD_FIELD_NUMBER: _builtins.int
     SETUP_SECONDS_FIELD_NUMBER: _builtins.int
+    ENCRYPT_SECONDS_FIELD_NUMBER: _builtins.int
     packing: _builtins.str
     key_bytes: _builtins.int
     """every evaluation key uploaded"""
@@ -437,7 +438,9 @@ class Estimate(_message.Message):
     rows_per_ciphertext: _builtins.int
     period: _builtins.int
     setup_seconds: _builtins.float
-    """once per trial: checking the uploaded keys"""
+    """once per trial: making and checking the keys"""
+    encrypt_seconds: _builtins.float
+    """the buyer's side: one input ciphertext"""
     def __init__(
         self,
         *,
@@ -449,10 +452,11 @@ class Estimate(_message.Message):
         rows_per_ciphertext: _builtins.int = ...,
         period: _builtins.int = ...,
         setup_seconds: _builtins.float = ...,
+        encrypt_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext_bytes", b"ciphertext_bytes", "evaluate_seconds", b"evaluate_seconds", "key_bytes", b"key_bytes", "packing", b"packing", "period", b"period", "result_bytes", b"result_bytes", "rows_per_ciphertext", b"rows_per_ciphertext", "setup_seconds", b"setup_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext_bytes", b"ciphertext_bytes", "encrypt_seconds", b"encrypt_seconds", "evaluate_seconds", b"evaluate_seconds", "key_bytes", b"key_bytes", "packing", b"packing", "period", b"period", "result_bytes", b"result_bytes", "rows_per_ciphertext", b"rows_per_ciphertext", "setup_seconds", b"setup_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
