@@ -38,6 +38,12 @@ _SECURITY = {
     256: fhe.HEStd_256_classic,
 }
 TEMPLATE_SAMPLES = 4
+# Keys have thousands of coefficient blocks (585 MB of CryptoNets rotation keys: ~4,500);
+# a block's first byte agrees across n samples by chance with p = 256^-(n-1), which at
+# n = 3 made an estimated ~7% of such templates refuse honest keys (seen once in
+# bench/planner.py; template._block_start cannot
+# always tell); at n = 5 it is ~1e-6 per template.
+KEY_TEMPLATE_SAMPLES = 5
 
 
 def build_context(params: CkksParams, security_bits: int) -> Context:
@@ -192,7 +198,7 @@ class CiphertextGate:
 
 
 def public_key_template(cc: Context, key_tag: str) -> ByteTemplate:
-    samples = [serialize(_tagged_pair(cc, key_tag)[1]) for _ in range(3)]
+    samples = [serialize(_tagged_pair(cc, key_tag)[1]) for _ in range(KEY_TEMPLATE_SAMPLES)]
     return learn_template(samples, cc.GetRingDimension() * 8)
 
 
@@ -203,7 +209,7 @@ def load_public_key(data: bytes) -> Any:
 
 def relin_key_template(cc: Context, key_tag: str) -> ByteTemplate:
     samples = []
-    for _ in range(3):
+    for _ in range(KEY_TEMPLATE_SAMPLES):
         secret, _public = _tagged_pair(cc, key_tag)
         fhe.ClearEvalMultKeys()
         cc.EvalMultKeyGen(secret)
@@ -497,7 +503,7 @@ def load_rotation_keys(data: bytes) -> None:
 
 def rotation_key_template(cc: Context, key_tag: str, indices: Sequence[int]) -> ByteTemplate:
     def samples() -> Iterator[bytes]:  # one at a time: each can be hundreds of MB
-        for _ in range(3):
+        for _ in range(KEY_TEMPLATE_SAMPLES):
             secret, _public = _tagged_pair(cc, key_tag)
             fhe.CryptoContext.ClearEvalAutomorphismKeys()
             yield generate_rotation_keys(cc, secret, indices)
