@@ -41,8 +41,7 @@ TEMPLATE_SAMPLES = 4
 # Keys have thousands of coefficient blocks (585 MB of CryptoNets rotation keys: ~4,500);
 # a block's first byte agrees across n samples by chance with p = 256^-(n-1), which at
 # n = 3 made an estimated ~7% of such templates refuse honest keys (seen once in
-# bench/planner.py; template._block_start cannot
-# always tell); at n = 5 it is ~1e-6 per template.
+# bench/planner.py; template._block_start cannot always tell); at n = 5 it is ~1e-6.
 KEY_TEMPLATE_SAMPLES = 5
 
 
