@@ -66,7 +66,7 @@ from seller_server.worker import Capacity
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "gimme-he-13"  # bump when compiled results would change
+ENGINE_VERSION = "gimme-he-14"  # bump when compiled results would change
 TOLERANCE_FACTOR = 3.0
 TOLERANCE_FLOOR = 1e-4
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -117,7 +117,6 @@ class Measured:
     packed_rotation_keys: int = 0
     packed_setup_seconds: float = 0.0  # per trial: generating + checking the rotation keys
     packed_evaluate_seconds: float = 0.0  # one ciphertext, every worker busy
-    packed_computation_error: float = 0.0
 
 
 @dataclass(frozen=True)

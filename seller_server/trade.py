@@ -31,6 +31,7 @@ from common.protocol import (
     PAYMENT,
     RECEIPT,
     DeliveryRecord,
+    EncodingSpec,
     KeyRelease,
     ModelListing,
     Offer,
@@ -73,11 +74,6 @@ class TrialModel:
 class Evaluation:
     results: list[bytes]
     receipt: Signed
-
-
-def _offer(trial: TrialRow) -> Offer:
-    """The offer the trial runs under, as signed."""
-    return offer_from_payload(trial.offer_payload)
 
 
 class Seller:
@@ -188,15 +184,17 @@ class Seller:
                              f"offered; open a new trial to test the current model")
         return trial, listing
 
-    def _trial_to_evaluate(self, buyer_id: str, trial_id: str) -> tuple[TrialRow, Listing]:
-        """`_trial`, whose packing the listing must still offer (its self-test figures
-        size the keys); buying what was tested stays possible either way."""
+    def _trial_to_evaluate(self, buyer_id: str, trial_id: str
+                           ) -> tuple[TrialRow, Listing, EncodingSpec]:
+        """`_trial` and its offer's encoding, whose packing the listing must still offer
+        (its self-test figures size the keys); buying what was tested stays possible
+        either way."""
         trial, listing = self._trial(buyer_id, trial_id)
-        packing = _offer(trial).encoding.packing
-        if packing not in {estimate.packing for estimate in listing.estimates()}:
-            raise WrongState(f"model {trial.model_id!r} is no longer offered {packing} "
-                             f"(trial {trial_id}); open a new trial")
-        return trial, listing
+        encoding = offer_from_payload(trial.offer_payload).encoding
+        if encoding.packing not in {estimate.packing for estimate in listing.estimates()}:
+            raise WrongState(f"model {trial.model_id!r} is no longer offered "
+                             f"{encoding.packing} (trial {trial_id}); open a new trial")
+        return trial, listing, encoding
 
     # ----- step 4: keys -----
 
@@ -204,23 +202,24 @@ class Seller:
         """The key objects this trial takes, in upload order: name -> (size cap, exact size
         where it is known). Rotation keys are sized by the offer's index count; the
         worker's byte template checks them exactly."""
-        trial, listing = self._trial_to_evaluate(buyer_id, trial_id)
+        _trial, listing, encoding = self._trial_to_evaluate(buyer_id, trial_id)
         m = listing.measured
         sizes: dict[str, tuple[int, int | None]] = {
             "relin_key": (m.relin_key_bytes, m.relin_key_bytes),
             "public_key": (m.public_key_bytes, m.public_key_bytes)}
-        indices = _offer(trial).encoding.rotation_indices
+        indices = encoding.rotation_indices
         if indices:
             per_key = -(-m.packed_rotation_key_bytes // m.packed_rotation_keys)
             sizes["rotation_keys"] = (per_key * (len(indices) + 1), None)
         return sizes
 
     def accept_keys(self, buyer_id: str, trial_id: str, keys: dict[str, bytes]) -> bytes:
-        trial, listing = self._trial_to_evaluate(buyer_id, trial_id)
+        trial, listing, encoding = self._trial_to_evaluate(buyer_id, trial_id)
         directory = self._trial_dir(trial_id)
         for name, data in keys.items():
             (directory / f"{name}.bin").write_bytes(data)
-        run_guarded("seller_server.worker:check_keys", self._worker_request(trial, listing),
+        run_guarded("seller_server.worker:check_keys",
+                    self._worker_request(trial, listing, encoding),
                     limits=self.capacity.limits)
         digest = keys_digest(*keys.values())
         self.store.set_keys(trial_id, digest)
@@ -228,9 +227,9 @@ class Seller:
                  ", ".join(f"{name} {len(data)} bytes" for name, data in keys.items()))
         return digest
 
-    def _worker_request(self, trial: TrialRow, listing: Listing) -> dict[str, Any]:
+    def _worker_request(self, trial: TrialRow, listing: Listing, encoding: EncodingSpec
+                        ) -> dict[str, Any]:
         """What every worker job of this trial is told: parameters, plan, packing, keys."""
-        encoding = _offer(trial).encoding
         directory = self._trial_dir(trial.trial_id)
         return {
             "params": listing.params.to_dict(), "security_bits": self.security_bits,
@@ -247,25 +246,24 @@ class Seller:
     def batch_shape(self, buyer_id: str, trial_id: str, batch_index: int, rows: int
                     ) -> tuple[int, int]:
         """Check a batch before its upload; returns (ciphertext count, exact size of each)."""
-        trial, listing = self._trial_to_evaluate(buyer_id, trial_id)
+        trial, listing, encoding = self._trial_to_evaluate(buyer_id, trial_id)
         if trial.keys_sha256 is None:
             raise WrongState(f"trial {trial_id}: no evaluation keys (not uploaded yet, or "
                              f"expired after the trial sat idle): upload them before data")
         if not 0 < rows <= listing.params.slots:
             raise BadInput(f"a batch holds 1..{listing.params.slots} rows, not {rows}")
-        layout = _offer(trial).encoding.layout()
         if batch_index > 10_000:
             raise BadInput(f"batch index {batch_index} is out of range")
         remaining = self._remaining(buyer_id, listing)
         if rows > remaining:
             raise budget_exhausted(listing.model_id, remaining, listing.spec.trial_budget_rows,
                                    rows, listing.spec.trial_price_per_row_cents)
-        return (layout.ciphertexts(rows, len(listing.spec.input_columns)),
+        return (encoding.layout().ciphertexts(rows, len(listing.spec.input_columns)),
                 listing.measured.ciphertext_bytes)
 
     def evaluate(self, buyer_id: str, trial_id: str, batch_index: int, rows: int,
                  inputs: Sequence[bytes], on_progress: ProgressFn) -> Evaluation:
-        trial, listing = self._trial_to_evaluate(buyer_id, trial_id)
+        trial, listing, encoding = self._trial_to_evaluate(buyer_id, trial_id)
         assert trial.keys_sha256 is not None
         self.store.reserve_rows(trial, batch_index, rows, listing.spec.trial_budget_rows,
                                 listing.spec.trial_price_per_row_cents)
@@ -281,7 +279,7 @@ class Seller:
             with self._evaluation_slots:
                 outcome = run_guarded(
                     "seller_server.worker:evaluate_batch",
-                    self._worker_request(trial, listing) | {
+                    self._worker_request(trial, listing, encoding) | {
                      "keys_sha256": trial.keys_sha256.hex(), "rows": rows,
                      "circuit_privacy": listing.spec.circuit_privacy,
                      "flooding_std": listing.measured.flooding_std,
