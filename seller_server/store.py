@@ -105,6 +105,7 @@ PurchaseSigner = Callable[[str, int], Signed]
 REVENUE_ACCOUNT = "seller:revenue"
 TRIAL_REVENUE_ACCOUNT = "seller:trial-revenue"
 TOPUP_ACCOUNT = "external:topups"
+TOKEN_PREFIX = "gimme_"
 
 
 def buyer_account(buyer_id: str) -> str:
@@ -397,7 +398,9 @@ class Store:
     # ----- API tokens (buyer identity when TLS client authentication is off) -----
 
     def create_token(self, buyer_id: str) -> str:
-        token = secrets.token_urlsafe(24)
+        # a prefix: url-safe base64 starts with '-' one time in 64, which a command line
+        # would read as an option
+        token = TOKEN_PREFIX + secrets.token_urlsafe(24)
         with self.transaction() as db:
             db.execute("INSERT INTO tokens VALUES (?, ?, ?, 0)",
                        (hashlib.sha256(token.encode()).hexdigest(), buyer_id, time.time()))

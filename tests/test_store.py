@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from buyer_client.cli import build_parser
 from common.errors import BadInput, Exhausted, WrongState
 from common.protocol import PAYMENT, Signed
 from seller_server.store import REVENUE_ACCOUNT, Store, TrialRow, buyer_account
@@ -102,3 +103,16 @@ def test_trial_rows_are_charged_and_refunded_when_evaluation_fails(tmp_path: Pat
         store.reserve_rows(trial, 1, 20, budget=100, price_per_row_cents=50)
     assert store.rows_used("alice", "model") == 30  # the refused batch charged nothing
     assert _entries_balance(tmp_path / "s.sqlite") == 0
+
+
+def test_api_tokens_name_their_buyer_until_revoked_and_survive_a_command_line(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite")
+    tokens = [store.create_token("alice") for _ in range(200)]
+    parser = build_parser()
+    for token in tokens:  # url-safe base64 alone starts with '-' one time in 64
+        assert parser.parse_args(["models", "--token", token]).token == token
+    assert {store.buyer_for_token(token) for token in tokens} == {"alice"}
+    assert store.buyer_for_token("gimme_not-a-token") is None
+    assert store.revoke_tokens("alice") == 200
+    assert store.buyer_for_token(tokens[0]) is None
