@@ -4,12 +4,13 @@ byte templates that stand between untrusted bytes and OpenFHE."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
 
 from common.errors import BadInput, Refused
-from common.he import engine
+from common.he import engine, rns
 from common.he.packing import SLOT_PER_SAMPLE, Packing, pack_plan
 from common.he.params import CkksParams, new_key_tag
 from common.he.template import learn_template
@@ -279,3 +280,40 @@ def test_feature_packed_evaluation_matches_the_plan(model: str, degree: int,
         scores = engine.decrypt_vector(cc, secret, evaluator.evaluate(sample), slots)
         got = layout.decode([np.array(scores)], count, packed.scores)
         assert np.abs(got - expected[:count]).max() < 1e-3
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dense_sums_are_the_bytes_openfhe_computes_term_by_term(
+        monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    """Dense rows go through one exact matrix product on the ciphertexts' RNS coefficients
+    (common.he.rns); every score must be byte for byte what EvalLinearWSum gives, for sums
+    over fresh inputs and over unrelinearized squares (3 elements) two levels down."""
+    rows = g.calibration()[:64]
+    compiled, _params, cc = _setup(g.mlp("square", hidden=40), rows)
+    plan = compiled.plan  # type: ignore[attr-defined]
+    secret, public = engine.generate_keys(cc, new_key_tag())
+    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    calls: list[int] = []
+    real_combine = rns.combine
+
+    def counting(*args: Any) -> None:
+        calls.append(len(args[2]))  # rows summed
+        real_combine(*args)
+
+    monkeypatch.setattr(rns, "combine", counting)
+
+    def run(min_terms: int) -> list[Any]:
+        monkeypatch.setattr(engine, "DENSE_MIN_TERMS", min_terms)
+        assert engine.lazy_entries(plan) == frozenset(range(6, 46))
+        return engine.evaluate(cc, plan, inputs, lambda done, total: None, workers)
+
+    term_by_term = run(10**9)
+    assert not calls
+    dense = run(1)
+    # (canonical bytes: an object's serialized layout depends on what it shares in memory)
+    assert [engine.ciphertext_bytes(ct) for ct in dense] == [engine.ciphertext_bytes(ct)
+                                                             for ct in term_by_term]
+    if workers == 1:  # forked workers count in their own memory
+        assert calls == [40, 3]  # the hidden layer, then the output layer
+    decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in dense]).T
+    assert np.abs(decrypted - plan.simulate(rows)).max() < 1e-3

@@ -9,6 +9,7 @@ checked them (at upload, then by digest: seller_server.worker).
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import threading
@@ -22,10 +23,16 @@ import numpy.typing as npt
 import openfhe as fhe
 
 from common.errors import Refused
+from common.he import rns
 from common.he.packing import PackedLinear, PackedPlan, PackedStage
 from common.he.params import CkksParams, log2_int, table_security_bits
 from common.he.plan import HEPlan, PolyStage, Weights, chebyshev_split, row_terms
 from common.he.template import ByteTemplate, learn_template
+
+# Everything we deserialize joins a context this process built, which has its CRT tables
+# already; recomputing them cost ~4 ms per object whatever its size (openfhe 1.6.1), most
+# of the time to load a ciphertext.
+fhe.DisablePrecomputeCRTTablesAfterDeserializaton()
 
 Ciphertext = Any  # openfhe.Ciphertext (the binding ships no type information)
 Context = Any  # openfhe.CryptoContext
@@ -183,10 +190,7 @@ class CiphertextGate:
 
     def load(self, data: bytes, what: str) -> Ciphertext:
         self.template.check(data, what)
-        loaded = fhe.DeserializeCiphertextString(data, fhe.BINARY)
-        ct = self._shell.Clone()
-        ct.SetElements(loaded.GetElements())
-        return ct
+        return _moved_into(self._shell, fhe.DeserializeCiphertextString(data, fhe.BINARY))
 
     def load_all(self, blobs: Sequence[bytes], what: str, threads: int) -> list[Ciphertext]:
         """`load` every blob (named "what i"); deserialization releases the GIL, so threads
@@ -348,12 +352,19 @@ def adopt(cc: Context, shell: Ciphertext, data: bytes) -> Ciphertext:
     """A ciphertext we serialized ourselves (trusted), moved into a local object: see
     CiphertextGate for why deserialized objects are not computed on directly."""
     loaded = fhe.DeserializeCiphertextString(data, fhe.BINARY)
-    ct = shell.Clone()
+    ct = _moved_into(shell, loaded)
     ct.SetLevel(loaded.GetLevel())
     ct.SetNoiseScaleDeg(loaded.GetNoiseScaleDeg())
     ct.SetScalingFactor(loaded.GetScalingFactor())
     ct.SetSlots(loaded.GetSlots())
-    ct.SetElements(loaded.GetElements())
+    return ct
+
+
+def _moved_into(shell: Ciphertext, loaded: Ciphertext) -> Ciphertext:
+    """loaded's polynomials in an object made like `shell` (same metadata), moved rather
+    than copied: copies into fresh memory page-fault at ~2 ms per MB on this kind of VM."""
+    ct = shell.CloneEmpty()
+    ct.SetElementsMove(loaded.GetElementsMutable())
     return ct
 
 
@@ -413,11 +424,12 @@ class _Rank:
         rows = len(biases)
         outgoing: dict[int, dict[int, bytes]] = {peer: {} for peer in self.peers}
         parts: dict[int, list[Ciphertext]] = {}
+        # every rank holds the inputs: only the row's owner sums them
+        partials = self.basis.partials(weights, [
+            0 if self.owner(row, rows) == self.rank else self.inputs for row in range(rows)])
         for row in range(rows):
             owner = self.owner(row, rows)
-            # every rank holds the inputs: only the row's owner sums them
-            partial = self.basis.partial(*row_terms(weights, row),
-                                         skip_below=0 if owner == self.rank else self.inputs)
+            partial = partials.get(row)
             if owner == self.rank:
                 parts[row] = [partial] if partial is not None else []
             elif partial is not None:
@@ -605,30 +617,52 @@ class PackedEvaluator:
 
 # A relinearization costs about this many terms of a linear sum (measured at N=16384,
 # 6 towers: 6.8 ms against 0.3 ms per term), and a term over an unrelinearized
-# (3-element) ciphertext half a term more.
+# (3-element) ciphertext half a term more; in a dense stage's matrix product
+# (common.he.rns) a term costs about a tenth of that (CryptoNets' 845 x 100 layer:
+# 3.2 s against ~30 s term by term).
 RELINEARIZATION_TERMS = 22
+DENSE_TERM_SHARE = 0.1
 
 
 def lazy_entries(plan: HEPlan) -> frozenset[int]:
     """Basis entries left unrelinearized: the squares of a stage whose readers relinearize
     each of their rows once instead, where that saves key switching (few reading rows,
-    e.g. an MLP's output layer) and the slower sums over 3-element ciphertexts do not eat
-    the saving (a CryptoNets conv layer read by 84,500 terms stays relinearized)."""
+    e.g. an MLP's output layer, or dense readers, where a 3-element term costs little)
+    and the slower sums over 3-element ciphertexts do not eat the saving (a CryptoNets
+    conv layer read term by term would stay relinearized)."""
     lazy: set[int] = set()
     readers = [*(s.weights for s in plan.stages), plan.output.weights]
     offset = plan.input_count
     for index, stage in enumerate(plan.stages):
         size = stage.units * stage.width
         if stage.kind == "square":
-            rows = terms = 0
+            rows = 0
+            penalty = 0.0  # in terms of a linear sum
             for weights in readers[index + 1:]:
                 block = weights[:, offset:offset + size]
-                rows += int(np.count_nonzero(np.diff(block.indptr)))
-                terms += block.nnz
-            if stage.units > rows + terms / 2 / RELINEARIZATION_TERMS:
+                reading = int(np.count_nonzero(np.diff(block.indptr)))
+                share = DENSE_TERM_SHARE if dense_enough(
+                    reading, np.unique(block.indices).size, block.nnz) else 1.0
+                rows += reading
+                penalty += block.nnz * share / 2
+            if stage.units > rows + penalty / RELINEARIZATION_TERMS:
                 lazy.update(range(offset, offset + size))
         offset += size
     return frozenset(lazy)
+
+
+# A group of rows at one level is summed as one matrix product (common.he.rns) when it is
+# dense enough to pay for the conversions: each row then costs a deserialization and a
+# rescale (~2.5 ms at N=16384, 5 towers) instead of ~0.3 ms per term through OpenFHE, and
+# every (row, entry) pair costs a few float64 multiply-adds per coefficient even where
+# the weight is zero.
+DENSE_MIN_TERMS = 48  # nonzero terms per row, on average
+DENSE_MIN_FILL = 0.25  # of the rows x entries block
+
+
+def dense_enough(rows: int, columns: int, nonzero: int) -> bool:
+    """Whether a block of `rows` sums over `columns` entries goes through rns.combine."""
+    return nonzero >= DENSE_MIN_TERMS * rows and nonzero >= DENSE_MIN_FILL * rows * columns
 
 
 class _Basis:
@@ -641,6 +675,10 @@ class _Basis:
         self.items = items
         self.lazy = lazy  # unrelinearized entries: summed apart (EvalLinearWSum cannot mix)
         self.lowered: dict[tuple[int, int], Ciphertext] = {}
+        self.shell = items[min(items)]
+        # FIXEDMANUAL keeps every scaling factor at exactly 2^scale bits
+        self.scale_bits = round(math.log2(self.shell.GetScalingFactor()))
+        self.modulus = int(str(cc.GetElementParams().GetModulus()))
 
     def put(self, j: int, ct: Ciphertext) -> None:
         self.items[j] = ct
@@ -659,15 +697,64 @@ class _Basis:
             self.lowered[key] = self.cc.LevelReduce(ct, None, level - ct.GetLevel())
         return self.lowered[key]
 
-    def partial(self, indices: npt.NDArray[np.int64], values: npt.NDArray[np.float64],
-                skip_below: int) -> Ciphertext | None:
-        """sum_j w_j basis_j over the terms with j >= skip_below held here; None if there
-        are none. EvalLinearWSum rescales in FIXEDMANUAL: never rescale again."""
-        terms = [(int(j), float(w)) for j, w in zip(indices, values, strict=True)
-                 if j >= skip_below and int(j) in self.items]
-        if not terms:
+    def partials(self, weights: Weights, skip_below: Sequence[int]) -> dict[int, Ciphertext]:
+        """Row r of weights @ basis over the entries j >= skip_below[r] held here, for the
+        rows with any such term; rows at one level go through one matrix product where
+        they are dense enough (DENSE_MIN_*), the others term by term."""
+        by_level: dict[int, dict[int, list[tuple[int, float]]]] = {}
+        for row, skip in enumerate(skip_below):
+            indices, values = row_terms(weights, row)
+            terms = [(int(j), float(w)) for j, w in zip(indices, values, strict=True)
+                     if j >= skip and int(j) in self.items]
+            if terms:
+                level = max(self.items[j].GetLevel() for j, _w in terms)
+                by_level.setdefault(level, {})[row] = terms
+        result: dict[int, Ciphertext] = {}
+        for level, rows in by_level.items():
+            columns = sorted({j for terms in rows.values() for j, _w in terms})
+            nonzero = sum(len(terms) for terms in rows.values())
+            sums = (self._dense(rows, columns, level)
+                    if dense_enough(len(rows), len(columns), nonzero) else None)
+            result.update(sums if sums is not None else
+                          {row: self._sum(terms, level) for row, terms in rows.items()})
+        return result
+
+    def _dense(self, rows: dict[int, list[tuple[int, float]]], columns: list[int],
+               level: int) -> dict[int, Ciphertext] | None:
+        """The rows' sums from one exact matrix product over the entries' coefficients,
+        each then rescaled as EvalLinearWSum does; None if a weight is too large for it."""
+        position = {j: k for k, j in enumerate(columns)}
+        weights = np.zeros((len(rows), len(columns)))
+        for r, terms in enumerate(rows.values()):
+            for j, w in terms:
+                weights[r, position[j]] = w
+        constants = rns.weight_constants(weights, self.scale_bits)
+        if constants is None:
             return None
-        level = max(self.items[j].GetLevel() for j, _w in terms)
+        n = self.cc.GetRingDimension()
+        sources = []
+        templates: dict[int, tuple[bytes, rns.Layout]] = {}  # by element count
+        for j in columns:
+            blob = serialize(self.at_level(j, level))
+            layout = rns.find_layout(blob, n, self.modulus)
+            templates.setdefault(layout.elements, (blob, layout))
+            sources.append((blob, layout))
+        targets = []
+        for terms in rows.values():
+            blob, layout = templates[3 if self.lazy.intersection(j for j, _w in terms) else 2]
+            targets.append((bytearray(blob), layout))
+        rns.combine(constants, sources, targets)
+        result = {}
+        for row, (data, _layout) in zip(rows, targets, strict=True):
+            ct = adopt(self.cc, self.shell, bytes(data))
+            ct.SetNoiseScaleDeg(2)
+            ct.SetScalingFactor(2.0 ** (2 * self.scale_bits))
+            result[row] = self.cc.Rescale(ct)
+        return result
+
+    def _sum(self, terms: list[tuple[int, float]], level: int) -> Ciphertext:
+        """sum_j w_j basis_j at `level` through OpenFHE. EvalLinearWSum rescales in
+        FIXEDMANUAL: never rescale again."""
         sums = [self.cc.EvalLinearWSum([self.at_level(j, level) for j, _w in group],
                                        [w for _j, w in group])
                 for group in ([t for t in terms if t[0] in self.lazy],

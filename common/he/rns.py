@@ -1,0 +1,181 @@
+"""Dense linear layers on the RNS coefficients of serialized ciphertexts, in numpy.
+
+A linear sum sum_j w_j ct_j is, per RNS tower q and polynomial coefficient, the integer sum
+sum_j c_j x_j mod q with c_j the weight scaled to an integer (FIXEDMANUAL: as OpenFHE's
+scalar product rounds it). OpenFHE computes it one term at a time, a fresh ciphertext per
+product; for a dense layer the whole stage is one matrix product of the weight constants
+with the stacked coefficients. numpy has no exact 64-bit modular matrix product, so both
+sides are split into limbs small enough that float64 BLAS products and K-term sums stay
+exact (< 2^53), and the limb products are recombined mod q in int64. The result is bit
+for bit what OpenFHE's EvalLinearWSum computes before its rescale (tests/test_engine.py).
+
+No OpenFHE here: the engine serializes and deserializes; this module reads and writes the
+coefficient arrays in those bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+FLOAT_EXACT_BITS = 53
+CHUNK = 2048  # coefficients per pass: K x CHUNK words stay well under glibc's 32 MB mmap threshold
+# |c| beyond this would not fit int64 limb arithmetic; OpenFHE switches to 128-bit there
+MAX_CONSTANT_BITS = 62
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a serialized ciphertext keeps its coefficient arrays: `starts[e][t]` is the
+    byte offset of element e's tower t (ring_dimension little-endian uint64 words)."""
+
+    ring_dimension: int
+    moduli: tuple[int, ...]
+    starts: tuple[tuple[int, ...], ...]
+
+    @property
+    def elements(self) -> int:
+        return len(self.starts)
+
+    @property
+    def towers(self) -> int:
+        return len(self.moduli)
+
+
+def find_layout(blob: bytes, ring_dimension: int, modulus: int) -> Layout:
+    """Locate the arrays: OpenFHE's binary form writes each tower as its length, the
+    words, then the tower's modulus (a prime factor of the context's `modulus`)."""
+    n = ring_dimension
+    marker = struct.pack("<Q", n)
+    found: list[tuple[int, int]] = []
+    position = blob.find(marker)
+    while position >= 0:
+        start = position + 8
+        end = start + 8 * n
+        if end + 8 <= len(blob):
+            q = struct.unpack_from("<Q", blob, end)[0]
+            if q > 1 and modulus % q == 0:
+                found.append((start, q))
+                position = blob.find(marker, end + 8)
+                continue
+        position = blob.find(marker, position + 1)
+    if not found:
+        raise ValueError(f"no consistent coefficient arrays in {len(blob)} bytes")
+    moduli = tuple(q for _start, q in found)
+    towers = moduli.index(moduli[0], 1) if moduli.count(moduli[0]) > 1 else len(moduli)
+    if len(found) % towers or moduli != moduli[:towers] * (len(found) // towers):
+        raise ValueError(f"no consistent coefficient arrays in {len(blob)} bytes")
+    starts = tuple(tuple(start for start, _q in found[e * towers:(e + 1) * towers])
+                   for e in range(len(found) // towers))
+    return Layout(n, moduli[:towers], starts)
+
+
+def weight_constants(weights: FloatArray, scale_bits: int) -> I64 | None:
+    """The integers OpenFHE multiplies by for these weights (FIXEDMANUAL scalar product:
+    truncation of w * 2^scale + 0.5), or None when one needs more than 62 bits."""
+    scaled = np.asarray(weights, dtype=np.float64) * 2.0 ** scale_bits + 0.5
+    if scaled.size and np.abs(scaled).max() >= 2.0 ** MAX_CONSTANT_BITS:
+        return None
+    return np.trunc(scaled).astype(np.int64)
+
+
+def limb_bits(terms: int) -> int:
+    """Limb width b with |c limb| <= 2^(b-1), x limb < 2^b: `terms` products sum below
+    2^53, so float64 adds them exactly."""
+    return (FLOAT_EXACT_BITS + 1 - math.ceil(math.log2(max(terms, 2)))) // 2
+
+
+def _signed_limbs(constants: I64, bits: int) -> list[FloatArray]:
+    limbs: list[FloatArray] = []
+    rest = constants.copy()
+    half = np.int64(1 << (bits - 1))
+    mask = np.int64((1 << bits) - 1)
+    while np.any(rest) or not limbs:
+        low = ((rest + half) & mask) - half
+        limbs.append(low.astype(np.float64))
+        rest = (rest - low) >> bits
+    return limbs
+
+
+def _split(constants: I64, moduli: tuple[int, ...]) -> tuple[int, list[FloatArray]]:
+    """Limb width and the constants' limbs. Limb products of one shift (i + j = s) are
+    summed in float64, so the width allows K times as many terms as shifts overlap."""
+    terms = constants.shape[1]
+    widest = max(q.bit_length() for q in moduli)
+    for overlap in range(2, 8):
+        bits = limb_bits(terms * overlap)
+        limbs = _signed_limbs(constants, bits)
+        if min(len(limbs), math.ceil(widest / bits)) <= overlap:
+            return bits, limbs
+    raise ValueError("weights too wide for exact float64 limbs")
+
+
+def combine(constants: I64, sources: Sequence[tuple[bytes, Layout]],
+            targets: Sequence[tuple[bytearray, Layout]]) -> None:
+    """Write (constants @ sources) mod q, per element and tower, into the targets' arrays.
+
+    constants: rows x K; sources: K serialized ciphertexts at one level (an element a
+    source lacks counts as zero); targets: one per row, at the same level. Works on
+    CHUNK coefficients at a time: small working arrays are reused by the allocator,
+    while fresh large ones page-fault at ~2 ms per MB on this kind of VM.
+    """
+    moduli = sources[0][1].moduli
+    terms = constants.shape[1]
+    bits, c_limbs = _split(constants, moduli)
+    n = sources[0][1].ring_dimension
+    chunk = min(CHUNK, n)
+    limb_mask = np.uint64((1 << bits) - 1)
+    x = np.zeros((terms, chunk), dtype=np.uint64)
+    for t, q in enumerate(moduli):
+        q_bits = q.bit_length()
+        if q_bits > 62:
+            raise ValueError(f"a {q_bits}-bit modulus is too wide for int64 limbs")
+        x_count = math.ceil(q_bits / bits)
+        for e in range(max(layout.elements for _target, layout in targets)):
+            for first in range(0, n, chunk):
+                for k, (blob, layout) in enumerate(sources):
+                    if e < layout.elements:
+                        start = layout.starts[e][t] + 8 * first
+                        x[k].view(np.uint8)[:] = np.frombuffer(blob, np.uint8, 8 * chunk, start)
+                    else:
+                        x[k] = 0
+                x_limbs = [((x >> np.uint64(bits * i)) & limb_mask).astype(np.float64)
+                           for i in range(x_count)]
+                acc: U64 | None = None
+                for shift in reversed(range(x_count + len(c_limbs) - 1)):
+                    total = sum(c_limbs[shift - i] @ x_limbs[i] for i in range(x_count)
+                                if 0 <= shift - i < len(c_limbs))
+                    residue = (np.asarray(total).astype(np.int64) % np.int64(q)
+                               ).astype(np.uint64)
+                    acc = residue if acc is None else _add_mod(_shift_mod(acc, bits, q),
+                                                               residue, q)
+                assert acc is not None
+                for r, (target, layout) in enumerate(targets):
+                    if e < layout.elements:
+                        start = layout.starts[e][t] + 8 * first
+                        target[start:start + 8 * chunk] = acc[r].astype("<u8").tobytes()
+
+
+def _shift_mod(values: U64, bits: int, q: int) -> U64:
+    """values * 2^bits mod q for values < q, in steps that stay below 2^64."""
+    step = 64 - q.bit_length()
+    while bits:
+        move = min(bits, step)
+        values = (values << np.uint64(move)) % np.uint64(q)
+        bits -= move
+    return values
+
+
+def _add_mod(a: U64, b: U64, q: int) -> U64:
+    total = a + b  # both < q < 2^62: no wrap
+    total -= np.uint64(q) * (total >= np.uint64(q))
+    return total
