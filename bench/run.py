@@ -15,31 +15,34 @@ top-1 agreement, and ratios to onnxruntime and (with --tenseal, an optional extr
 from __future__ import annotations
 
 import os
-
-# One OpenMP thread per process; the engine forks workers for parallelism (see DESIGN).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse
-import json
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-
-import numpy as np
-import numpy.typing as npt
-from rich.console import Console
-from rich.table import Table
-from skl2onnx import to_onnx
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import MinMaxScaler
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from common.guarded import worker_environment  # noqa: E402
+
+# The evaluation runs in this process, so it gets a seller worker's environment (one
+# OpenMP thread, the allocator settings), which only takes effect from process start.
+if "GLIBC_TUNABLES" not in os.environ or os.environ.get("OMP_NUM_THREADS") != "1":
+    os.execve(sys.executable, [sys.executable, *sys.argv], worker_environment())
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from typing import Any, TypeVar  # noqa: E402
+
+import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from skl2onnx import to_onnx  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import MinMaxScaler  # noqa: E402
+
 from common.he import engine  # noqa: E402
 from common.he.packing import SLOT_PER_SAMPLE, Packing, pack_plan  # noqa: E402
 from common.he.params import new_key_tag  # noqa: E402

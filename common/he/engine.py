@@ -401,7 +401,8 @@ class _Rank:
         offset = self.inputs
         for index, stage in enumerate(self.plan.stages):
             lazy = offset in self.lazy
-            for unit, u in self._rows(stage.weights, stage.bias).items():
+            spent = frozenset(j for j, use in enumerate(last_use) if use == index)
+            for unit, u in self._rows(stage.weights, stage.bias, spent).items():
                 for k, entry in enumerate(_stage_entries(self.cc, stage, u, relinearize=not lazy)):
                     self.basis.put(offset + unit * stage.width + k, entry)
                 done += 1
@@ -412,21 +413,25 @@ class _Rank:
             offset += stage.units * stage.width
         level = self.plan.depth()  # `finish` masks them one level further
         scores = {}
-        for row, ct in self._rows(self.plan.output.weights, self.plan.output.bias).items():
+        spent = frozenset(j for j, use in enumerate(last_use) if use == len(self.plan.stages))
+        for row, ct in self._rows(self.plan.output.weights, self.plan.output.bias,
+                                  spent).items():
             scores[row] = settle(self.cc, ct, level)
             done += 1
             progress(done, total)
         return scores
 
-    def _rows(self, weights: Weights, biases: npt.NDArray[np.float64]
+    def _rows(self, weights: Weights, biases: npt.NDArray[np.float64], spent: frozenset[int]
               ) -> dict[int, Ciphertext]:
-        """weights @ basis + biases for the rows this rank owns."""
+        """weights @ basis + biases for the rows this rank owns; `spent` entries are read
+        for the last time."""
         rows = len(biases)
         outgoing: dict[int, dict[int, bytes]] = {peer: {} for peer in self.peers}
         parts: dict[int, list[Ciphertext]] = {}
         # every rank holds the inputs: only the row's owner sums them
         partials = self.basis.partials(weights, [
-            0 if self.owner(row, rows) == self.rank else self.inputs for row in range(rows)])
+            0 if self.owner(row, rows) == self.rank else self.inputs for row in range(rows)],
+            spent)
         for row in range(rows):
             owner = self.owner(row, rows)
             partial = partials.get(row)
@@ -439,13 +444,17 @@ class _Rank:
                 parts[row].append(adopt(self.cc, self.shell, data))
         result = {}
         for row, pieces in parts.items():
+            # in place: every partial is a fresh object of ours, and a new result would
+            # be fresh memory (first touches cost ~1.2 ms per MB here)
             total = pieces[0] if pieces else self.basis.zero()
             for piece in pieces[1:]:
-                total = self.cc.EvalAdd(total, piece)
+                self.cc.EvalAddInPlace(total, piece)
             if not self.lazy.isdisjoint(row_terms(weights, row)[0].tolist()):
-                total = self.cc.Relinearize(total)  # once here instead of once per entry
+                self.cc.RelinearizeInPlace(total)  # once here instead of once per entry
             bias = float(biases[row])
-            result[row] = self.cc.EvalAdd(total, bias) if bias else total
+            if bias:
+                self.cc.EvalAddInPlace(total, bias)
+            result[row] = total
         return result
 
     def _exchange(self, outgoing: dict[int, dict[int, bytes]]) -> dict[int, dict[int, bytes]]:
@@ -465,7 +474,9 @@ def _stage_entries(cc: Context, stage: PolyStage | PackedStage, u: Ciphertext,
     """The basis entries one unit of `stage` adds (or, feature-packed, one block per entry
     kind over all units at once): u*u, or T_1(u)..T_D(u)."""
     if stage.kind == "square":
-        return [cc.Rescale(cc.EvalMult(u, u) if relinearize else cc.EvalMultNoRelin(u, u))]
+        square = cc.EvalMult(u, u) if relinearize else cc.EvalMultNoRelin(u, u)
+        cc.RescaleInPlace(square)
+        return [square]
     powers: list[Ciphertext] = [None, u]
     for k in range(2, stage.degree + 1):
         a, b = chebyshev_split(k)
@@ -697,10 +708,13 @@ class _Basis:
             self.lowered[key] = self.cc.LevelReduce(ct, None, level - ct.GetLevel())
         return self.lowered[key]
 
-    def partials(self, weights: Weights, skip_below: Sequence[int]) -> dict[int, Ciphertext]:
+    def partials(self, weights: Weights, skip_below: Sequence[int], spent: frozenset[int]
+                 ) -> dict[int, Ciphertext]:
         """Row r of weights @ basis over the entries j >= skip_below[r] held here, for the
         rows with any such term; rows at one level go through one matrix product where
-        they are dense enough (DENSE_MIN_*), the others term by term."""
+        they are dense enough (DENSE_MIN_*), the others term by term. A matrix product
+        frees the `spent` entries no other rows here read as it serializes them, so the
+        serialized copies reuse their memory (fresh pages cost ~1.2 ms per MB here)."""
         by_level: dict[int, dict[int, list[tuple[int, float]]]] = {}
         for row, skip in enumerate(skip_below):
             indices, values = row_terms(weights, row)
@@ -713,14 +727,16 @@ class _Basis:
         for level, rows in by_level.items():
             columns = sorted({j for terms in rows.values() for j, _w in terms})
             nonzero = sum(len(terms) for terms in rows.values())
-            sums = (self._dense(rows, columns, level)
+            elsewhere = {j for other, group in by_level.items() if other != level
+                         for terms in group.values() for j, _w in terms}
+            sums = (self._dense(rows, columns, level, spent - elsewhere)
                     if dense_enough(len(rows), len(columns), nonzero) else None)
             result.update(sums if sums is not None else
                           {row: self._sum(terms, level) for row, terms in rows.items()})
         return result
 
     def _dense(self, rows: dict[int, list[tuple[int, float]]], columns: list[int],
-               level: int) -> dict[int, Ciphertext] | None:
+               level: int, releasable: frozenset[int]) -> dict[int, Ciphertext] | None:
         """The rows' sums from one exact matrix product over the entries' coefficients,
         each then rescaled as EvalLinearWSum does; None if a weight is too large for it."""
         position = {j: k for k, j in enumerate(columns)}
@@ -736,6 +752,8 @@ class _Basis:
         templates: dict[int, tuple[bytes, rns.Layout]] = {}  # by element count
         for j in columns:
             blob = serialize(self.at_level(j, level))
+            if j in releasable:
+                self.release(j)
             layout = rns.find_layout(blob, n, self.modulus)
             templates.setdefault(layout.elements, (blob, layout))
             sources.append((blob, layout))
@@ -749,7 +767,8 @@ class _Basis:
             ct = adopt(self.cc, self.shell, bytes(data))
             ct.SetNoiseScaleDeg(2)
             ct.SetScalingFactor(2.0 ** (2 * self.scale_bits))
-            result[row] = self.cc.Rescale(ct)
+            self.cc.RescaleInPlace(ct)
+            result[row] = ct
         return result
 
     def _sum(self, terms: list[tuple[int, float]], level: int) -> Ciphertext:
