@@ -302,6 +302,8 @@ def test_dense_sums_are_the_bytes_openfhe_computes_term_by_term(
 
     monkeypatch.setattr(rns, "combine", counting)
 
+    monkeypatch.setattr(engine, "DENSE_MIN_ROWS", 1)
+
     def run(min_terms: int) -> list[Any]:
         monkeypatch.setattr(engine, "DENSE_MIN_TERMS", min_terms)
         assert engine.lazy_entries(plan) == frozenset(range(6, 46))
