@@ -4,16 +4,23 @@ digits MLP (approximated activations) trades end to end."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from onnx import helper
 
-from common.errors import BadInput
+from common.errors import BadInput, WorkerFailed
+from common.guarded import run_guarded
+from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE
+from seller_server import catalog
 from seller_server.catalog import read_listing
+from seller_server.store import Store
+from seller_server.worker import Capacity
 from tests import onnx_graphs as g
 from tests.conftest import Daemon, buyer_cli, top_up
 
@@ -81,3 +88,31 @@ def test_digits_mlp_trade_end_to_end(examples: Path, tls_dir: Path, tmp_path: Pa
         assert agreement and float(agreement.group(1)) >= 99.0, verified.stdout
     finally:
         daemon.stop()
+
+
+def test_a_failing_feature_packed_self_test_leaves_the_model_slot_per_sample_only(
+        lr_catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The feature-packed self-test runs in its own worker; when it fails (here: the worker
+    reports a crash), the listing is still served, offers only slot-per-sample, says so
+    in the log, and a buyer asking for feature packing is told what is offered."""
+    real = run_guarded
+
+    def packed_fails(target: str, request: Any, **kwargs: Any) -> Any:
+        if target.endswith(":self_test_packed"):
+            raise WorkerFailed("the evaluator process crashed (signal 9)")
+        return real(target, request, **kwargs)
+
+    monkeypatch.setattr("seller_server.catalog.run_guarded", packed_fails)
+    spec = read_listing(lr_catalog / "breast_cancer_lr.json")
+    with caplog.at_level(logging.WARNING):
+        listing = catalog.load_listing(spec, Store(tmp_path / "s.sqlite"), 128, 0, Capacity())
+    assert [e.packing for e in listing.estimates()] == [SLOT_PER_SAMPLE]
+    assert "feature packing is not offered: its self-test failed (the evaluator process " \
+           "crashed" in caplog.text
+    with pytest.raises(BadInput, match="is not offered 'feature-packed'; it is offered: "
+                                       "slot-per-sample"):
+        listing.estimate(FEATURE_PACKED)
+    monkeypatch.setattr("seller_server.catalog.run_guarded", real)
+    both = catalog.load_listing(spec, Store(tmp_path / "t.sqlite"), 128, 0, Capacity())
+    assert [e.packing for e in both.estimates()] == [SLOT_PER_SAMPLE, FEATURE_PACKED]
