@@ -575,3 +575,25 @@ def test_idle_trials_lose_their_keys_and_can_upload_them_again(lr_catalog: Path,
         assert seller.batch_shape("carol", fresh.trial_id, 0, 10)[0] == 30
     finally:
         store.close()
+
+
+def test_a_buyer_asking_for_a_packing_the_seller_does_not_offer_is_told_what_is(
+        lr_catalog: Path, tls_dir: Path, examples: Path, tmp_path: Path) -> None:
+    catalog = _budget_catalog(lr_catalog, tmp_path, 300)
+    listing = json.loads((catalog / "breast_cancer_lr.json").read_text())
+    (catalog / "breast_cancer_lr.json").write_text(json.dumps(listing | {
+        "feature_packing": False}))
+    daemon = Daemon(catalog, tmp_path / "state", tls_dir)
+    try:
+        daemon.wait_serving()
+        models = buyer_cli(daemon, tmp_path / "home", "erin", "models")
+        assert "slot-per-sample" in models.stdout and "feature-packed" not in models.stdout
+        trial = buyer_cli(daemon, tmp_path / "home", "erin", "trial", LR, "--data",
+                          str(_test_csv(examples)), "--label-column", "y", "--rows", "20",
+                          "--packing", "feature-packed")
+        assert trial.returncode == 2, trial.stdout + trial.stderr
+        assert (f"{LR} is not offered with feature-packed packing; it is offered with "
+                "slot-per-sample (or use --packing auto)") in trial.stdout
+        assert not (tmp_path / "home" / "trials").exists()  # nothing was sent or kept
+    finally:
+        daemon.stop()
