@@ -383,7 +383,6 @@ class _Rank:
                  peers: dict[int, Connection]) -> None:
         self.cc, self.plan, self.rank, self.peers = cc, plan, rank, peers
         self.size = len(peers) + 1
-        self.shell = inputs[0]
         self.inputs = len(inputs)
         self.lazy = lazy_entries(plan)
         self.basis = _Basis(cc, dict(enumerate(inputs)), self.lazy)
@@ -441,7 +440,7 @@ class _Rank:
                 outgoing[owner][row] = serialize(partial)
         for received in self._exchange(outgoing).values():
             for row, data in received.items():
-                parts[row].append(adopt(self.cc, self.shell, data))
+                parts[row].append(adopt(self.cc, self.basis.shell, data))
         result = {}
         for row, pieces in parts.items():
             # in place: every partial is a fresh object of ours, and a new result would
@@ -786,8 +785,7 @@ class _Basis:
 
     def zero(self) -> Ciphertext:
         """An encryption of zero at level 1, for a row with no nonzero weight."""
-        anchor = self.items[min(self.items)]
-        return self.cc.EvalLinearWSum([anchor], [0.0])
+        return self.cc.EvalLinearWSum([self.shell], [0.0])
 
 
 def _last_uses(plan: HEPlan) -> list[int]:

@@ -28,7 +28,7 @@ I64 = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 
 FLOAT_EXACT_BITS = 53
-CHUNK = 2048  # coefficients per pass: K x CHUNK words stay well under glibc's 32 MB mmap threshold
+CHUNK = 2048  # coefficients per pass
 # |c| beyond this would not fit int64 limb arithmetic; OpenFHE switches to 128-bit there
 MAX_CONSTANT_BITS = 62
 
@@ -68,11 +68,9 @@ def find_layout(blob: bytes, ring_dimension: int, modulus: int) -> Layout:
                 position = blob.find(marker, end + 8)
                 continue
         position = blob.find(marker, position + 1)
-    if not found:
-        raise ValueError(f"no consistent coefficient arrays in {len(blob)} bytes")
     moduli = tuple(q for _start, q in found)
-    towers = moduli.index(moduli[0], 1) if moduli.count(moduli[0]) > 1 else len(moduli)
-    if len(found) % towers or moduli != moduli[:towers] * (len(found) // towers):
+    towers = len(set(moduli))  # distinct primes, repeated once per element
+    if not towers or len(found) % towers or moduli != moduli[:towers] * (len(found) // towers):
         raise ValueError(f"no consistent coefficient arrays in {len(blob)} bytes")
     starts = tuple(tuple(start for start, _q in found[e * towers:(e + 1) * towers])
                    for e in range(len(found) // towers))
@@ -125,8 +123,8 @@ def combine(constants: I64, sources: Sequence[tuple[bytes, Layout]],
 
     constants: rows x K; sources: K serialized ciphertexts at one level (an element a
     source lacks counts as zero); targets: one per row, at the same level. Works on
-    CHUNK coefficients at a time: small working arrays are reused by the allocator,
-    while fresh large ones page-fault at ~2 ms per MB on this kind of VM.
+    CHUNK coefficients at a time in buffers reused across passes: fresh memory
+    page-faults at ~1.2 ms per MB on this kind of VM.
     """
     moduli = sources[0][1].moduli
     terms = constants.shape[1]
@@ -134,12 +132,16 @@ def combine(constants: I64, sources: Sequence[tuple[bytes, Layout]],
     n = sources[0][1].ring_dimension
     chunk = min(CHUNK, n)
     limb_mask = np.uint64((1 << bits) - 1)
+    if max(moduli).bit_length() > 62:
+        raise ValueError(f"a {max(moduli).bit_length()}-bit modulus is too wide for int64 "
+                         f"limbs")
+    # allocated once: K x CHUNK arrays can exceed the heap's mmap threshold, and a fresh
+    # mapping per pass would page-fault all over again
     x = np.zeros((terms, chunk), dtype=np.uint64)
+    scratch = np.empty_like(x)
+    x_limbs = np.empty((math.ceil(max(moduli).bit_length() / bits), terms, chunk))
     for t, q in enumerate(moduli):
-        q_bits = q.bit_length()
-        if q_bits > 62:
-            raise ValueError(f"a {q_bits}-bit modulus is too wide for int64 limbs")
-        x_count = math.ceil(q_bits / bits)
+        x_count = math.ceil(q.bit_length() / bits)
         for e in range(max(layout.elements for _target, layout in targets)):
             for first in range(0, n, chunk):
                 for k, (blob, layout) in enumerate(sources):
@@ -148,8 +150,10 @@ def combine(constants: I64, sources: Sequence[tuple[bytes, Layout]],
                         x[k].view(np.uint8)[:] = np.frombuffer(blob, np.uint8, 8 * chunk, start)
                     else:
                         x[k] = 0
-                x_limbs = [((x >> np.uint64(bits * i)) & limb_mask).astype(np.float64)
-                           for i in range(x_count)]
+                for i in range(x_count):
+                    np.right_shift(x, np.uint64(bits * i), out=scratch)
+                    np.bitwise_and(scratch, limb_mask, out=scratch)
+                    x_limbs[i] = scratch
                 acc: U64 | None = None
                 for shift in reversed(range(x_count + len(c_limbs) - 1)):
                     total = sum(c_limbs[shift - i] @ x_limbs[i] for i in range(x_count)
