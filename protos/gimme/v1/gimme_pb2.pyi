@@ -758,6 +758,28 @@ class EvaluateEvent(_message.Message):
 Global___EvaluateEvent: _TypeAlias = EvaluateEvent  # noqa: Y015
 
 @_typing.final
+class FetchResultsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRIAL_ID_FIELD_NUMBER: _builtins.int
+    BATCH_INDEX_FIELD_NUMBER: _builtins.int
+    trial_id: _builtins.str
+    batch_index: _builtins.int
+    def __init__(
+        self,
+        *,
+        trial_id: _builtins.str = ...,
+        batch_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_index", b"batch_index", "trial_id", b"trial_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchResultsRequest: _TypeAlias = FetchResultsRequest  # noqa: Y015
+
+@_typing.final
 class Receipt(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

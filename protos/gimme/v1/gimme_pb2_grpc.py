@@ -54,6 +54,11 @@ class SellerStub:
                 request_serializer=gimme_dot_v1_dot_gimme__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=gimme_dot_v1_dot_gimme__pb2.EvaluateEvent.FromString,
                 _registered_method=True)
+        self.FetchResults = channel.unary_stream(
+                '/gimme.v1.Seller/FetchResults',
+                request_serializer=gimme_dot_v1_dot_gimme__pb2.FetchResultsRequest.SerializeToString,
+                response_deserializer=gimme_dot_v1_dot_gimme__pb2.EvaluateEvent.FromString,
+                _registered_method=True)
         self.Purchase = channel.unary_unary(
                 '/gimme.v1.Seller/Purchase',
                 request_serializer=gimme_dot_v1_dot_gimme__pb2.PurchaseRequest.SerializeToString,
@@ -97,6 +102,14 @@ class SellerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchResults(self, request, context):
+        """The results and signed receipt of an evaluated batch again (a reply that was lost):
+        the same score frames and receipt Evaluate sent, kept until the trial's keys expire.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Purchase(self, request, context):
         """Protocol step 7: pay from the prepaid ledger (idempotent by request_id); the answer
         carries the signed release of the Deep-Lock key.
@@ -134,6 +147,11 @@ def add_SellerServicer_to_server(servicer, server):
             'Evaluate': grpc.stream_stream_rpc_method_handler(
                     servicer.Evaluate,
                     request_deserializer=gimme_dot_v1_dot_gimme__pb2.EvaluateRequest.FromString,
+                    response_serializer=gimme_dot_v1_dot_gimme__pb2.EvaluateEvent.SerializeToString,
+            ),
+            'FetchResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchResults,
+                    request_deserializer=gimme_dot_v1_dot_gimme__pb2.FetchResultsRequest.FromString,
                     response_serializer=gimme_dot_v1_dot_gimme__pb2.EvaluateEvent.SerializeToString,
             ),
             'Purchase': grpc.unary_unary_rpc_method_handler(
@@ -254,6 +272,33 @@ class Seller:
             target,
             '/gimme.v1.Seller/Evaluate',
             gimme_dot_v1_dot_gimme__pb2.EvaluateRequest.SerializeToString,
+            gimme_dot_v1_dot_gimme__pb2.EvaluateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gimme.v1.Seller/FetchResults',
+            gimme_dot_v1_dot_gimme__pb2.FetchResultsRequest.SerializeToString,
             gimme_dot_v1_dot_gimme__pb2.EvaluateEvent.FromString,
             options,
             channel_credentials,

@@ -45,6 +45,10 @@ class SellerStub:
     """Protocol step 4a: evaluation keys for one trial."""
     Evaluate: _grpc.StreamStreamMultiCallable[_gimme_pb2.EvaluateRequest, _gimme_pb2.EvaluateEvent]
     """Protocol steps 4b-5: encrypted rows in, progress + encrypted results + signed receipt out."""
+    FetchResults: _grpc.UnaryStreamMultiCallable[_gimme_pb2.FetchResultsRequest, _gimme_pb2.EvaluateEvent]
+    """The results and signed receipt of an evaluated batch again (a reply that was lost):
+    the same score frames and receipt Evaluate sent, kept until the trial's keys expire.
+    """
     Purchase: _grpc.UnaryUnaryMultiCallable[_gimme_pb2.PurchaseRequest, _gimme_pb2.PurchaseResponse]
     """Protocol step 7: pay from the prepaid ledger (idempotent by request_id); the answer
     carries the signed release of the Deep-Lock key.
@@ -65,6 +69,10 @@ class SellerAsyncStub(SellerStub):
     """Protocol step 4a: evaluation keys for one trial."""
     Evaluate: _aio.StreamStreamMultiCallable[_gimme_pb2.EvaluateRequest, _gimme_pb2.EvaluateEvent]  # type: ignore[assignment]
     """Protocol steps 4b-5: encrypted rows in, progress + encrypted results + signed receipt out."""
+    FetchResults: _aio.UnaryStreamMultiCallable[_gimme_pb2.FetchResultsRequest, _gimme_pb2.EvaluateEvent]  # type: ignore[assignment]
+    """The results and signed receipt of an evaluated batch again (a reply that was lost):
+    the same score frames and receipt Evaluate sent, kept until the trial's keys expire.
+    """
     Purchase: _aio.UnaryUnaryMultiCallable[_gimme_pb2.PurchaseRequest, _gimme_pb2.PurchaseResponse]  # type: ignore[assignment]
     """Protocol step 7: pay from the prepaid ledger (idempotent by request_id); the answer
     carries the signed release of the Deep-Lock key.
@@ -106,6 +114,16 @@ class SellerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_gimme_pb2.EvaluateEvent], _abc.AsyncIterator[_gimme_pb2.EvaluateEvent]]:
         """Protocol steps 4b-5: encrypted rows in, progress + encrypted results + signed receipt out."""
+
+    @_abc_1.abstractmethod
+    def FetchResults(
+        self,
+        request: _gimme_pb2.FetchResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gimme_pb2.EvaluateEvent], _abc.AsyncIterator[_gimme_pb2.EvaluateEvent]]:
+        """The results and signed receipt of an evaluated batch again (a reply that was lost):
+        the same score frames and receipt Evaluate sent, kept until the trial's keys expire.
+        """
 
     @_abc_1.abstractmethod
     def Purchase(
