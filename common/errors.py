@@ -73,3 +73,17 @@ class WorkerFailed(GimmeError):
     """A sandboxed worker process crashed, ran out of memory or time."""
 
     status = Status.INTERNAL
+
+
+class Stalled(GimmeError):
+    """A peer stopped sending mid-stream; the stream was ended to free its slot."""
+
+    status = Status.DEADLINE_EXCEEDED
+
+
+def shown(text: str, limit: int = 32) -> str:
+    """A client-supplied string as it may appear in a message or log line: quoted, and cut
+    to `limit` characters (status details and logs must stay small whatever a peer sends)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

@@ -6,8 +6,11 @@ import logging
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.errors import BadInput
@@ -22,6 +25,9 @@ _OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
 ]
+# A second server on a busy port must fail to bind, not silently share it (Linux's
+# SO_REUSEPORT, on by default in gRPC, splits connections between the two daemons).
+_SERVER_OPTIONS = [*_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,8 @@ def make_server(
     address: str, tls: TlsFiles | None, max_workers: int = 16
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A server bound to `address` (port 0 picks a free one); health starts NOT_SERVING."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         options=_SERVER_OPTIONS)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", SERVICE_NAME):
@@ -55,17 +62,63 @@ def make_server(
     if tls is None:
         log.warning("serving WITHOUT TLS on %s (--insecure): anyone on the path can read "
                     "and alter trades", address)
-        port = server.add_insecure_port(address)
-    else:
-        credentials = grpc.ssl_server_credentials(
-            [(tls.key.read_bytes(), tls.cert.read_bytes())],
-            root_certificates=tls.ca.read_bytes(),
-            require_client_auth=True,
-        )
-        port = server.add_secure_port(address, credentials)
+    try:
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key.read_bytes(), tls.cert.read_bytes())],
+                root_certificates=tls.ca.read_bytes(),
+                require_client_auth=True,
+            )
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # gRPC's way of saying the bind failed
+        port = 0
     if port == 0:
-        raise BadInput(f"cannot listen on {address}: address in use or not available")
+        raise BadInput(f"cannot listen on {address}: port in use (is another gimme-seller "
+                       f"serving there?) or address not available; stop the other daemon or "
+                       f"pick another port with --listen")
     return server, port, health_servicer
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request message that did not parse. gRPC answers a deserializer's exception with
+    INTERNAL and a logged traceback per message, so requests are parsed here, never raising,
+    and the servicer refuses a Malformed one with INVALID_ARGUMENT."""
+
+    message_type: str
+    reason: str
+
+
+def _lenient_parser(method: MethodDescriptor) -> Any:
+    request_class = message_factory.GetMessageClass(method.input_type)
+
+    def parse(data: bytes) -> Any:
+        try:
+            return request_class.FromString(data)
+        except Exception as exc:  # any parse failure is the sender's
+            return Malformed(method.input_type.name, str(exc)[:100])
+
+    return parse
+
+
+def add_service(server: grpc.Server, servicer: Any, service: ServiceDescriptor) -> None:
+    """Serve `servicer`'s methods for every RPC of `service` (in place of the generated
+    add_*Servicer_to_server), with requests parsed by `_lenient_parser`."""
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler,
+             (True, True): grpc.stream_stream_rpc_method_handler}
+    handlers = {
+        method.name: kinds[method.client_streaming, method.server_streaming](
+            getattr(servicer, method.name),
+            request_deserializer=_lenient_parser(method),
+            response_serializer=message_factory.GetMessageClass(
+                method.output_type).SerializeToString)
+        for method in service.methods}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 def make_channel(address: str, tls: TlsFiles | None) -> grpc.Channel:

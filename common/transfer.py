@@ -7,14 +7,18 @@ raising gRPC's 4 MiB message limit.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from gimme.v1 import gimme_pb2 as pb
 
-from common.errors import BadInput
+from common.errors import BadInput, Stalled, shown
 
 CHUNK_BYTES = 1 << 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ def receive_object(
         raise BadInput(f"{what}: expected the manifest of {expected_name!r}, got data")
     manifest = first.manifest
     if manifest.name != expected_name:
-        raise BadInput(f"{what}: expected object {expected_name!r}, got {manifest.name!r}")
+        raise BadInput(f"{what}: expected object {expected_name!r}, got {shown(manifest.name)}")
     if exact_size is not None and manifest.size != exact_size:
         raise BadInput(f"{what}: {expected_name!r} declares {manifest.size} bytes; exactly "
                        f"{exact_size} are expected for these parameters")
@@ -78,3 +82,50 @@ def receive_object(
         raise BadInput(f"{what}: {expected_name!r} does not match its SHA-256 (corrupted in "
                        f"transit); send it again")
     return Received(manifest.name, b"".join(parts), manifest.sha256)
+
+
+class _End:
+    """The peer closed its side of the stream."""
+
+
+def idle_limited(messages: Iterator[T], idle_seconds: float, what: str) -> Iterator[T]:
+    """`messages`, ended with Stalled when the peer sends nothing for `idle_seconds`.
+
+    A stalled peer must not hold its slot forever, but gRPC's request iterators block with
+    no timeout: one reader thread per stream pulls the next message only when it is asked
+    for (so nothing is read ahead) and the caller waits for it with a timeout. Once the
+    call ends (the caller aborts it, or the peer goes), the reader's pending read returns and
+    the thread exits.
+    """
+    asked = threading.Semaphore(0)
+    closed = threading.Event()
+    handed: queue.SimpleQueue[T | _End | BaseException] = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            while asked.acquire() and not closed.is_set():
+                item = next(messages, _End())
+                handed.put(item)
+                if isinstance(item, _End):
+                    return
+        except BaseException as exc:  # the caller re-raises it in its own thread
+            handed.put(exc)
+
+    threading.Thread(target=read, name=f"{what} reader", daemon=True).start()
+    try:
+        while True:
+            asked.release()
+            try:
+                item = handed.get(timeout=idle_seconds)
+            except queue.Empty:
+                raise Stalled(f"{what}: nothing received for {idle_seconds:g} s, so the seller "
+                              f"ended the stream (its --stream-idle-seconds); send without "
+                              f"pausing, or retry over a working connection") from None
+            if isinstance(item, _End):
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        closed.set()
+        asked.release()

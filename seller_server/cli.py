@@ -28,6 +28,7 @@ from seller_server.catalog import read_listing
 from seller_server.compiler import compile_model
 from seller_server.daemon import ServeOptions, serve
 from seller_server.fingerprint import trace
+from seller_server.service import StreamLimits
 from seller_server.store import Store
 from seller_server.worker import Capacity
 
@@ -71,7 +72,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                  timeout_s=args.worker_timeout),
                           workers_per_evaluation=args.workers_per_evaluation,
                           concurrent_evaluations=args.max_evaluations),
-        port_file=args.port_file, key_ttl_hours=args.key_ttl_hours))
+        port_file=args.port_file, key_ttl_hours=args.key_ttl_hours,
+        streams=StreamLimits(_positive(args.stream_idle_seconds, "--stream-idle-seconds"),
+                             int(_positive(args.max_streams_per_buyer,
+                                           "--max-streams-per-buyer")),
+                             int(_positive(args.max_streams, "--max-streams")))))
+
+
+def _positive(value: float, flag: str) -> float:
+    if not value > 0:
+        raise BadInput(f"{flag} must be positive, not {value}")
+    return value
 
 
 def cmd_certs(args: argparse.Namespace) -> None:
@@ -269,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address-space limit of each worker process")
     p.add_argument("--worker-timeout", type=float, default=900.0,
                    help="seconds before a worker is killed")
+    limits = StreamLimits()
+    p.add_argument("--stream-idle-seconds", type=float, default=limits.idle_seconds,
+                   help="end an upload or download that sends or asks nothing for this "
+                        f"long (default {limits.idle_seconds:g})")
+    p.add_argument("--max-streams-per-buyer", type=int, default=limits.per_buyer,
+                   help="UploadKeys, Evaluate and Deliver calls one buyer may have open at "
+                        f"once; more are refused at once (default {limits.per_buyer})")
+    p.add_argument("--max-streams", type=int, default=limits.total,
+                   help="such calls open at once from all buyers; more are refused at once "
+                        f"(default {limits.total})")
     p.add_argument("--key-ttl-hours", type=float, default=24.0,
                    help="delete an unpaid trial's evaluation keys after it sat idle this "
                         "long (default 24; its buyer uploads them again to go on)")

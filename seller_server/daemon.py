@@ -8,14 +8,13 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gimme.v1 import gimme_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 
 from common.errors import BadInput
-from common.rpc import SERVICE_NAME, TlsFiles, make_server
+from common.rpc import SERVICE_NAME, TlsFiles, add_service, make_server
 from common.signing import Signer, fingerprint
 from seller_server.catalog import load_catalog
-from seller_server.service import SellerServicer
+from seller_server.service import SERVICE, UNARY_THREADS, SellerServicer, StreamLimits
 from seller_server.store import Store
 from seller_server.trade import Seller
 from seller_server.worker import Capacity
@@ -36,12 +35,16 @@ class ServeOptions:
     capacity: Capacity = field(default_factory=Capacity)
     port_file: Path | None = None
     key_ttl_hours: float = 24.0  # unpaid trials' evaluation keys are deleted after this idle
+    streams: StreamLimits = field(default_factory=StreamLimits)
 
 
 def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
     stop = stop or _stop_on_signals()
     if not options.catalog.is_dir():
         raise BadInput(f"catalog {options.catalog} is not a directory")
+    # bound before the state is touched: a second daemon on a busy port changes nothing
+    server, port, health = make_server(options.listen, options.tls,
+                                       max_workers=options.streams.total + UNARY_THREADS)
     store = Store(options.state / "gimme.sqlite")
     refunded = store.recover_interrupted()
     if refunded:
@@ -52,9 +55,9 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
     if options.security_bits < 128:
         log.warning("INSECURE HE PARAMETERS (security level %d): for tests only; buyers with "
                     "the default policy will refuse every offer", options.security_bits)
-    server, port, health = make_server(options.listen, options.tls)
-    servicer = SellerServicer(require_tls_identity=options.tls is not None)
-    pb_grpc.add_SellerServicer_to_server(servicer, server)
+    servicer = SellerServicer(require_tls_identity=options.tls is not None,
+                              stream_limits=options.streams)
+    add_service(server, servicer, SERVICE)
     server.start()
     log.info("listening on port %d (health NOT_SERVING until the catalog is loaded)", port)
     if options.port_file is not None:
