@@ -155,6 +155,26 @@ def prune(model_bytes: bytes, share: float = 0.3) -> bytes:
     return model.SerializeToString()
 
 
+def permute_and_flip(model_bytes: bytes, dummies: int = 0, seed: int = 0) -> bytes:
+    """The MLP's hidden units shuffled, half of them negated (tanh is odd: incoming weights,
+    bias and outgoing row all flip), and `dummies` extra units with random incoming weights
+    and zero outgoing rows: the same function, every weight in another place."""
+    model = onnx.load_model_from_string(model_bytes)
+    inits = {i.name: i for i in model.graph.initializer}
+    w1, b1, w2 = (numpy_helper.to_array(inits[n])
+                  for n in ("coefficient", "intercepts", "coefficient1"))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(w1.shape[1])
+    signs = rng.choice([-1, 1], size=w1.shape[1]).astype(w1.dtype)
+    w1, b1, w2 = w1[:, order] * signs, b1[:, order] * signs, w2[order] * signs[:, None]
+    w1 = np.concatenate([w1, rng.normal(0, w1.std(), (w1.shape[0], dummies))], axis=1)
+    b1 = np.concatenate([b1, rng.normal(0, b1.std(), (1, dummies))], axis=1)
+    w2 = np.concatenate([w2, np.zeros((dummies, w2.shape[1]))])
+    for name, value in (("coefficient", w1), ("intercepts", b1), ("coefficient1", w2)):
+        inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+    return model.SerializeToString()
+
+
 def accuracy(model_bytes: bytes, x: FloatArray, y: npt.NDArray[np.int64], output: str) -> float:
     return float(np.mean(run_model(model_bytes, x, output, []).argmax(1) == y))
 
@@ -180,6 +200,9 @@ def experiment(name: str, build: Callable[[int], tuple[bytes, FloatArray, FloatA
         "fine-tune 10% x 5 epochs": lambda m: fine_tune(m, x_train[tenth], y_train[tenth]),
         "prune 30%": prune,
     }
+    if name == "digits-mlp":  # the logistic regression has no hidden units to move
+        attacks["permute + flip units"] = permute_and_flip
+        attacks["permute + flip + 8 dummy units"] = lambda m: permute_and_flip(m, dummies=8)
     unrelated_z = trace(unrelated, original, keys)[0].z
     leaked = list(copies)[:leaks]
     results = []
