@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (env GIMME_LISTEN; port 0 picks one)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     p.add_argument("--max-evaluations", type=int, default=2,
-                   help="evaluations run at once; others queue")
+                   help="memory-heavy worker jobs (evaluations and key checks) run at once; "
+                        "others queue")
     p.add_argument("--workers-per-evaluation", type=int, default=os.cpu_count() or 1,
                    help="processes one evaluation is split over (default: CPU count)")
     p.add_argument("--worker-memory-mb", type=int, default=6144,
@@ -282,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before a worker is killed")
     limits = StreamLimits()
     p.add_argument("--stream-idle-seconds", type=float, default=limits.idle_seconds,
-                   help="end an upload or download that sends or asks nothing for this "
-                        f"long (default {limits.idle_seconds:g})")
+                   help="end an upload (UploadKeys, Evaluate) whose client sends nothing for "
+                        f"this long (default {limits.idle_seconds:g})")
     p.add_argument("--max-streams-per-buyer", type=int, default=limits.per_buyer,
                    help="UploadKeys, Evaluate and Deliver calls one buyer may have open at "
                         f"once; more are refused at once (default {limits.per_buyer})")

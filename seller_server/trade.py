@@ -197,6 +197,9 @@ class Seller:
         return trial, listing, encoding
 
     # ----- step 4: keys -----
+        if self.store.paid(trial_id):
+            raise WrongState(f"trial {trial_id} is paid (its model is bought): it takes no more "
+                             f"keys or data; open a new trial to test again")
 
     def key_sizes(self, buyer_id: str, trial_id: str) -> dict[str, tuple[int, int | None]]:
         """The key objects this trial takes, in upload order: name -> (size cap, exact size
@@ -218,9 +221,10 @@ class Seller:
         directory = self._trial_dir(trial_id)
         for name, data in keys.items():
             (directory / f"{name}.bin").write_bytes(data)
-        run_guarded("seller_server.worker:check_keys",
-                    self._worker_request(trial, listing, encoding),
-                    limits=self.capacity.limits)
+        with self._evaluation_slots:  # key checks are memory-heavy workers too
+            run_guarded("seller_server.worker:check_keys",
+                        self._worker_request(trial, listing, encoding),
+                        limits=self.capacity.limits)
         digest = keys_digest(*keys.values())
         self.store.set_keys(trial_id, digest)
         log.info("trial %s: keys accepted (%s)", trial_id,
