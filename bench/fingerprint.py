@@ -1,13 +1,16 @@
 """Fingerprint experiments: accuracy cost, attribution, and robustness to the attacks a
-reseller would try (fine-tuning on 10% of the data for a few epochs, 30% pruning).
+reseller would try (fine-tuning on 10% of the data for a few epochs, 30% pruning, and
+moving hidden units without changing the function: permuted, negated, rescaled, split,
+padded with dummies).
 
     python bench/fingerprint.py [--sales 100] [--leaks 10] [--json out.json]
 
-For the two scikit-learn examples (breast-cancer logistic regression, digits MLP with
-tanh), each of `--sales` sales gets its own fingerprinted copy at the strength the catalog
-would choose; `--leaks` of them leak, are attacked, and are traced against every sale's
-key. A model trained independently on the same data (another seed) checks false
-attribution. Fine-tuning is plain mini-batch SGD on the cross-entropy, 5 epochs.
+For the scikit-learn examples (breast-cancer logistic regression, digits MLP with tanh,
+and the same MLP with ReLU), each of `--sales` sales gets its own fingerprinted copy at
+the strength the catalog would choose; `--leaks` of them leak, are attacked, and are
+traced against every sale's key. A model trained independently on the same data (another
+seed) checks false attribution. Fine-tuning is plain mini-batch SGD on the cross-entropy,
+5 epochs.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def _scaled(model: onnx.ModelProto, x: FloatArray) -> FloatArray:
 
 def fine_tune(model_bytes: bytes, x: FloatArray, y: npt.NDArray[np.int64], epochs: int = 5,
               rate: float = 0.05) -> bytes:
-    """SGD on the cross-entropy of the exported LR or one-hidden-layer tanh MLP."""
+    """SGD on the cross-entropy of the exported LR or one-hidden-layer tanh/ReLU MLP."""
     model = onnx.load_model_from_string(model_bytes)
     inputs = _scaled(model, x)
     rng = np.random.default_rng(0)
@@ -117,14 +120,16 @@ def fine_tune(model_bytes: bytes, x: FloatArray, y: npt.NDArray[np.int64], epoch
     w2, b2 = (numpy_helper.to_array(inits[n]).astype(np.float64)
               for n in ("coefficient1", "intercepts1"))
     b1, b2 = b1.reshape(-1), b2.reshape(-1)
+    relu = any(n.op_type == "Relu" for n in model.graph.node)
     for _ in range(epochs):
         for batch in np.array_split(rng.permutation(len(x)), max(len(x) // 16, 1)):
-            h = np.tanh(inputs[batch] @ w1 + b1)
+            pre = inputs[batch] @ w1 + b1
+            h = np.maximum(pre, 0) if relu else np.tanh(pre)
             z = h @ w2 + b2
             p = np.exp(z - z.max(1, keepdims=True))
             p /= p.sum(1, keepdims=True)
             dz = (p - np.eye(w2.shape[1])[y[batch]]) / len(batch)
-            dh = dz @ w2.T * (1 - h * h)
+            dh = dz @ w2.T * ((pre > 0) if relu else (1 - h * h))
             w2 -= rate * h.T @ dz
             b2 -= rate * dz.sum(0)
             w1 -= rate * inputs[batch].T @ dh
@@ -155,18 +160,28 @@ def prune(model_bytes: bytes, share: float = 0.3) -> bytes:
     return model.SerializeToString()
 
 
-def permute_and_flip(model_bytes: bytes, dummies: int = 0, seed: int = 0) -> bytes:
-    """The MLP's hidden units shuffled, half of them negated (tanh is odd: incoming weights,
-    bias and outgoing row all flip), and `dummies` extra units with random incoming weights
-    and zero outgoing rows: the same function, every weight in another place."""
+def move_units(model_bytes: bytes, flip: bool = False, rescale: bool = False, splits: int = 0,
+               dummies: int = 0, seed: int = 0) -> bytes:
+    """The same function with every hidden weight of the MLP in another place: units
+    shuffled; half of them negated (`flip`; tanh is odd: incoming weights, bias and outgoing
+    row all flip); each scaled by c = e^U(-3, 3) (`rescale`; ReLU is positively homogeneous:
+    incoming weights and bias times c, outgoing row over c); `splits` units split in two
+    that share the outgoing row; `dummies` extra units with zero outgoing rows."""
     model = onnx.load_model_from_string(model_bytes)
     inits = {i.name: i for i in model.graph.initializer}
-    w1, b1, w2 = (numpy_helper.to_array(inits[n])
+    w1, b1, w2 = (numpy_helper.to_array(inits[n]).astype(np.float64)
                   for n in ("coefficient", "intercepts", "coefficient1"))
     rng = np.random.default_rng(seed)
+    gains = rng.choice([-1.0, 1.0], size=w1.shape[1]) if flip else np.ones(w1.shape[1])
+    if rescale:
+        gains *= np.exp(rng.uniform(-3, 3, w1.shape[1]))
+    w1, b1, w2 = w1 * gains, b1 * gains, w2 / gains[:, None]
+    share = rng.uniform(0.2, 0.8, (splits, 1))
+    w1 = np.concatenate([w1, w1[:, :splits]], axis=1)
+    b1 = np.concatenate([b1, b1[:, :splits]], axis=1)
+    w2 = np.concatenate([w2[:splits] * share, w2[splits:], w2[:splits] * (1 - share)])
     order = rng.permutation(w1.shape[1])
-    signs = rng.choice([-1, 1], size=w1.shape[1]).astype(w1.dtype)
-    w1, b1, w2 = w1[:, order] * signs, b1[:, order] * signs, w2[order] * signs[:, None]
+    w1, b1, w2 = w1[:, order], b1[:, order], w2[order]
     w1 = np.concatenate([w1, rng.normal(0, w1.std(), (w1.shape[0], dummies))], axis=1)
     b1 = np.concatenate([b1, rng.normal(0, b1.std(), (1, dummies))], axis=1)
     w2 = np.concatenate([w2, np.zeros((dummies, w2.shape[1]))])
@@ -200,9 +215,14 @@ def experiment(name: str, build: Callable[[int], tuple[bytes, FloatArray, FloatA
         "fine-tune 10% x 5 epochs": lambda m: fine_tune(m, x_train[tenth], y_train[tenth]),
         "prune 30%": prune,
     }
-    if name == "digits-mlp":  # the logistic regression has no hidden units to move
-        attacks["permute + flip units"] = permute_and_flip
-        attacks["permute + flip + 8 dummy units"] = lambda m: permute_and_flip(m, dummies=8)
+    # function-preserving moves of hidden units (the logistic regression has none)
+    if name == "digits-mlp":  # tanh: odd
+        attacks["permute + flip units"] = lambda m: move_units(m, flip=True)
+        attacks["permute + flip + 8 dummy units"] = lambda m: move_units(m, flip=True,
+                                                                         dummies=8)
+    if name == "digits-mlp-relu":  # ReLU: positively homogeneous
+        attacks["permute + rescale + split 4 units"] = lambda m: move_units(
+            m, rescale=True, splits=4)
     unrelated_z = trace(unrelated, original, keys)[0].z
     leaked = list(copies)[:leaks]
     results = []
@@ -239,11 +259,11 @@ def breast_cancer(seed: int) -> tuple[bytes, FloatArray, FloatArray, npt.NDArray
     return _export(pipeline, x_train), x_train, x_test, y_train, y_test
 
 
-def digits_mlp(seed: int) -> tuple[bytes, FloatArray, FloatArray, npt.NDArray[np.int64],
-                                   npt.NDArray[np.int64]]:
+def digits_mlp(seed: int, activation: str = "tanh") -> tuple[
+        bytes, FloatArray, FloatArray, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     x_train, x_test, y_train, y_test = digits(8)
     pipeline = make_pipeline(MinMaxScaler(), MLPClassifier(
-        (32,), activation="tanh", alpha=0.1, max_iter=1500, random_state=seed)
+        (32,), activation=activation, alpha=0.1, max_iter=1500, random_state=seed)
     ).fit(x_train, y_train)
     return _export(pipeline, x_train), x_train, x_test, y_train, y_test
 
@@ -257,7 +277,9 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
     console = Console()
     results = [*experiment("breast-cancer-lr", breast_cancer, args.sales, args.leaks, console),
-               *experiment("digits-mlp", digits_mlp, args.sales, args.leaks, console)]
+               *experiment("digits-mlp", digits_mlp, args.sales, args.leaks, console),
+               *experiment("digits-mlp-relu", lambda seed: digits_mlp(seed, "relu"),
+                           args.sales, args.leaks, console)]
     table = Table("model", "strength", "weights", "accuracy", "cost (pp)", "attack",
                   "accuracy after", "true z", "traced", "false attribution",
                   "unrelated model z", title=f"fingerprints: {args.sales} sales, "

@@ -323,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", type=Path, default=DEFAULT_STATE)
     p.set_defaults(func=cmd_token)
 
-    p = sub.add_parser("trace", help="name the sale a leaked model copy came from")
+    p = sub.add_parser("trace", help="name the sale a leaked model copy came from (hidden "
+                                     "units permuted, negated, rescaled or padded are put "
+                                     "back in the listing's order first)")
     p.add_argument("suspect", type=Path, help="the leaked ONNX file")
     p.add_argument("--catalog", type=Path, required=True)
     p.add_argument("--model", help="listing name (default: whichever the weights fit)")
