@@ -12,6 +12,7 @@ writes the JSON request on stdin and reads JSON lines from stdout:
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
@@ -29,6 +30,7 @@ from common import errors
 
 Json = dict[str, Any]
 ProgressFn = Callable[[Json], None]
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 _ERROR_TYPES: dict[str, type[errors.GimmeError]] = {
     cls.__name__: cls
@@ -68,11 +70,13 @@ def run_guarded(
     limits: Limits,
     on_progress: ProgressFn | None = None,
     untrusted_phase: Callable[[Json], bool] | None = None,
+    cancel: threading.Event | None = None,
 ) -> Json:
     """Run `target` ("module:function") on `request` in a fresh process.
 
     A crash or resource kill while the last reported progress satisfies
     `untrusted_phase` is blamed on the input (BadInput); otherwise it is a WorkerFailed.
+    Setting `cancel` kills the process (its caller went away) and raises Unavailable.
     """
     proc = subprocess.Popen(
         [sys.executable, "-m", "common.guarded", str(limits.memory_bytes), target],
@@ -90,6 +94,9 @@ def run_guarded(
     timer = threading.Timer(limits.timeout_s, kill_on_timeout)
     timer.daemon = True
     timer.start()
+    finished = threading.Event()
+    if cancel is not None:
+        threading.Thread(target=_kill_on, args=(cancel, finished, proc), daemon=True).start()
     stderr_tail: list[bytes] = []
     stderr_reader = threading.Thread(target=_drain, args=(proc.stderr, stderr_tail), daemon=True)
     stderr_reader.start()
@@ -113,6 +120,7 @@ def run_guarded(
         proc.wait()
     finally:
         timer.cancel()
+        finished.set()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -121,6 +129,8 @@ def run_guarded(
         result: Json = outcome["result"]
         return result
     stage = last_progress.get("stage", "starting")
+    if cancel is not None and cancel.is_set():
+        raise errors.Unavailable(f"the job was cancelled while {stage}: its caller went away")
     blame_input = untrusted_phase is not None and untrusted_phase(last_progress)
     if outcome is not None and "error" in outcome:
         kind = _ERROR_TYPES.get(outcome["error"]["type"], errors.WorkerFailed)
@@ -142,6 +152,14 @@ def run_guarded(
     raise errors.WorkerFailed(f"worker {cause}")
 
 
+def _kill_on(cancel: threading.Event, finished: threading.Event,
+             proc: subprocess.Popen[bytes]) -> None:
+    while not finished.is_set():
+        if cancel.wait(0.2):
+            proc.kill()
+            return
+
+
 def _drain(stream: Any, tail: list[bytes]) -> None:
     for line in stream:
         tail.append(line)
@@ -150,6 +168,9 @@ def _drain(stream: Any, tail: list[bytes]) -> None:
 
 def _child_main(argv: list[str]) -> int:
     memory_bytes, target = int(argv[0]), argv[1]
+    # die with the parent thread, which waits for this process: a daemon killed with -9
+    # must not leave its jobs running
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     out = sys.stdout

@@ -261,11 +261,14 @@ class SellerServicer(pb_grpc.SellerServicer):
         if next(frames, None) is not None:
             raise BadInput(f"Evaluate: more than the {count} ciphertexts this batch takes")
         events: queue.Queue[Progress | Evaluation | GimmeError | Exception] = queue.Queue()
+        gone = threading.Event()  # the buyer cancelled or disconnected: stop the work
+        if not context.add_callback(gone.set):
+            gone.set()
 
         def work() -> None:
             try:
                 events.put(self.seller.evaluate(buyer, header.trial_id, header.batch_index,
-                                                header.rows, inputs, events.put))
+                                                header.rows, inputs, events.put, gone))
             except Exception as exc:  # handed to the stream below
                 events.put(exc)
 
@@ -277,11 +280,30 @@ class SellerServicer(pb_grpc.SellerServicer):
             elif isinstance(event, Exception):
                 raise event
             else:
-                for index, result in enumerate(event.results):
-                    for frame in send_object(f"score-{index}", result):
-                        yield pb.EvaluateEvent(frame=frame)
-                yield pb.EvaluateEvent(receipt=wire.envelope_to_pb(event.receipt))
+                yield from self._send_results(header.trial_id, header.batch_index, event,
+                                              context)
                 return
+
+    @_guard_stream
+    def FetchResults(self, request: pb.FetchResultsRequest, context: grpc.ServicerContext
+                     ) -> Iterator[pb.EvaluateEvent]:
+        evaluation = self.seller.results(self._buyer(context), request.trial_id,
+                                         request.batch_index)
+        yield from self._send_results(request.trial_id, request.batch_index, evaluation,
+                                      context)
+
+    def _send_results(self, trial_id: str, batch_index: int, evaluation: Evaluation,
+                      context: grpc.ServicerContext) -> Iterator[pb.EvaluateEvent]:
+        """Score frames, then the receipt. Once a frame may have left, the batch stays
+        charged (FetchResults sends it again); to a buyer already gone nothing is sent, and
+        the batch is refunded if nobody fetches it before the trial's keys expire."""
+        if not context.is_active():
+            return
+        self.seller.results_sent(trial_id, batch_index)
+        for index, result in enumerate(evaluation.results):
+            for frame in send_object(f"score-{index}", result):
+                yield pb.EvaluateEvent(frame=frame)
+        yield pb.EvaluateEvent(receipt=wire.envelope_to_pb(evaluation.receipt))
 
     @_guard
     def Purchase(self, request: pb.PurchaseRequest, context: grpc.ServicerContext

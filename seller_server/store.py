@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import BadInput, Exhausted, NotFound, WrongState
-from common.protocol import PAYMENT, Signed
+from common.protocol import PAYMENT, RECEIPT, Signed
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS compiled (
@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
   receipt_payload BLOB,
   receipt_signature BLOB,
   created_at REAL NOT NULL,
+  results_sent INTEGER NOT NULL DEFAULT 0,  -- 1 once any result frame went to the buyer
   PRIMARY KEY (trial_id, batch_index)
 );
 CREATE TABLE IF NOT EXISTS ledger_txns (
@@ -251,7 +252,8 @@ class Store:
             if db.execute("SELECT 1 FROM evaluations WHERE trial_id = ? AND batch_index = ?",
                           (trial.trial_id, batch_index)).fetchone():
                 raise WrongState(f"batch {batch_index} of trial {trial.trial_id} was already "
-                                 f"evaluated; open a new trial to test more rows")
+                                 f"evaluated: fetch its results again (gimme-buyer trial "
+                                 f"--resume), or open a new trial to test more rows")
             row = db.execute("SELECT rows_used FROM budgets WHERE buyer_id = ? AND model_id = ?",
                              (trial.buyer_id, trial.model_id)).fetchone()
             used = int(row[0]) if row else 0
@@ -274,7 +276,8 @@ class Store:
             db.execute("INSERT INTO budgets VALUES (?, ?, ?) ON CONFLICT(buyer_id, model_id) "
                        "DO UPDATE SET rows_used = rows_used + excluded.rows_used",
                        (trial.buyer_id, trial.model_id, rows))
-            db.execute("INSERT INTO evaluations VALUES (?, ?, ?, 'running', ?, NULL, NULL, ?)",
+            db.execute("INSERT INTO evaluations (trial_id, batch_index, rows, status, "
+                       "charge_txn, created_at) VALUES (?, ?, ?, 'running', ?, ?)",
                        (trial.trial_id, batch_index, rows, charge, time.time()))
 
     def release_rows(self, trial: TrialRow, batch_index: int) -> None:
@@ -283,10 +286,12 @@ class Store:
             self._refund(db, trial.trial_id, batch_index)
 
     def _refund(self, db: sqlite3.Connection, trial_id: str, batch_index: int) -> None:
+        """Refund a batch none of whose results reached the buyer (a batch whose results
+        began to go out stays charged: its buyer fetches them again)."""
         row = db.execute(
             "SELECT e.rows, t.buyer_id, t.model_id, e.charge_txn FROM evaluations e "
             "JOIN trials t "
-            "USING (trial_id) WHERE trial_id = ? AND batch_index = ? AND status = 'running'",
+            "USING (trial_id) WHERE trial_id = ? AND batch_index = ? AND results_sent = 0",
             (trial_id, batch_index)).fetchone()
         if row is None:
             return
@@ -296,7 +301,7 @@ class Store:
             entries = db.execute("SELECT account, amount_cents FROM ledger_entries WHERE "
                                  "txn_id = ?", (row[3],)).fetchall()
             self._post(db, f"refund:{row[3]}", "refund",
-                       f"evaluation {trial_id}/{batch_index} did not complete",
+                       f"evaluation {trial_id}/{batch_index} did not reach the buyer",
                        [(account, -amount) for account, amount in entries])
         db.execute("DELETE FROM evaluations WHERE trial_id = ? AND batch_index = ?",
                    (trial_id, batch_index))
@@ -315,6 +320,30 @@ class Store:
             db.execute("UPDATE evaluations SET status = 'done', receipt_payload = ?, "
                        "receipt_signature = ? WHERE trial_id = ? AND batch_index = ?",
                        (receipt.payload, receipt.signature, trial_id, batch_index))
+
+    def receipt(self, trial_id: str, batch_index: int) -> Signed | None:
+        """The signed receipt of an evaluated batch (None: not evaluated, or refunded)."""
+        with self._lock:
+            row = self._db.execute("SELECT receipt_payload, receipt_signature FROM evaluations "
+                                   "WHERE trial_id = ? AND batch_index = ? AND status = 'done'",
+                                   (trial_id, batch_index)).fetchone()
+        return Signed(RECEIPT, bytes(row[0]), bytes(row[1])) if row else None
+
+    def results_sent(self, trial_id: str, batch_index: int) -> None:
+        """The batch's results start going out: from now on it is charged for good."""
+        with self.transaction() as db:
+            db.execute("UPDATE evaluations SET results_sent = 1 WHERE trial_id = ? AND "
+                       "batch_index = ?", (trial_id, batch_index))
+
+    def refund_unsent(self, trial_id: str) -> int:
+        """Refund the trial's evaluated batches none of whose results went out (their
+        results are being deleted)."""
+        with self.transaction() as db:
+            unsent = db.execute("SELECT batch_index FROM evaluations WHERE trial_id = ? AND "
+                                "status = 'done' AND results_sent = 0", (trial_id,)).fetchall()
+            for (batch_index,) in unsent:
+                self._refund(db, trial_id, batch_index)
+        return len(unsent)
 
     def evaluated_batches(self, trial_id: str) -> int:
         with self._lock:

@@ -47,6 +47,7 @@ from common.wire import (
     offer_from_payload,
     offer_payload,
     payment_payload,
+    receipt_from_payload,
     receipt_payload,
 )
 from seller_server.catalog import TOLERANCE_FACTOR, Listing
@@ -266,12 +267,17 @@ class Seller:
                 listing.measured.ciphertext_bytes)
 
     def evaluate(self, buyer_id: str, trial_id: str, batch_index: int, rows: int,
-                 inputs: Sequence[bytes], on_progress: ProgressFn) -> Evaluation:
+                 inputs: Sequence[bytes], on_progress: ProgressFn,
+                 cancel: threading.Event | None = None) -> Evaluation:
+        """Charge, evaluate and sign one batch; its results are kept (`results`) until the
+        trial's keys expire. Setting `cancel` (the buyer went away) kills the worker and
+        refunds the rows."""
         trial, listing, encoding = self._trial_to_evaluate(buyer_id, trial_id)
         assert trial.keys_sha256 is not None
         self.store.reserve_rows(trial, batch_index, rows, listing.spec.trial_budget_rows,
                                 listing.spec.trial_price_per_row_cents)
         batch_dir = self._trial_dir(trial_id) / f"batch-{batch_index}"
+        results_dir = self._results_dir(trial_id, batch_index)
         try:
             batch_dir.mkdir(parents=True, exist_ok=True)
             paths = []
@@ -288,12 +294,13 @@ class Seller:
                      "circuit_privacy": listing.spec.circuit_privacy,
                      "flooding_std": listing.measured.flooding_std,
                      "policy_noise_std": listing.spec.output_policy.noise_std,
-                     "ciphertext_paths": paths, "out_dir": str(batch_dir / "out"),
+                     "ciphertext_paths": paths, "out_dir": str(results_dir),
                      "workers": self.capacity.workers_per_evaluation},
                     limits=self.capacity.limits,
                     on_progress=lambda p: on_progress(Progress(
                         str(p.get("stage", "")), int(p.get("done", 0)), int(p.get("total", 0)))),
                     untrusted_phase=lambda p: p.get("stage") in UNTRUSTED_STAGES,
+                    cancel=cancel,
                 )
             results = [Path(r["path"]).read_bytes() for r in outcome["results"]]
             receipt = Receipt(
@@ -311,12 +318,30 @@ class Seller:
             self.store.finish_evaluation(trial_id, batch_index, signed)
         except BaseException:
             self.store.release_rows(trial, batch_index)
+            shutil.rmtree(results_dir, ignore_errors=True)
             raise
         finally:
             shutil.rmtree(batch_dir, ignore_errors=True)
         log.info("trial %s batch %d: %d rows evaluated in %.2fs", trial_id, batch_index, rows,
                  outcome["evaluate_seconds"])
         return Evaluation(results, signed)
+
+    def results(self, buyer_id: str, trial_id: str, batch_index: int) -> Evaluation:
+        """An evaluated batch's results and receipt again, for a buyer whose reply was lost."""
+        self.store.trial(trial_id, buyer_id)  # the buyer's own trial, or NotFound
+        receipt = self.store.receipt(trial_id, batch_index)
+        directory = self._results_dir(trial_id, batch_index)
+        if receipt is None or not directory.is_dir():
+            raise NotFound(f"trial {trial_id} has no results for batch {batch_index}: it was "
+                           f"not evaluated, was refunded, or its results expired; evaluate it "
+                           f"(again)")
+        count = len(receipt_from_payload(receipt.payload).result_sha256)
+        return Evaluation([(directory / f"score-{i}.bin").read_bytes() for i in range(count)],
+                          receipt)
+
+    def results_sent(self, trial_id: str, batch_index: int) -> None:
+        """The batch's results start going out to its buyer: no refund from now on."""
+        self.store.results_sent(trial_id, batch_index)
 
     # ----- steps 7-8: payment and delivery -----
 
@@ -399,19 +424,26 @@ class Seller:
 
     def expire_keys(self, max_age_seconds: float) -> int:
         """Delete the evaluation keys of unpaid trials idle for `max_age_seconds` (a paid
-        trial's are deleted at purchase); their buyers upload keys again to go on."""
+        trial's are deleted at purchase); their buyers upload keys again to go on. Kept
+        results older than that go too, and batches whose results never went out are
+        refunded."""
         expired = 0
-        now = time.time()
-        for directory in (self.spool / "trials").glob("*"):
-            files = [f for f in directory.rglob("*") if f.is_file()] or [directory]
-            if now - max(f.stat().st_mtime for f in files) < max_age_seconds:
-                continue
+        for directory in _idle(self.spool / "trials", max_age_seconds):
             shutil.rmtree(directory, ignore_errors=True)
             self.store.set_keys(directory.name, None)
             expired += 1
         if expired:
             log.info("expired the evaluation keys of %d idle trial(s)", expired)
+        for directory in _idle(self.spool / "results", max_age_seconds):
+            refunded = self.store.refund_unsent(directory.name)
+            shutil.rmtree(directory, ignore_errors=True)
+            if refunded:
+                log.info("trial %s: refunded %d batch(es) whose results were never fetched",
+                         directory.name, refunded)
         return expired
+
+    def _results_dir(self, trial_id: str, batch_index: int) -> Path:
+        return self.spool / "results" / trial_id / f"batch-{batch_index}"
 
     def _trial_dir(self, trial_id: str) -> Path:
         directory = self.spool / "trials" / trial_id
@@ -426,3 +458,13 @@ class Seller:
             tmp.write_bytes(plan.to_bytes())
             tmp.replace(path)
         return path
+
+def _idle(parent: Path, max_age_seconds: float) -> list[Path]:
+    """The directories under `parent` whose newest file is older than `max_age_seconds`."""
+    now = time.time()
+    idle = []
+    for directory in parent.glob("*"):
+        files = [f for f in directory.rglob("*") if f.is_file()] or [directory]
+        if now - max(f.stat().st_mtime for f in files) >= max_age_seconds:
+            idle.append(directory)
+    return idle
