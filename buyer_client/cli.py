@@ -73,11 +73,12 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_trial(args: argparse.Namespace) -> None:
     run_trial(_client(args), Workspace(args.home), console, model_id=args.model,
               data=args.data, label_column=args.label_column, max_rows=args.rows,
-              min_security=args.min_security, packing=args.packing, link_mbps=args.link_mbps)
+              min_security=args.min_security, packing=args.packing, link_mbps=args.link_mbps,
+              resume=args.resume)
 
 
 def cmd_buy(args: argparse.Namespace) -> None:
-    buy(_client(args), Workspace(args.home), console, args.model, args.trial)
+    buy(_client(args), Workspace(args.home), console, args.model, args.trial, args.again)
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -131,9 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("trial", parents=[common],
                        help="test MODEL on your rows, encrypted (protocol steps 2-6)")
     p.add_argument("model")
-    p.add_argument("--data", type=Path, required=True,
+    p.add_argument("--data", type=Path,
                    help="test rows: CSV with a header naming the model's columns, or .npz "
                         "with X (and y)")
+    p.add_argument("--resume", action="store_true",
+                   help="finish the newest interrupted trial of MODEL (its rows, keys and "
+                        "finished batches are kept): fetch or evaluate the batches left")
     p.add_argument("--label-column", help="CSV column with the true labels (for scoring)")
     p.add_argument("--rows", type=int, help="test only the first N rows")
     p.add_argument("--min-security", type=int, default=128, choices=(0, 128, 192, 256),
@@ -150,13 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("buy", parents=[common],
                        help="pay for MODEL from your prepaid balance and download it")
     p.add_argument("model")
-    p.add_argument("--trial", help="trial id (default: your latest trial of MODEL)")
+    p.add_argument("--trial", help="trial id (default: your latest completed trial of MODEL)")
+    p.add_argument("--again", action="store_true",
+                   help="buy MODEL again although you already own it (from another trial)")
     p.set_defaults(func=cmd_buy)
 
     p = sub.add_parser("verify", parents=[common],
                        help="check the delivered MODEL against the commitment and the trial")
     p.add_argument("model")
-    p.add_argument("--trial", help="trial id (default: your latest trial of MODEL)")
+    p.add_argument("--trial", help="trial id (default: the trial of MODEL you bought last, "
+                                   "else your latest completed one)")
     p.add_argument("--bundle", type=Path, help="where to write the evidence bundle (.zip)")
     p.set_defaults(func=cmd_verify)
 
@@ -171,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", type=Path,
                    help="the Deep-Lock key (hex); default: the key released to you (for a "
                         "bident package: its trusted.key, read by the trusted runner only)")
-    p.add_argument("--trial", help="trial id (default: your latest trial of MODEL)")
+    p.add_argument("--trial", help="trial id (default: the trial of MODEL you bought last)")
     p.add_argument("--out", type=Path, help="write predictions as CSV here")
     p.set_defaults(func=cmd_run)
 

@@ -98,23 +98,18 @@ class SellerClient:
                 for frame in send_object(f"ct-{index}", blob, on_upload):
                     yield pb.EvaluateRequest(frame=frame)
 
-        receipts: list[Signed] = []
-
-        def other(event: pb.EvaluateEvent) -> None:
-            if event.HasField("progress"):
-                on_progress(wire.progress_from_pb(event.progress))
-            else:
-                receipts.append(wire.envelope_from_pb(event.receipt))
-
         events = self.stub.Evaluate(requests(), metadata=self.metadata, timeout=self.timeout)
-        stream = _frames(events, on_download, other)
-        results = [receive_object(stream, expected_name=f"score-{i}", max_size=max_result_bytes,
-                                  what="seller results").data for i in range(result_count)]
-        for _extra in stream:
-            raise errors.BadInput("the seller sent more results than the offer announces")
-        if len(receipts) != 1:
-            raise errors.BadInput("the seller's results came without a signed receipt")
-        return results, receipts[0]
+        return _results(events, result_count, max_result_bytes, on_progress, on_download)
+
+    @_seller_errors
+    def fetch_results(self, trial_id: str, batch_index: int, *, result_count: int,
+                      max_result_bytes: int, on_download: BytesFn
+                      ) -> tuple[list[bytes], Signed]:
+        """An evaluated batch's results and receipt again (its Evaluate reply was lost)."""
+        events = self.stub.FetchResults(
+            pb.FetchResultsRequest(trial_id=trial_id, batch_index=batch_index),
+            metadata=self.metadata, timeout=self.timeout)
+        return _results(events, result_count, max_result_bytes, lambda _p: None, on_download)
 
     @_seller_errors
     def purchase(self, trial_id: str, request_id: str) -> tuple[Signed, Signed]:
@@ -140,6 +135,28 @@ class SellerClient:
         if len(records) != 1:
             raise errors.BadInput("the model came without a signed delivery record")
         return model, records[0]
+
+
+def _results(events: Iterable[pb.EvaluateEvent], result_count: int, max_result_bytes: int,
+             on_progress: Callable[[Progress], None], on_download: BytesFn
+             ) -> tuple[list[bytes], Signed]:
+    """A batch's score objects and its one signed receipt from an Evaluate-style stream."""
+    receipts: list[Signed] = []
+
+    def other(event: pb.EvaluateEvent) -> None:
+        if event.HasField("progress"):
+            on_progress(wire.progress_from_pb(event.progress))
+        else:
+            receipts.append(wire.envelope_from_pb(event.receipt))
+
+    stream = _frames(events, on_download, other)
+    results = [receive_object(stream, expected_name=f"score-{i}", max_size=max_result_bytes,
+                              what="seller results").data for i in range(result_count)]
+    for _extra in stream:
+        raise errors.BadInput("the seller sent more results than the offer announces")
+    if len(receipts) != 1:
+        raise errors.BadInput("the seller's results came without a signed receipt")
+    return results, receipts[0]
 
 
 def _frames(events: Iterable[E], on_bytes: BytesFn, other: Callable[[E], None]

@@ -16,6 +16,7 @@ from common.evidence import LOCKED_MODEL
 from common.protocol import Offer
 from common.signing import sha256
 from common.trust import open_delivery, open_key_release, open_offer, open_payment
+from common.wire import payment_from_payload
 
 REQUEST_ID_FILE = "purchase-request-id"
 MAX_MODEL_BYTES = 2 << 30
@@ -38,8 +39,18 @@ def fetch_locked(client: SellerClient, folder: TrialFolder, offer: Offer, key: b
 
 
 def buy(client: SellerClient, workspace: Workspace, console: Console, model_id: str,
-        trial_id: str | None = None) -> None:
+        trial_id: str | None = None, again: bool = False) -> None:
+    """Buy the trial's model; a model already bought through another trial is bought
+    again only when asked (`again`), and paying a paid trial again charges nothing."""
     folder = workspace.trial(model_id, trial_id)
+    owned = workspace.bought_trial(model_id)
+    if owned is not None and owned.trial_id != folder.trial_id and not again:
+        console.print(f"you already own {model_id} (trial {owned.trial_id}, receipt "
+                      f"{_receipt_id(owned)}): nothing was charged. 'gimme-buyer run "
+                      f"{model_id}' uses it; pass --again to buy it again with trial "
+                      f"{folder.trial_id}")
+        return
+    paid_before = folder.has("payment.json")
     key = seller_key(client, workspace, console)
     offer = open_offer(folder.load_signed("offer"), key, model_id)
     locked = fetch_locked(client, folder, offer, key, console)
@@ -54,9 +65,16 @@ def buy(client: SellerClient, workspace: Workspace, console: Console, model_id: 
     payment = open_payment(signed_payment, key, offer)
     release = open_key_release(signed_release, key, offer, locked)
     folder.write_private("model.key", release.master_key.hex().encode())
-    console.print(f"paid {payment.amount_cents / 100:.2f} for {model_id} (ledger "
-                  f"{payment.ledger_txn_id[:12]}, balance {payment.balance_after_cents / 100:.2f})"
-                  f"; key {key_id(release.master_key)} released")
+    workspace.mark_bought(model_id, folder)
+    if paid_before:  # the seller answered with the receipt it signed then
+        console.print(f"already paid {payment.amount_cents / 100:.2f} for {model_id} (receipt "
+                      f"{_receipt_id(folder)}): nothing was charged now; key "
+                      f"{key_id(release.master_key)} released")
+    else:
+        console.print(f"paid {payment.amount_cents / 100:.2f} for {model_id} (receipt "
+                      f"{_receipt_id(folder)}, balance "
+                      f"{payment.balance_after_cents / 100:.2f}); key "
+                      f"{key_id(release.master_key)} released")
     unlocked = unlock(locked, release.master_key)  # in memory only
     same = sha256(unlocked) == offer.model_commitment
     console.print("the released key opens the model into "
@@ -64,3 +82,8 @@ def buy(client: SellerClient, workspace: Workspace, console: Console, model_id: 
                      "a model that [red]DOES NOT match[/red] the offer's commitment")
                   + f"; run 'gimme-buyer verify {model_id}' for the full check, "
                     f"'gimme-buyer run {model_id} --data ROWS' to use it")
+
+
+def _receipt_id(folder: TrialFolder) -> str:
+    """The ledger transaction of a trial's payment, as receipts are named to the user."""
+    return payment_from_payload(folder.load_signed("payment").payload).ledger_txn_id[:12]

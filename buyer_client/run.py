@@ -37,7 +37,7 @@ def run_locked(workspace: Workspace, console: Console, model: str, data: Path,
         if key_file is None:
             raise BadInput("running a locked file needs --key-file")
     else:
-        folder = workspace.trial(model, trial_id)
+        folder = workspace.owned_trial(model, trial_id)
         if not folder.has(LOCKED_MODEL):
             raise BadInput(f"no model of {model!r} received yet: run 'gimme-buyer buy {model}'")
         locked = folder.read(LOCKED_MODEL)

@@ -19,7 +19,8 @@ from buyer_client.planner import DEFAULT_MBPS, TrialCost, choose, trial_cost
 from buyer_client.report import classification_metrics, render_metrics
 from buyer_client.ui import Bars
 from buyer_client.workspace import TrialFolder, Workspace
-from common.errors import BadInput, Exhausted, NotFound, Refused
+from common.errors import BadInput, Exhausted, NotFound, Refused, Unavailable, WrongState
+from common.evidence import input_name, load_rows, result_name
 from common.he import engine
 from common.he.decryptor import decrypt
 from common.protocol import ModelListing, Offer, Signed
@@ -31,6 +32,9 @@ from common.trust import check_security, open_offer, open_receipt
 log = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float64]
 AUTO = "auto"  # --packing: the planner's choice
+KEYS_DIGEST = "keys.sha256"  # written once the seller accepted the trial's keys
+PUBLIC_KEY = "public.key"  # to encrypt the rest of a resumed trial
+EVALUATE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,164 @@ def seller_catalog(client: SellerClient, workspace: Workspace, console: Console
 
 
 def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, model_id: str,
-              data: Path, label_column: str | None, max_rows: int | None,
-              min_security: int, packing: str = AUTO, link_mbps: float = DEFAULT_MBPS
-              ) -> TrialResult:
+              data: Path | None, label_column: str | None, max_rows: int | None,
+              min_security: int, packing: str = AUTO, link_mbps: float = DEFAULT_MBPS,
+              resume: bool = False) -> TrialResult:
+    """A new trial of `model_id` on `data`, or (`resume`) the newest interrupted one.
+
+    Ctrl-C ends it with one line saying where it stopped and how to finish it: the seller
+    refunds a batch whose results never went out and keeps those it sent (FetchResults),
+    and the trial folder keeps the offer, keys digest, rows and each batch's inputs, so
+    `--resume` fetches or re-evaluates exactly the batches that have no receipt yet.
+    """
+    folders: list[TrialFolder] = []  # the trial's folder, once it has one
+    try:
+        return _trial(client, workspace, console, folders, model_id=model_id, data=data,
+                      label_column=label_column, max_rows=max_rows, min_security=min_security,
+                      packing=packing, link_mbps=link_mbps, resume=resume)
+    except KeyboardInterrupt:
+        if folders and folders[0].has(KEYS_DIGEST):
+            console.print(f"interrupted: trial {folders[0].trial_id} is unfinished (batches "
+                          f"without results are refunded, results the seller computed are "
+                          f"kept); finish it with 'gimme-buyer trial {model_id} --resume'")
+        else:
+            console.print("interrupted before the seller accepted the trial's keys: nothing "
+                          "was charged; run the same command again to start over")
+        raise
+
+
+def _trial(client: SellerClient, workspace: Workspace, console: Console,
+           folders: list[TrialFolder], *, model_id: str, data: Path | None,
+           label_column: str | None, max_rows: int | None, min_security: int, packing: str,
+           link_mbps: float, resume: bool) -> TrialResult:
     listings, key = seller_catalog(client, workspace, console)
+    if resume:
+        folder = workspace.unfinished_trial(model_id)
+        signed_offer = folder.load_signed("offer")
+        offer = open_offer(signed_offer, key, model_id)
+        check_security(offer.params, min_security)
+        rows, stored_labels = load_rows(folder)
+        labels = stored_labels or None
+        if not folder.has(KEYS_DIGEST):
+            raise WrongState(f"trial {offer.trial_id} stopped before the seller accepted its "
+                             f"keys, so nothing was charged: start a new trial (without "
+                             f"--resume)")
+        console.print(f"resuming trial {offer.trial_id}: {len(rows)} rows")
+    else:
+        if data is None:
+            raise BadInput("pass --data FILE with the rows to test (or --resume to finish an "
+                           "interrupted trial)")
+        signed_offer, offer, rows, labels = _open(client, console, key, listings, model_id,
+                                                  data, label_column, max_rows, min_security,
+                                                  packing, link_mbps)
+        folder = workspace.new_trial(model_id, offer.trial_id)
+        folder.save_signed("offer", signed_offer)
+        folder.save_rows(rows, labels or ())
+    folders.append(folder)
+    measures: dict[str, Any] = {"rows": len(rows)}
+    started = time.perf_counter()
+
+    cc = engine.build_context(offer.params, offer.params.claimed_security_bits)
+    keys: dict[str, bytes] = {}
+    if resume:  # the seller holds the keys this trial uploaded
+        public = engine.load_public_key(folder.read(PUBLIC_KEY))
+        measures["keygen_s"] = 0.0
+    else:
+        tick = time.perf_counter()
+        secret, public = engine.generate_keys(cc, offer.key_tag)
+        keys = {"relin_key": engine.serialize_relin_key(offer.key_tag),
+                "public_key": engine.serialize(public)}
+        if offer.encoding.rotation_indices:
+            keys["rotation_keys"] = engine.generate_rotation_keys(
+                cc, secret, offer.encoding.rotation_indices)
+        measures["keygen_s"] = time.perf_counter() - tick
+        folder.save_secret_key(engine.serialize(secret))
+        folder.write(PUBLIC_KEY, keys["public_key"])
+
+    layout = offer.encoding.layout()
+    batches = [rows[i:i + layout.slots] for i in range(0, len(rows), layout.slots)]
+    with Bars(console) as bars:
+        key_bytes = sum(len(k) for k in keys.values())
+        if keys:
+            uploaded_keys = client.upload_keys(offer.trial_id, keys,
+                                               bars.transfer("upload keys", key_bytes))
+            if uploaded_keys != keys_digest(*keys.values()):
+                raise BadInput("the seller acknowledged other keys than were sent")
+            folder.write(KEYS_DIGEST, uploaded_keys.hex().encode())
+        uploaded_keys = bytes.fromhex(folder.read(KEYS_DIGEST).decode())
+        measures.update(packing=layout.kind, key_bytes=key_bytes, upload_bytes=key_bytes,
+                        download_bytes=0, encrypt_s=0.0, evaluate_s=0.0)
+
+        def inputs_of(index: int) -> list[bytes]:
+            """The batch's ciphertexts, encrypted once and kept (evidence, and --resume)."""
+            count = layout.ciphertexts(len(batches[index]), len(offer.encoding.input_columns))
+            if folder.has(input_name(index, count - 1)):
+                return [folder.read(input_name(index, j)) for j in range(count)]
+            tick = time.perf_counter()
+            vectors = layout.encode(batches[index])
+            bar = bars.count(f"encrypt batch {index + 1}/{len(batches)}", len(vectors))
+            blobs = []
+            for vector in vectors:
+                blobs.append(engine.ciphertext_bytes(engine.encrypt_vector(cc, public, vector)))
+                bar(len(blobs))
+            for j, blob in enumerate(blobs):
+                folder.write(input_name(index, j), blob)
+            measures["encrypt_s"] += time.perf_counter() - tick
+            return blobs
+
+        # batches with a receipt came back before an interruption
+        todo = [i for i in range(len(batches)) if not folder.has(f"receipt-{i}.json")]
+        # batch k+1 is encrypted while the seller evaluates batch k (OpenFHE releases the GIL)
+        encryptor = ThreadPoolExecutor(1)
+        try:
+            pending = encryptor.submit(inputs_of, todo[0]) if todo else None
+            for position, index in enumerate(todo):
+                assert pending is not None
+                inputs = pending.result()
+                if position + 1 < len(todo):
+                    pending = encryptor.submit(inputs_of, todo[position + 1])
+                batch = batches[index]
+                upload = sum(len(b) for b in inputs)
+                tick = time.perf_counter()
+                results, receipt = _evaluated(client, offer, index, len(batch), inputs, bars,
+                                              fetch_first=resume)
+                measures["evaluate_s"] += time.perf_counter() - tick
+                open_receipt(receipt, key, offer, signed_offer.payload, index, len(batch),
+                             uploaded_keys, inputs, results)
+                for i, r in enumerate(results):
+                    folder.write(result_name(index, i), r)
+                folder.save_signed(f"receipt-{index}", receipt)  # last: the batch is done
+                measures["upload_bytes"] += upload
+                measures["download_bytes"] += sum(len(r) for r in results)
+                measures.setdefault("ciphertext_bytes", len(inputs[0]))
+                measures.setdefault("result_bytes", len(results[0]))
+        finally:
+            encryptor.shutdown(wait=False, cancel_futures=True)
+
+    tick = time.perf_counter()
+    secret_bytes = folder.load_secret_key()
+    scores = np.concatenate([
+        decrypt(offer.params, secret_bytes, offer.key_tag, offer.output.result_level,
+                [str(folder.path / result_name(index, i))
+                 for i in range(layout.result_count(len(batch), offer.output.score_count))],
+                layout, len(batch), offer.output.score_count)
+        for index, batch in enumerate(batches)])
+    measures["decrypt_s"] = time.perf_counter() - tick
+    measures["total_s"] = time.perf_counter() - started
+    np.save(folder.path / "scores.npy", scores)
+    measures["estimated"] = _estimate(offer, len(rows), link_mbps)
+    report = _report(offer, scores, labels, measures)
+    folder.save_json("report.json", report)
+    workspace.finish_trial(model_id, folder)
+    _show(console, offer, report, folder)
+    return TrialResult(folder, offer, report)
+
+
+def _open(client: SellerClient, console: Console, key: bytes, listings: list[ModelListing],
+          model_id: str, data: Path, label_column: str | None, max_rows: int | None,
+          min_security: int, packing: str, link_mbps: float
+          ) -> tuple[Signed, Offer, FloatArray, tuple[str, ...] | None]:
+    """Plan, open and check the offer; the rows to test (clipped to the offer's ranges)."""
     listing = next((m for m in listings if m.model_id == model_id), None)
     if listing is None:
         raise NotFound(f"the seller lists no model {model_id!r}; 'gimme-buyer models' shows "
@@ -95,93 +253,45 @@ def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, m
         console.print(f"[yellow]note:[/yellow] {clipped} value(s) outside the seller's "
                       f"calibrated input ranges were clipped to them (the approximation holds "
                       f"there); the same clipped rows are used at verification")
+    return signed_offer, offer, rows, labels
 
-    folder = workspace.new_trial(model_id, offer.trial_id)
-    folder.save_signed("offer", signed_offer)
-    folder.save_rows(rows, labels or ())
-    measures: dict[str, Any] = {"rows": len(rows)}
-    started = time.perf_counter()
 
-    cc = engine.build_context(offer.params, offer.params.claimed_security_bits)
-    tick = time.perf_counter()
-    secret, public = engine.generate_keys(cc, offer.key_tag)
-    keys = {"relin_key": engine.serialize_relin_key(offer.key_tag),
-            "public_key": engine.serialize(public)}
-    if offer.encoding.rotation_indices:
-        keys["rotation_keys"] = engine.generate_rotation_keys(
-            cc, secret, offer.encoding.rotation_indices)
-    measures["keygen_s"] = time.perf_counter() - tick
-    folder.save_secret_key(engine.serialize(secret))
-
-    layout = offer.encoding.layout()
-    batches = [rows[i:i + layout.slots] for i in range(0, len(rows), layout.slots)]
-    result_paths: list[list[str]] = []
-    with Bars(console) as bars:
-        key_bytes = sum(len(k) for k in keys.values())
-        uploaded_keys = client.upload_keys(offer.trial_id, keys,
-                                           bars.transfer("upload keys", key_bytes))
-        if uploaded_keys != keys_digest(*keys.values()):
-            raise BadInput("the seller acknowledged other keys than were sent")
-        measures.update(packing=layout.kind, key_bytes=key_bytes, upload_bytes=key_bytes,
-                        download_bytes=0, encrypt_s=0.0, evaluate_s=0.0)
-
-        def encrypt(index: int) -> list[bytes]:
-            tick = time.perf_counter()
-            vectors = layout.encode(batches[index])
-            bar = bars.count(f"encrypt batch {index + 1}/{len(batches)}", len(vectors))
-            blobs = []
-            for vector in vectors:
-                blobs.append(engine.ciphertext_bytes(engine.encrypt_vector(cc, public, vector)))
-                bar(len(blobs))
-            measures["encrypt_s"] += time.perf_counter() - tick
-            return blobs
-
-        # batch k+1 is encrypted while the seller evaluates batch k (OpenFHE releases the GIL)
-        encryptor = ThreadPoolExecutor(1)
-        pending = encryptor.submit(encrypt, 0)
-        for index, batch in enumerate(batches):
-            inputs = pending.result()
-            if index + 1 < len(batches):
-                pending = encryptor.submit(encrypt, index + 1)
-            upload = sum(len(b) for b in inputs)
-            tick = time.perf_counter()
-            result_count = layout.result_count(len(batch), offer.output.score_count)
-            results, receipt = client.evaluate(
-                offer.trial_id, index, len(batch), inputs,
-                result_count=result_count,
+def _evaluated(client: SellerClient, offer: Offer, index: int, rows: int,
+               inputs: list[bytes], bars: Bars, *, fetch_first: bool
+               ) -> tuple[list[bytes], Signed]:
+    """The batch's results and receipt. When the reply is lost (the stream broke), they
+    are fetched again: the seller keeps what it computed and sent; a batch whose results
+    never went out was refunded and is evaluated again."""
+    result_count = offer.encoding.layout().result_count(rows, offer.output.score_count)
+    download = bars.transfer(f"download results {index + 1}",
+                             result_count * _result_bytes_hint(offer))
+    fetch = fetch_first
+    for attempt in range(EVALUATE_ATTEMPTS):
+        try:
+            if fetch:
+                try:
+                    return client.fetch_results(offer.trial_id, index,
+                                                result_count=result_count,
+                                                max_result_bytes=_max_result_bytes(offer),
+                                                on_download=download)
+                except NotFound:
+                    pass  # not evaluated, or refunded: evaluate it
+            return client.evaluate(
+                offer.trial_id, index, rows, inputs, result_count=result_count,
                 max_result_bytes=_max_result_bytes(offer),
-                on_upload=bars.transfer(f"upload batch {index + 1} ({len(batch)} rows)", upload),
+                on_upload=bars.transfer(f"upload batch {index + 1} ({rows} rows)",
+                                        sum(len(b) for b in inputs)),
                 on_progress=bars.steps(f"seller evaluates batch {index + 1}"),
-                on_download=bars.transfer(f"download results {index + 1}",
-                                          result_count * _result_bytes_hint(offer)),
-            )
-            measures["evaluate_s"] += time.perf_counter() - tick
-            open_receipt(receipt, key, offer, signed_offer.payload, index, len(batch),
-                         uploaded_keys, inputs, results)
-            folder.save_signed(f"receipt-{index}", receipt)
-            for j, blob in enumerate(inputs):  # evidence: what was tested, for an arbiter
-                folder.write(f"inputs/batch-{index}/ct-{j}.bin", blob)
-            result_paths.append([str(folder.write(f"results/batch-{index}/score-{i}.bin", r))
-                                 for i, r in enumerate(results)])
-            measures["upload_bytes"] += upload
-            measures["download_bytes"] += sum(len(r) for r in results)
-            measures.setdefault("ciphertext_bytes", len(inputs[0]))
-            measures.setdefault("result_bytes", len(results[0]))
-        encryptor.shutdown()
-
-    tick = time.perf_counter()
-    scores = np.concatenate([
-        decrypt(offer.params, engine.serialize(secret), offer.key_tag,
-                offer.output.result_level, paths, layout, len(batch), offer.output.score_count)
-        for paths, batch in zip(result_paths, batches, strict=True)])
-    measures["decrypt_s"] = time.perf_counter() - tick
-    measures["total_s"] = time.perf_counter() - started
-    np.save(folder.path / "scores.npy", scores)
-    measures["estimated"] = _estimate(offer, len(rows), link_mbps)
-    report = _report(offer, scores, labels, measures)
-    folder.save_json("report.json", report)
-    _show(console, offer, report, folder)
-    return TrialResult(folder, offer, report)
+                on_download=download)
+        except Unavailable as exc:
+            lost = exc
+            fetch = True
+            if attempt + 1 < EVALUATE_ATTEMPTS:
+                time.sleep(attempt + 1)  # a restarting seller, a flapping link
+    raise Unavailable(f"the seller's reply to batch {index + 1} was lost "
+                      f"{EVALUATE_ATTEMPTS} times ({lost.message}); it keeps the results it "
+                      f"sent and refunds the rest: finish the trial with 'gimme-buyer trial "
+                      f"{offer.model_id} --resume' once it is back")
 
 
 def _clip(rows: FloatArray, offer: Offer) -> tuple[FloatArray, int]:

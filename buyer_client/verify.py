@@ -50,7 +50,7 @@ class Verdict:
 
 def verify_delivery(workspace: Workspace, console: Console, model_id: str,
                     trial_id: str | None = None, bundle: Path | None = None) -> Verdict:
-    folder = workspace.trial(model_id, trial_id)
+    folder = workspace.owned_trial(model_id, trial_id)
     signed_offer = folder.load_signed("offer")
     key = signer_of(signed_offer, workspace.pinned_keys())
     offer = open_offer(signed_offer, key, model_id)

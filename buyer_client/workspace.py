@@ -1,7 +1,8 @@
 """The buyer's local records: pinned seller keys and one folder per trial.
 
     HOME/sellers.json                    seller address -> pinned Ed25519 key (hex)
-    HOME/trials/MODEL/latest             id of the newest trial of MODEL
+    HOME/trials/MODEL/latest             id of the newest completed trial of MODEL
+    HOME/trials/MODEL/bought             id of the trial of MODEL bought last
     HOME/trials/MODEL/TRIAL/             offer, receipts, results, secret key, model, verdict
 """
 
@@ -65,24 +66,56 @@ class Workspace:
 
     # ----- trials -----
 
+    # A trial's folder exists from its offer on, but the markers move only when a trial
+    # completes (latest) or is paid for (bought): an interrupted trial never becomes what
+    # buy, verify or run pick by default.
+
     def new_trial(self, model_id: str, trial_id: str) -> TrialFolder:
         folder = TrialFolder(self.home / "trials" / model_id / trial_id)
         folder.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (self.home / "trials" / model_id / "latest").write_text(trial_id)
         return folder
 
+    def finish_trial(self, model_id: str, folder: TrialFolder) -> None:
+        (self.home / "trials" / model_id / "latest").write_text(folder.trial_id)
+
+    def mark_bought(self, model_id: str, folder: TrialFolder) -> None:
+        (self.home / "trials" / model_id / "bought").write_text(folder.trial_id)
+
     def trial(self, model_id: str, trial_id: str | None = None) -> TrialFolder:
-        base = self.home / "trials" / model_id
+        """The named trial of `model_id`, by default its latest completed one."""
         if trial_id is None:
-            latest = base / "latest"
-            if not latest.exists():
-                raise NotFound(f"no trial of {model_id!r} in {self.home}; run 'gimme-buyer "
-                               f"trial {model_id} --data FILE' first")
-            trial_id = latest.read_text().strip()
-        folder = TrialFolder(base / trial_id)
+            trial_id = self._marked(model_id, "latest")
+            if trial_id is None:
+                raise NotFound(f"no completed trial of {model_id!r} in {self.home}; run "
+                               f"'gimme-buyer trial {model_id} --data FILE' first")
+        folder = TrialFolder(self.home / "trials" / model_id / trial_id)
         if not folder.path.is_dir():
             raise NotFound(f"no trial {trial_id} of {model_id!r} in {self.home}")
         return folder
+
+    def bought_trial(self, model_id: str) -> TrialFolder | None:
+        trial_id = self._marked(model_id, "bought")
+        return self.trial(model_id, trial_id) if trial_id else None
+
+    def owned_trial(self, model_id: str, trial_id: str | None = None) -> TrialFolder:
+        """The named trial, by default the one bought last, else the latest completed."""
+        if trial_id is None:
+            trial_id = self._marked(model_id, "bought")
+        return self.trial(model_id, trial_id)
+
+    def unfinished_trial(self, model_id: str) -> TrialFolder:
+        """The newest trial of `model_id` that was interrupted before its report."""
+        base = self.home / "trials" / model_id
+        folders = [TrialFolder(p.parent) for p in base.glob("*/offer.json")
+                   if not (p.parent / "report.json").exists()]
+        if not folders:
+            raise NotFound(f"no interrupted trial of {model_id!r} in {self.home} to resume; "
+                           f"run 'gimme-buyer trial {model_id} --data FILE' without --resume")
+        return max(folders, key=lambda f: (f.path / "offer.json").stat().st_mtime)
+
+    def _marked(self, model_id: str, marker: str) -> str | None:
+        path = self.home / "trials" / model_id / marker
+        return path.read_text().strip() if path.exists() else None
 
 
 class TrialFolder:

@@ -140,9 +140,10 @@ def top_up(daemon: Daemon, buyer: str, amount: str) -> None:
                     str(daemon.state)], check=True, capture_output=True)
 
 
-def buyer_cli(seller: Daemon | tuple[str, Path], home: Path, identity: str, *args: str,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `gimme-buyer` as a user would, against a daemon or an (address, TLS dir)."""
+def buyer_command(seller: Daemon | tuple[str, Path], home: Path, identity: str, *args: str
+                  ) -> list[str]:
+    """The `gimme-buyer` command line a user would type, against a daemon or an
+    (address, TLS dir)."""
     address, tls_dir = ((seller.address, seller.tls_dir) if isinstance(seller, Daemon)
                         else seller)
     base = [str(BIN / "gimme-buyer"), args[0], "--seller", address, "--home", str(home),
@@ -152,8 +153,15 @@ def buyer_cli(seller: Daemon | tuple[str, Path], home: Path, identity: str, *arg
     else:  # without TLS the seller knows buyers by API token
         assert isinstance(seller, Daemon)
         base += ["--insecure", "--token", seller.token(identity)]
-    return subprocess.run([*base, *args[1:]], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=600)
+    return [*base, *args[1:]]
+
+
+def buyer_cli(seller: Daemon | tuple[str, Path], home: Path, identity: str, *args: str,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `gimme-buyer` as a user would, against a daemon or an (address, TLS dir)."""
+    return subprocess.run(buyer_command(seller, home, identity, *args), capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "200", **(env or {})},
+                          timeout=600)
 
 
 def perturbed_model(lr_catalog: Path) -> bytes:
