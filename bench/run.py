@@ -132,8 +132,10 @@ def bench_model(name: str, workers: int, with_tenseal: bool, console: Console) -
     # buyer: keys and encryption
     keygen_s, (secret, public) = _timed(lambda: engine.generate_keys(cc, tag))
     relin_key = engine.serialize_relin_key(tag)
+    layout = Packing(SLOT_PER_SAMPLE, cc.GetRingDimension() // 2)
     encrypt_s, inputs_bytes = _timed(lambda: [
-        engine.ciphertext_bytes(engine.encrypt_vector(cc, public, column)) for column in rows.T])
+        engine.ciphertext_bytes(engine.encrypt_vector(cc, public, vector))
+        for vector in layout.encode(rows)])
 
     # seller: check, load, evaluate, serialize (as the worker does)
     compute: list[float] = []
@@ -144,18 +146,17 @@ def bench_model(name: str, workers: int, with_tenseal: bool, console: Console) -
         seconds, scores = _timed(
             lambda: engine.evaluate(cc, plan, inputs, lambda done, total: None, workers))
         compute.append(seconds)
-        masks = Packing(SLOT_PER_SAMPLE, cc.GetRingDimension() // 2).masks(len(rows),
-                                                                            len(scores))
-        finished = engine.finish(cc, scores, masks, public, 0.0, np.random.default_rng())
-        return [engine.ciphertext_bytes(ct) for ct in finished]
+        return engine.finish(cc, scores, layout.masks(len(rows), len(scores)), public, 0.0,
+                             np.random.default_rng(), layout.fold_period(len(rows), len(scores)))
 
     evaluate_s, result_bytes = _timed(seller)
 
     # buyer: check and decrypt
     def decrypt() -> FloatArray:
         gate = engine.CiphertextGate(cc, tag, engine.result_level(plan))
-        return np.array([engine.decrypt_vector(cc, secret, gate.load(blob, "result"),
-                                               len(rows)) for blob in result_bytes]).T
+        period = layout.fold_period(len(rows), len(result_bytes))
+        return np.array([engine.open_result(cc, secret, gate.load(blob, "result"), period,
+                                            len(rows)) for blob in result_bytes]).T
 
     decrypt_s, scores = _timed(decrypt)
 

@@ -203,7 +203,7 @@ def _trial(client: SellerClient, workspace: Workspace, console: Console,
         decrypt(offer.params, secret_bytes, offer.key_tag, offer.output.result_level,
                 [str(folder.path / result_name(index, i))
                  for i in range(layout.result_count(len(batch), offer.output.score_count))],
-                layout, len(batch), offer.output.score_count)
+                layout, len(batch), offer.output.score_count, results=True)
         for index, batch in enumerate(batches)])
     measures["decrypt_s"] = time.perf_counter() - tick
     measures["total_s"] = time.perf_counter() - started
@@ -244,10 +244,18 @@ def _open(client: SellerClient, console: Console, key: bytes, listings: list[Mod
                   f"{offer.tolerance:.2g}; {offer.trial_rows_remaining} trial rows left")
     if offer.encoding.input_columns != listing.input_columns:
         raise Refused("the offer's input columns differ from the seller's listing")
-    if len(rows) > offer.trial_rows_remaining:
-        raise Exhausted(f"{data} has {len(rows)} rows but only {offer.trial_rows_remaining} "
-                        f"trial rows are left for {model_id!r}; pass --rows "
-                        f"{offer.trial_rows_remaining} to test a subset")
+    layout = offer.encoding.layout()
+    charged = sum(layout.charged_rows(min(layout.slots, len(rows) - start),
+                                      offer.output.score_count)
+                  for start in range(0, len(rows), layout.slots))
+    if charged > offer.trial_rows_remaining:
+        raise Exhausted(f"{data} has {len(rows)} rows, charged as {charged}, but only "
+                        f"{offer.trial_rows_remaining} trial rows are left for {model_id!r}; "
+                        f"pass --rows with fewer rows to test a subset")
+    if charged != len(rows):
+        console.print(f"note: {len(rows)} rows are charged as {charged}: a batch pays for "
+                      f"every row its results can carry ({layout.kind}: rows rounded up to "
+                      f"the fold period); {charged - len(rows)} more rows would cost nothing")
     rows, clipped = _clip(rows, offer)
     if clipped:
         console.print(f"[yellow]note:[/yellow] {clipped} value(s) outside the seller's "

@@ -159,11 +159,11 @@ def _decrypted(bundle: Bundle, offer: Offer, receipts: list[Receipt], checks: _C
                 inputs.append(decrypt(
                     offer.params, secret_key, offer.key_tag, 0,
                     _extract(bundle, tmp, [input_name(b, j) for j in range(expected[0])]),
-                    layout, rows, columns))
+                    layout, rows, columns, results=False))
                 results.append(decrypt(
                     offer.params, secret_key, offer.key_tag, offer.output.result_level,
                     _extract(bundle, tmp, [result_name(b, i) for i in range(expected[1])]),
-                    layout, rows, scores))
+                    layout, rows, scores, results=True))
             except GimmeError as exc:
                 checks.require(Check("ciphertexts decrypt with the revealed key", False,
                                      f"batch {b}: {exc.message}"),

@@ -116,7 +116,8 @@ def buyer_account(buyer_id: str) -> str:
 def budget_exhausted(model_id: str, remaining: int, budget: int, rows: int,
                      price_per_row_cents: int) -> Exhausted:
     return Exhausted(f"trial budget exhausted for {model_id!r}: {remaining} of {budget} rows "
-                     f"remain and this batch has {rows} (trial price "
+                     f"remain and this batch costs {rows} (a batch pays for every row its "
+                     f"results can carry: rows rounded up to its fold period; trial price "
                      f"{price_per_row_cents / 100:.2f} per row); test fewer rows or buy the "
                      f"model")
 

@@ -77,6 +77,12 @@ class Evaluation:
     receipt: Signed
 
 
+def _charged_rows(listing: Listing, encoding: EncodingSpec, rows: int) -> int:
+    """What a batch of `rows` rows costs in budget rows: every row its results can carry
+    (Packing.charged_rows; seller_server.worker says why)."""
+    return encoding.layout().charged_rows(rows, listing.plan.score_count)
+
+
 class Seller:
     def __init__(self, listings: Sequence[Listing], store: Store, signer: Signer,
                  spool: Path, capacity: Capacity, security_bits: int) -> None:
@@ -260,9 +266,10 @@ class Seller:
         if batch_index > 10_000:
             raise BadInput(f"batch index {batch_index} is out of range")
         remaining = self._remaining(buyer_id, listing)
-        if rows > remaining:
+        charged = _charged_rows(listing, encoding, rows)
+        if charged > remaining:
             raise budget_exhausted(listing.model_id, remaining, listing.spec.trial_budget_rows,
-                                   rows, listing.spec.trial_price_per_row_cents)
+                                   charged, listing.spec.trial_price_per_row_cents)
         return (encoding.layout().ciphertexts(rows, len(listing.spec.input_columns)),
                 listing.measured.ciphertext_bytes)
 
@@ -274,7 +281,8 @@ class Seller:
         refunds the rows."""
         trial, listing, encoding = self._trial_to_evaluate(buyer_id, trial_id)
         assert trial.keys_sha256 is not None
-        self.store.reserve_rows(trial, batch_index, rows, listing.spec.trial_budget_rows,
+        self.store.reserve_rows(trial, batch_index, _charged_rows(listing, encoding, rows),
+                                listing.spec.trial_budget_rows,
                                 listing.spec.trial_price_per_row_cents)
         batch_dir = self._trial_dir(trial_id) / f"batch-{batch_index}"
         results_dir = self._results_dir(trial_id, batch_index)

@@ -1,5 +1,19 @@
 """Evaluator jobs. Each runs in its own throwaway process (common.guarded), never in the
-gateway: this is where untrusted OpenFHE bytes are checked and opened."""
+gateway: this is where untrusted OpenFHE bytes are checked and opened.
+
+Why a buyer reads no more than it pays for (engine.finish, Packing.fold_period): a buyer
+chooses every slot of its ciphertexts, real and imaginary parts, at any magnitude, and
+the seller cannot see them; a 0/1 mask cannot be encoded exactly in CKKS, so it only
+scales an unpaid slot by a tiny public factor that an amplified row undoes. Instead, the
+result's first component is summed over a group of automorphisms (rotations by multiples
+of a period, and conjugation) with exact integer arithmetic, and the buyer completes the
+sum with keys it generates itself: whatever the inputs and keys were, the plaintext it
+can decrypt is the trace of the result, one real number per class of slots equal modulo
+the period, and the seller charges for every class (`Packing.charged_rows`). No buyer key
+takes part in the fold, so crafted keys cannot undo it. What a class returns is a real
+sum that the buyer can steer (e.g. the real part of the model at a complex point), never
+more numbers than it paid for.
+"""
 
 from __future__ import annotations
 
@@ -93,10 +107,11 @@ def _self_test_slots(request: Json, report: ProgressFn, cc: Any, plan: HEPlan,
     computation_error = float(np.abs(raw - plan.simulate(rows)).max())
     flooding_std = (computation_error * 2.0 ** int(request["flooding_bits"])
                     if request["circuit_privacy"] else 0.0)
+    period = layout.fold_period(len(rows), len(scores))
     finished = engine.finish(cc, scores, layout.masks(len(rows), len(scores)), public,
-                             _noise(request, flooding_std), np.random.default_rng())
-    np.save(request["out_path"], _decrypted(cc, secret, layout, finished, len(rows),
-                                             len(scores)))
+                             _noise(request, flooding_std), np.random.default_rng(), period)
+    np.save(request["out_path"], _opened(cc, secret, layout, finished, len(rows),
+                                          len(scores)))
     relin_key = engine.serialize_relin_key(tag)
     measured: Json = {
         "encrypt_seconds": encrypt_seconds,
@@ -106,7 +121,7 @@ def _self_test_slots(request: Json, report: ProgressFn, cc: Any, plan: HEPlan,
         "ciphertext_bytes": len(engine.ciphertext_bytes(inputs[0])),
         "relin_key_bytes": len(relin_key),
         "public_key_bytes": len(engine.serialize(public)),
-        "result_bytes": len(engine.ciphertext_bytes(finished[0])),
+        "result_bytes": len(finished[0]),
     }
     measured["key_check_seconds"] = _timed(lambda: (engine.relin_key_template(cc, tag),
                                                     engine.public_key_template(cc, tag)))
@@ -134,9 +149,10 @@ def _self_test_packed(request: Json, report: ProgressFn, cc: Any, packed: Packed
     scores = engine.evaluate_packed(cc, packed, inputs, _evaluation_progress(report), workers)
     seconds = time.perf_counter() - start
     finished = engine.finish(cc, scores, layout.masks(len(sample), packed.scores), public,
-                             noise, np.random.default_rng())
+                             noise, np.random.default_rng(),
+                             layout.fold_period(len(sample), packed.scores))
     np.save(request["packed_out_path"],
-            _decrypted(cc, secret, layout, finished, len(sample), packed.scores))
+            _opened(cc, secret, layout, finished, len(sample), packed.scores))
     return {
         "packed_period": packed.d,
         "packed_rotation_key_bytes": len(rotation_keys),
@@ -158,6 +174,15 @@ def _decrypted(cc: Any, secret: Any, layout: Packing, scores: list[Any], rows: i
     """The (rows, count) scores the buyer would read from `scores`."""
     return layout.decode([np.array(engine.decrypt_vector(cc, secret, ct, layout.slots))
                           for ct in scores], rows, count)
+
+
+def _opened(cc: Any, secret: Any, layout: Packing, finished: list[bytes], rows: int,
+            count: int) -> FloatArray:
+    """The (rows, count) scores the buyer reads from `finish`'s results."""
+    period = layout.fold_period(rows, count)
+    return layout.decode([np.array(engine.open_result(
+        cc, secret, engine.load_ciphertext(blob), period, layout.slots)) for blob in finished],
+        rows, count)
 
 
 def _noise(request: Json, flooding_std: float) -> float:
@@ -230,15 +255,15 @@ def evaluate_batch(request: Json, report: ProgressFn) -> Json:
     seconds = time.perf_counter() - start
     report({"stage": "finishing"})
     noise = _noise(request, float(request["flooding_std"]))
-    finished = engine.finish(cc, scores, layout.masks(int(request["rows"]), count),
+    rows = int(request["rows"])
+    finished = engine.finish(cc, scores, layout.masks(rows, count),
                              buyer_public if request["circuit_privacy"] or noise else None,
-                             noise, np.random.default_rng())
+                             noise, np.random.default_rng(), layout.fold_period(rows, count))
     report({"stage": "writing results"})
     out_dir = Path(request["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for index, ct in enumerate(finished):
-        data = engine.ciphertext_bytes(ct)
+    for index, data in enumerate(finished):
         path = out_dir / f"score-{index}.bin"
         path.write_bytes(data)
         results.append({"path": str(path), "size": len(data),

@@ -51,28 +51,31 @@ def test_encrypted_evaluation_matches_the_plan(tanh_model: tuple[bytes, FloatArr
     assert np.abs(decrypted - expected).max() < 1e-3
 
 
-def test_finishing_masks_unpaid_slots_and_rerandomizes(
+def test_finishing_folds_results_and_rerandomizes(
         tanh_model: tuple[bytes, FloatArray]) -> None:
-    compiled, _params, cc = _setup(*tanh_model)
+    compiled, params, cc = _setup(*tanh_model)
     rows = tanh_model[1][:100]
     tag = new_key_tag()
     secret, public = engine.generate_keys(cc, tag)
-    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    layout = Packing(SLOT_PER_SAMPLE, params.slots)
+    inputs = [engine.encrypt_vector(cc, public, v) for v in layout.encode(rows)]
     scores = engine.evaluate(cc, compiled.plan, inputs,  # type: ignore[attr-defined]
                              lambda done, total: None)
-    paid, noise = 40, 1e-3
-    masks = Packing(SLOT_PER_SAMPLE, len(rows)).masks(paid, len(scores))
-    first, second = (engine.finish(cc, scores, masks, public, noise, np.random.default_rng(s))
-                     for s in (1, 2))
+    noise = 1e-3
+    period = layout.fold_period(len(rows), len(scores))
+    assert period == 128 and layout.charged_rows(len(rows), len(scores)) == 128
+    masks = layout.masks(len(rows), len(scores))
+    first, second = (engine.finish(cc, scores, masks, public, noise, np.random.default_rng(s),
+                                   period) for s in (1, 2))
     level = engine.result_level(compiled.plan)  # type: ignore[attr-defined]
-    assert all(ct.GetLevel() == level for ct in first)
-    values = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in first]).T
+    gate = engine.CiphertextGate(cc, tag, level)  # results keep an honest ciphertext's layout
+    values = np.array([engine.open_result(cc, secret, gate.load(blob, "result"), period,
+                                          len(rows)) for blob in first]).T
     expected = compiled.plan.simulate(rows)  # type: ignore[attr-defined]
-    assert np.abs(values[:paid] - expected[:paid]).max() < 6 * noise  # flooded, within 6 sd
-    assert np.abs(values[:paid] - expected[:paid]).std() > noise / 3  # the noise is there
-    assert np.abs(values[paid:]).max() < 1e-4  # rows packed but not paid for come back 0
+    assert np.abs(values - expected).max() < 6 * noise  # flooded, within 6 sd
+    assert np.abs(values - expected).std() > noise / 3  # the noise is there
     # fresh randomness each time: the same scores never leave as the same ciphertext
-    assert engine.ciphertext_bytes(first[0]) != engine.ciphertext_bytes(second[0])
+    assert first[0] != second[0]
 
 
 @pytest.mark.parametrize("workers", [2, 3])

@@ -23,16 +23,19 @@ FloatArray = npt.NDArray[np.float64]
 
 
 def decrypt(params: CkksParams, secret_key: bytes, key_tag: str, level: int,
-            paths: list[str], layout: Packing, rows: int, count: int) -> FloatArray:
+            paths: list[str], layout: Packing, rows: int, count: int,
+            results: bool) -> FloatArray:
     """(rows, count): the values one batch's ciphertext files hold in `layout`; each file
-    must have the byte layout of an honest ciphertext at `level` under `key_tag`."""
+    must have the byte layout of an honest ciphertext at `level` under `key_tag`.
+    `results`: the files are the seller's folded results (engine.open_result), not
+    inputs."""
     with tempfile.TemporaryDirectory(prefix="gimme-decrypt-") as tmp:
         out = Path(tmp) / "values.npy"
         run_guarded("common.he.decryptor:decrypt_job", {
             "params": params.to_dict(), "security_bits": params.claimed_security_bits,
             "secret_key": base64.b64encode(secret_key).decode(), "key_tag": key_tag,
             "level": level, "paths": paths, "layout": layout.to_dict(), "rows": rows,
-            "count": count, "out_path": str(out),
+            "count": count, "results": results, "out_path": str(out),
         }, limits=LIMITS, untrusted_phase=lambda p: p.get("stage") in UNTRUSTED_STAGES)
         values: FloatArray = np.load(out)
         return values
@@ -48,8 +51,13 @@ def decrypt_job(request: Json, report: ProgressFn) -> Json:
         gate.check(blob, f"ciphertext {index}")
     report({"stage": "decrypting"})
     layout = Packing(**request["layout"])
-    values = [np.array(engine.decrypt_vector(cc, secret, gate.load(blob, f"ciphertext {i}"),
-                                             layout.slots)) for i, blob in enumerate(blobs)]
-    np.save(request["out_path"], layout.decode(values, int(request["rows"]),
-                                               int(request["count"])))
+    rows, count = int(request["rows"]), int(request["count"])
+    period = layout.fold_period(rows, count)
+    values = []
+    for index, blob in enumerate(blobs):
+        ct = gate.load(blob, f"ciphertext {index}")
+        values.append(np.array(
+            engine.open_result(cc, secret, ct, period, layout.slots) if request["results"]
+            else engine.decrypt_vector(cc, secret, ct, layout.slots)))
+    np.save(request["out_path"], layout.decode(values, rows, count))
     return {}

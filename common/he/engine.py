@@ -152,6 +152,11 @@ def serialize_relin_key(key_tag: str) -> bytes:
     return data
 
 
+def load_ciphertext(data: bytes) -> Ciphertext:
+    """Only for our own bytes, or bytes that passed a `CiphertextGate` check."""
+    return fhe.DeserializeCiphertextString(data, fhe.BINARY)
+
+
 def load_secret_key(data: bytes) -> Any:
     return fhe.DeserializePrivateKeyString(data, fhe.BINARY)
 
@@ -270,25 +275,63 @@ def result_level(plan: HEPlan) -> int:
 
 
 def finish(cc: Context, scores: Sequence[Ciphertext], masks: Sequence[npt.NDArray[np.float64]],
-           public_key: Any | None, noise_std: float, rng: np.random.Generator
-           ) -> list[Ciphertext]:
-    """What leaves the seller: every score ciphertext times its 0/1 mask, which keeps only
-    the slots of the rows paid for (the seller cannot see how many rows were packed, so it
-    enforces the budget by construction; `Packing.masks`), then, given the buyer's public
-    key, plus a fresh encryption of Gaussian noise in those slots. The fresh encryption
-    re-randomizes both ciphertext components: without it the result's second component is
-    a known linear function of the inputs' and gives the weights away; the noise floods
-    the computation's own error, which also depends on the weights."""
+           public_key: Any | None, noise_std: float, rng: np.random.Generator,
+           fold_period: int) -> list[bytes]:
+    """What leaves the seller, in wire form: every score ciphertext times its mask
+    (`Packing.masks`), then, given the buyer's public key, plus a fresh encryption of
+    Gaussian noise, then folded (`fold`). The fresh encryption re-randomizes both
+    components: without it the result's second component is a known linear function of
+    the inputs' and gives the weights away; the noise floods the computation's own error,
+    which also depends on the weights. The fold adds `slots / fold_period` noise samples
+    per class, so each is drawn that much smaller."""
+    slots = cc.GetRingDimension() // 2
+    per_slot_std = noise_std / math.sqrt(slots // fold_period)
+    modulus = int(str(cc.GetElementParams().GetModulus()))
     finished = []
     for ct, mask in zip(scores, masks, strict=True):
         masked = cc.Rescale(cc.EvalMult(ct, cc.MakeCKKSPackedPlaintext(
             mask.tolist(), 1, ct.GetLevel())))
         if public_key is not None:
-            noise = mask * (rng.normal(0.0, noise_std, mask.size) if noise_std > 0 else 0.0)
+            noise = rng.normal(0.0, per_slot_std, slots) if per_slot_std > 0 else np.zeros(1)
             fresh = cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(noise.tolist()))
             masked = cc.EvalAdd(masked, cc.LevelReduce(fresh, None, masked.GetLevel()))
-        finished.append(masked)
+        blob = bytearray(ciphertext_bytes(masked))
+        rns.fold_first_element(blob, rns.find_layout(bytes(blob), cc.GetRingDimension(),
+                                                     modulus),
+                               fold_automorphisms(cc.GetRingDimension(), fold_period))
+        finished.append(bytes(blob))
     return finished
+
+
+def fold_automorphisms(ring_dimension: int, period: int) -> list[int]:
+    """Generators of the group the seller folds results over: rotations by multiples of
+    `period` (X -> X^(5^(period*2^i))) and conjugation (X -> X^-1). Every slot's class is
+    the slots equal to it modulo `period`, and conjugation adds each value's complex
+    conjugate, so a class sums to a real number: what a buyer put in imaginary parts or
+    in slots it did not pay for can only shift the real sum of a class it pays for."""
+    order = 2 * ring_dimension
+    slots = ring_dimension // 2
+    steps = (slots // period).bit_length() - 1
+    return [pow(5, period << i, order) for i in range(steps)] + [order - 1]
+
+
+def open_result(cc: Context, secret_key: Any, ct: Ciphertext, fold_period: int,
+                length: int) -> list[float]:
+    """The buyer's side of `finish`'s fold: the seller summed only the first component
+    over the group, divided by its order; summing the whole ciphertext over the group
+    (with automorphism keys generated here, never sent) completes the trace of the
+    result, and halving takes the conjugate pair back to the real part."""
+    indices = fold_automorphisms(cc.GetRingDimension(), fold_period)
+    tag = secret_key.GetKeyTag()
+    # OpenFHE keeps them by key tag and generates only those it does not hold yet
+    have = set(cc.GetExistingEvalAutomorphismKeyIndices(tag))
+    missing = [index for index in indices if index not in have]
+    if missing:
+        cc.EvalAutomorphismKeyGen(secret_key, missing)
+    keys = cc.GetEvalAutomorphismKeyMap(tag)
+    for index in indices:
+        ct = cc.EvalAdd(ct, cc.EvalAutomorphism(ct, index, keys))
+    return [v / 2 for v in decrypt_vector(cc, secret_key, ct, length)]
 
 
 def evaluate(

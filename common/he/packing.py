@@ -33,6 +33,10 @@ FEATURE_PACKED = "feature-packed"
 PACKINGS = (SLOT_PER_SAMPLE, FEATURE_PACKED)
 
 
+def _power_of_two(value: int) -> int:
+    return 1 << max(value - 1, 0).bit_length()
+
+
 @dataclass(frozen=True)
 class Packing:
     """Where a batch's rows and scores sit in its ciphertexts: all that the buyer and an
@@ -67,10 +71,13 @@ class Packing:
 
     def encode(self, rows: FloatArray) -> list[FloatArray]:
         """A batch (at most `slots` rows) as slot vectors. Unused positions repeat real
-        rows: a zero row can fall outside an activation's approximation range."""
+        rows: a zero row can fall outside an activation's approximation range.
+        Slot-per-sample repeats the batch with the fold's period, so that every slot a
+        result is folded over holds the same row (`fold_period`)."""
         rows = np.asarray(rows, dtype=np.float64)
         if self.kind == SLOT_PER_SAMPLE:
-            return [np.resize(column, self.slots) for column in rows.T]
+            period = self.fold_period(len(rows), 1)
+            return [np.resize(np.resize(column, period), self.slots) for column in rows.T]
         stride = self.rows_per_ciphertext
         vectors: list[FloatArray] = []
         for start in range(0, len(rows), stride):
@@ -88,12 +95,32 @@ class Packing:
                  [:count, :self._rows_in(i, rows)].T for i, v in enumerate(vectors)]
         return np.concatenate(parts).reshape(rows, count)
 
-    def masks(self, rows: int, count: int) -> list[FloatArray]:
-        """Per result ciphertext, 1 where `decode` reads and 0 elsewhere."""
+    def fold_period(self, rows: int, count: int) -> int:
+        """The period, in slots, every result of a batch of `rows` rows and `count` scores
+        is folded with (seller_server.worker: what leaves the seller is one real number
+        per class of slots equal modulo it): slot-per-sample, the rows rounded up to a
+        power of two; feature-packed, the score blocks rounded up to a power of two, so
+        that no two scores of the batch share a class."""
         if self.kind == SLOT_PER_SAMPLE:
-            mask = np.zeros(self.slots)
-            mask[:rows] = 1.0
-            return [mask] * count
+            return min(_power_of_two(rows), self.slots)
+        return min(_power_of_two(count) * self.rows_per_ciphertext, self.slots)
+
+    def charged_rows(self, rows: int, count: int) -> int:
+        """The rows a batch pays for: every class of slots a result returns is one real
+        number the buyer reads, so the batch is charged for all of them (a buyer cannot
+        be stopped from filling slots it did not declare, only from reading them)."""
+        if self.kind == SLOT_PER_SAMPLE:
+            return self.fold_period(rows, count)
+        return self.ciphertexts(rows, count) * -(-self.fold_period(rows, count) // count)
+
+    def masks(self, rows: int, count: int) -> list[FloatArray]:
+        """Per result ciphertext, the plaintext it is multiplied by before the fold.
+        Slot-per-sample: the constant 1/copies (a constant encodes exactly), as the fold
+        adds up `slots / period` copies of each row. Feature-packed: 1 where `decode`
+        reads and 0 elsewhere, so an honest result's class holds only its score."""
+        if self.kind == SLOT_PER_SAMPLE:
+            copies = self.slots // self.fold_period(rows, count)
+            return [np.full(self.slots, 1.0 / copies)] * count
         masks: list[FloatArray] = []
         for i in range(self.ciphertexts(rows, count)):
             matrix = np.zeros((self.period, self.rows_per_ciphertext))

@@ -183,3 +183,43 @@ def _add_mod(a: U64, b: U64, q: int) -> U64:
     total = a + b  # both < q < 2^62: no wrap
     total -= np.uint64(q) * (total >= np.uint64(q))
     return total
+
+
+def automorphism_map(ring_dimension: int, index: int) -> npt.NDArray[np.int64]:
+    """The permutation X -> X^index makes of a polynomial in OpenFHE's evaluation (NTT)
+    form: entry j of the result is entry map[j] of the input. OpenFHE stores evaluations
+    at the odd powers of a 2N-th root in bit-reversed order; X -> X^k moves the
+    evaluation at root^(2j+1) to root^((2j+1)k)."""
+    n = ring_dimension
+    bits = n.bit_length() - 1
+    j = np.arange(n, dtype=np.int64)
+    target = (((2 * j + 1) * index) % (2 * n)) >> 1
+    result = np.empty(n, dtype=np.int64)
+    result[_bit_reversed(j, bits)] = _bit_reversed(target, bits)
+    return result
+
+
+def _bit_reversed(values: npt.NDArray[np.int64], bits: int) -> npt.NDArray[np.int64]:
+    out = np.zeros_like(values)
+    for b in range(bits):
+        out |= ((values >> b) & 1) << (bits - 1 - b)
+    return out
+
+
+def fold_first_element(blob: bytearray, layout: Layout, automorphisms: Sequence[int]) -> None:
+    """In place: element 0 becomes prod_k (1 + sigma_k) of itself, divided by 2 once per
+    automorphism (mod q). For automorphisms that generate a group H of order
+    2^len(automorphisms) this is |H|^-1 * sum over H of sigma(c0), exact integer work
+    (seller_server.worker explains what it is for)."""
+    maps = [automorphism_map(layout.ring_dimension, k) for k in automorphisms]
+    n = layout.ring_dimension
+    for t, q in enumerate(layout.moduli):
+        start = layout.starts[0][t]
+        values = np.frombuffer(bytes(blob[start:start + 8 * n]), dtype="<u8").astype(np.uint64)
+        modulus = np.uint64(q)
+        for permutation in maps:
+            values = values + values[permutation]  # both < q < 2^62: no wrap
+            values -= modulus * (values >= modulus)
+            # halve mod q (q odd): an odd value plus q is even
+            values = (values + modulus * (values & np.uint64(1))) >> np.uint64(1)
+        blob[start:start + 8 * n] = values.astype("<u8").tobytes()
