@@ -23,7 +23,9 @@ by its least-squares gain against the original (undoing sign and scale); suspect
 unmatched (dummies) are dropped, listed units left unmatched count as pruned. The alignment
 is computed from the suspect and the listed model only, never from a key, so for a key that
 did not make the copy z is still ~N(0, 1); the gain fit costs the fingerprint its component
-along each unit's own weight vector (one dimension per unit and side).
+along each unit's own weight vector (one dimension per unit and side). Renamed tensors
+are given back the listed model's names when the two graphs read their constants at the
+same places, and float16/float64 conversions are read back in the listed type.
 """
 
 from __future__ import annotations
@@ -218,9 +220,43 @@ def _gains(suspect: FloatArray, listed: FloatArray) -> FloatArray:
     return result
 
 
+def _constant_reads(model: onnx.ModelProto) -> list[tuple[str, int, str]]:
+    """(op type, input position, name) of every float constant the graph reads, in order."""
+    floats = {i.name for i in model.graph.initializer if i.data_type in _FLOATS}
+    return [(node.op_type, position, name) for node in model.graph.node
+            for position, name in enumerate(node.input) if name in floats]
+
+
+def _renamed(suspect: onnx.ModelProto, listed: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the suspect whose float constants and ML operators carry the listed
+    model's names wherever the two graphs read them at the same places (renaming or
+    re-exporting changes names, not places)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(suspect)
+    theirs, ours = _constant_reads(copy), _constant_reads(listed)
+    if [read[:2] for read in theirs] == [read[:2] for read in ours]:
+        names: dict[str, str] = {}
+        for (_, _, their_name), (_, _, our_name) in zip(theirs, ours, strict=True):
+            names.setdefault(their_name, our_name)
+        if len(set(names.values())) == len(names):  # one to one
+            for init in copy.graph.initializer:
+                init.name = names.get(init.name, init.name)
+            for node in copy.graph.node:
+                node.input[:] = [names.get(name, name) for name in node.input]
+    their_nodes, our_nodes = ([(index, node) for index, node in enumerate(model.graph.node)
+                               if any(a.name == "coefficients" for a in node.attribute)]
+                              for model in (copy, listed))
+    if [n.op_type for _, n in their_nodes] == [n.op_type for _, n in our_nodes]:
+        for (_, node), (index, ours_node) in zip(their_nodes, our_nodes, strict=True):
+            node.name = ours_node.name or str(index)  # weights() names by node name or index
+    return copy
+
+
 def align(suspect: onnx.ModelProto, listed: onnx.ModelProto) -> onnx.ModelProto:
-    """The suspect with every hidden unit matched to the listed model's, put in its place,
-    sign and scale, and the listed model's float types (see the module's docstring)."""
+    """The suspect with the listed model's tensor names, every hidden unit matched to the
+    listed model's and put in its place, sign and scale, and the listed model's float
+    types (see the module's docstring)."""
+    suspect = _renamed(suspect, listed)
     originals = {i.name: numpy_helper.to_array(i).astype(np.float64)
                  for i in listed.graph.initializer if i.data_type in _FLOATS}
     found = {i.name: numpy_helper.to_array(i).astype(np.float64)
@@ -242,14 +278,12 @@ def align(suspect: onnx.ModelProto, listed: onnx.ModelProto) -> onnx.ModelProto:
                 placed = np.zeros((originals[name].shape[axis], *units.shape[1:]))
                 placed[places] = units[picked] * inverse.reshape(-1, *[1] * (units.ndim - 1))
                 found[name] = np.moveaxis(placed, 0, axis)
-    aligned = onnx.ModelProto()
-    aligned.CopyFrom(suspect)
     dtypes = {i.name: numpy_helper.to_array(i).dtype for i in listed.graph.initializer}
-    for init in aligned.graph.initializer:
+    for init in suspect.graph.initializer:
         if init.name in found:
             init.CopyFrom(numpy_helper.from_array(found[init.name].astype(dtypes[init.name]),
                                                   init.name))
-    return aligned
+    return suspect
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,11 @@
 A real daemon offers alice her copy of the digits MLP (64-32-10, tanh): OpenTrial draws
 its fingerprint key, stores it and commits to the copy in the signed offer. The copy is
 rebuilt from that key (what Deliver sends; its digest is the offer's commitment), then
-attacked the way a reseller would: hidden
-units permuted with the next layer's rows, half of them negated (tanh is odd, so
-incoming weights, bias and outgoing row flip together), and dummy units added. The
-outputs stay the same; `gimme-seller trace` must still name her sale, and must not name
-anyone for an independently trained model of the same architecture.
+attacked the way a reseller would: hidden units permuted with the next layer's rows,
+half of them negated (tanh is odd, so incoming weights, bias and outgoing row flip
+together), dummy units added, every tensor renamed. The outputs stay the same;
+`gimme-seller trace` must still name her sale, and must not name anyone for an
+independently trained model of the same architecture.
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ def sale(examples: Path, tls_dir: Path, tmp_path_factory: pytest.TempPathFactory
     yield Sale(catalog, daemon.state, offer.trial_id, copy)
 
 
-def _move_units(model_bytes: bytes, dummies: int) -> bytes:
-    """The reseller's copy: same function, hidden units shuffled, half negated, padded."""
+def _move_units(model_bytes: bytes, dummies: int, rename: bool = False) -> bytes:
+    """The reseller's copy: same function, hidden units shuffled, half negated, padded,
+    and (`rename`) every tensor and node under a new name."""
     model = onnx.load_model_from_string(model_bytes)
     inits = {i.name: i for i in model.graph.initializer}
     w1, b1, w2 = (numpy_helper.to_array(inits[n])
@@ -97,6 +98,13 @@ def _move_units(model_bytes: bytes, dummies: int) -> bytes:
     w2 = np.concatenate([w2, np.zeros((dummies, w2.shape[1]))])
     for name, value in (("coefficient", w1), ("intercepts", b1), ("coefficient1", w2)):
         inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+    if rename:
+        names = {init.name: f"w{index}" for index, init in enumerate(model.graph.initializer)}
+        for init in model.graph.initializer:
+            init.name = names[init.name]
+        for index, node in enumerate(model.graph.node):
+            node.input[:] = [names.get(name, name) for name in node.input]
+            node.name = f"n{index}"
     return model.SerializeToString()
 
 
@@ -110,10 +118,11 @@ def _trace(sale: Sale, suspect: bytes, tmp_path: Path) -> tuple[int, str]:
     return result.returncode, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("dummies", [0, 8], ids=["permuted+flipped", "with-8-dummy-units"])
+@pytest.mark.parametrize(("dummies", "rename"), [(0, False), (8, False), (8, True)],
+                         ids=["permuted+flipped", "with-8-dummy-units", "padded+renamed"])
 def test_a_copy_with_moved_hidden_units_is_traced_to_its_sale(
-        sale: Sale, examples: Path, tmp_path: Path, dummies: int) -> None:
-    leaked = _move_units(sale.copy, dummies)
+        sale: Sale, examples: Path, tmp_path: Path, dummies: int, rename: bool) -> None:
+    leaked = _move_units(sale.copy, dummies, rename)
     rows = np.load(examples / "data" / "digits_mlp_test.npz")["X"]
     assert np.abs(run_model(leaked, rows, "probabilities", [])
                   - run_model(sale.copy, rows, "probabilities", [])).max() < 1e-5
