@@ -63,8 +63,8 @@ class _Buyer:
     def upload_keys(self) -> bytes:
         return self.client.upload_keys(self.offer.trial_id, self.keys, lambda n: None)
 
-    def evaluate(self) -> None:
-        self.client.evaluate(self.offer.trial_id, 0, 1, self.ciphertexts, result_count=2,
+    def evaluate(self, batch: int) -> None:
+        self.client.evaluate(self.offer.trial_id, batch, 1, self.ciphertexts, result_count=2,
                              max_result_bytes=1 << 22, on_upload=lambda n: None,
                              on_progress=lambda p: None, on_download=lambda n: None)
 
@@ -95,11 +95,11 @@ def test_wrong_state_junk_ids_and_malformed_messages_get_named_bounded_refusals(
         seller: Daemon) -> None:
     frank = _Buyer(seller, "frank")
     frank.upload_keys()
-    frank.evaluate()
+    frank.evaluate(0)
     frank.client.deliver(frank.offer.trial_id, 1 << 20, lambda n: None)
     frank.client.purchase(frank.offer.trial_id, uuid.uuid4().hex)
     with pytest.raises(errors.WrongState, match=rf"trial {frank.offer.trial_id} is paid"):
-        frank.evaluate()
+        frank.evaluate(1)
     with pytest.raises(errors.WrongState, match="open a new trial to test again"):
         frank.upload_keys()
 
