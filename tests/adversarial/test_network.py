@@ -3,9 +3,11 @@ clients that open streams and then send nothing, or drip bytes, to starve honest
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +204,43 @@ def test_the_total_stream_limit_refuses_the_next_buyer_at_once(seller: Daemon) -
         _assert_served(seller)
     finally:
         streams.close()
+
+
+def _workers(daemon: Daemon) -> int:
+    """The daemon's worker processes running now."""
+    count = 0
+    for task in Path(f"/proc/{daemon.process.pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue  # the thread ended
+        for child in children:
+            with contextlib.suppress(OSError):  # the worker ended
+                count += b"common.guarded" in Path(f"/proc/{child}/cmdline").read_bytes()
+    return count
+
+
+def test_concurrent_key_uploads_run_at_most_max_evaluations_workers(seller: Daemon) -> None:
+    uploads = []
+    for buyer in ("alice", "bob"):
+        for _ in range(PER_BUYER):
+            client = SellerClient(seller.address, seller.tls(buyer))
+            offer = open_offer(client.open_trial(LR, "slot-per-sample"),
+                               client.list_models()[1], LR)
+            cc = engine.build_context(offer.params, 128)
+            _secret, public = engine.generate_keys(cc, offer.key_tag)
+            keys = {"relin_key": engine.serialize_relin_key(offer.key_tag),
+                    "public_key": engine.serialize(public)}
+            uploads.append((client, offer.trial_id, keys))
+    peak = 0
+    with ThreadPoolExecutor(len(uploads)) as pool:
+        done = [pool.submit(client.upload_keys, trial_id, keys, lambda n: None)
+                for client, trial_id, keys in uploads]
+        while not all(future.done() for future in done):
+            peak = max(peak, _workers(seller))
+            time.sleep(0.01)
+        digests = [future.result() for future in done]
+    assert len(set(digests)) == len(uploads)  # every upload was checked and accepted
+    assert 1 <= peak <= 2  # serve's default --max-evaluations
+    for client, _trial, _keys in uploads:
+        client.close()
