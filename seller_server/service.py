@@ -287,7 +287,7 @@ class SellerServicer(pb_grpc.SellerServicer):
     @_guard_stream
     def FetchResults(self, request: pb.FetchResultsRequest, context: grpc.ServicerContext
                      ) -> Iterator[pb.EvaluateEvent]:
-        evaluation = self.seller.results(self._buyer(context), request.trial_id,
+        evaluation = self.seller.results(self._buyer(context), _trial_id(request.trial_id),
                                          request.batch_index)
         yield from self._send_results(request.trial_id, request.batch_index, evaluation,
                                       context)

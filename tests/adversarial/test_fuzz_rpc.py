@@ -106,6 +106,7 @@ def test_wrong_state_junk_ids_and_malformed_messages_get_named_bounded_refusals(
     huge = "f" * 200_000
     for method, request in [("Purchase", pb.PurchaseRequest(trial_id=huge, request_id="x" * 9)),
                             ("Deliver", pb.DeliverRequest(trial_id=huge)),
+                            ("FetchResults", pb.FetchResultsRequest(trial_id=huge)),
                             ("OpenTrial", pb.OpenTrialRequest(model_id=huge))]:
         code, details = _raw(seller, "frank", method, [request.SerializeToString()])
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details[:200])
