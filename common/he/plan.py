@@ -10,6 +10,24 @@ costs no level of its own. The `OutputStage` forms the scores the same way.
 
 Weights are sparse (CSR): a convolution's map touches a few inputs per output. Everything
 here is numpy/scipy: the gateway, the compiler and the buyer use it without OpenFHE.
+
+Guaranteed ranges. A Chebyshev stage's u is normalized so that its approximation is fitted
+on |u| <= 1 (the calibrated range plus a margin): that is the plan's guarantee, and a row
+whose u leaves it for any unit gets a result the approximation does not vouch for. Who is
+at fault then must not depend on the seller's word, so the plan carries (1) its own ranges,
+exactly: `range_excess` recomputes every row's max |u| in plaintext once the plan is
+disclosed after payment, and (2) a *range check*, one more output the encrypted evaluation
+computes at no extra level: mean over units of (1 + T_E(u)) / 2 = T_(E/2)(u)^2 with E the
+largest even degree of the stage up to RANGE_CHECK_DEGREE, read from entries already in the
+basis. On |u| <= 1 each
+term is in [0, 1]; beyond, |T_n(u)| > 1 and grows like cosh(n acosh|u|); so a decrypted
+range check above 1 (plus the computation's tolerance) proves the row left the ranges,
+before any payment and without showing the seller the row or the buyer the weights. The
+converse is approximate: a row that leaves one unit's range by a few percent may average
+below 1; `range_excess` names it after payment. E stops at 8: a higher degree names a few
+more rows but makes the check the largest value the results must hold (inverted digits on
+digits-mlp: with T_12 the check reaches 2e4, beyond the scores' 233, with T_8 154; the
+CKKS parameters hold 2^15).
 """
 
 from __future__ import annotations
@@ -31,6 +49,7 @@ from common.errors import BadInput
 FloatArray = npt.NDArray[np.float64]
 Weights = Any  # scipy.sparse.csr_array of float64, (rows, basis size)
 STAGE_KINDS = ("chebyshev", "square")
+RANGE_CHECK_DEGREE = 8  # see "Guaranteed ranges" above
 
 
 def as_weights(matrix: Any, columns: int | None = None) -> Weights:
@@ -94,6 +113,7 @@ class HEPlan:
     stages: tuple[PolyStage, ...]
     output: OutputStage
     notes: tuple[str, ...] = field(default=())
+    range_check: bool = False  # the last output is the range check, not a model score
 
     # ----- shape -----
 
@@ -120,6 +140,49 @@ class HEPlan:
         if self.output.weights.shape[1] != size:
             raise BadInput(f"plan output uses {self.output.weights.shape[1]} basis entries, "
                            f"expected {size}")
+        if self.range_check:
+            weights, bias = self._range_check_row()
+            last = self.output.weights[[self.score_count - 1]]
+            if (last != weights).nnz or self.output.bias[-1] != bias:
+                raise BadInput("the plan's last output is not the range check it declares")
+
+    # ----- guaranteed ranges (see the module's docstring) -----
+
+    def with_range_check(self) -> HEPlan:
+        """This plan with the range check appended as its last output (none is needed, and
+        none is added, without Chebyshev stages)."""
+        if self.range_check or not any(s.kind == "chebyshev" for s in self.stages):
+            return self
+        weights, bias = self._range_check_row()
+        output = OutputStage(as_weights(sparse.vstack([self.output.weights, weights])),
+                             np.append(self.output.bias, bias))
+        return HEPlan(self.input_count, self.stages, output, self.notes, range_check=True)
+
+    def _range_check_row(self) -> tuple[Weights, float]:
+        offset, columns, chebyshev_units = self.input_count, [], 0
+        for stage in self.stages:
+            if stage.kind == "chebyshev":
+                # T_even >= -1 everywhere
+                even = min(stage.degree - stage.degree % 2, RANGE_CHECK_DEGREE)
+                columns += [offset + unit * stage.degree + even - 1
+                            for unit in range(stage.units)]
+                chebyshev_units += stage.units
+            offset += stage.units * stage.width
+        values = np.full(len(columns), 0.5 / max(chebyshev_units, 1))
+        weights = sparse.csr_array((values, ([0] * len(columns), columns)), shape=(1, offset))
+        return as_weights(weights), 0.5
+
+    def range_excess(self, rows: FloatArray) -> FloatArray:
+        """Each row's largest |u| over every approximated unit (above 1: the row left the
+        ranges the plan's approximations are fitted on; 0 without approximations)."""
+        basis = self._checked_rows(rows)
+        excess = np.zeros(basis.shape[0])
+        for stage in self.stages:
+            u = (stage.weights @ basis.T).T + stage.bias
+            if stage.kind == "chebyshev" and stage.units:
+                excess = np.maximum(excess, np.abs(u).max(axis=1))
+            basis = np.concatenate([basis, stage.entries(u)], axis=1)
+        return excess
 
     # ----- depth and cost -----
 
@@ -149,20 +212,25 @@ class HEPlan:
 
     def simulate(self, rows: FloatArray) -> FloatArray:
         """What the encrypted evaluation computes, in float64 (rows: (n, input_count))."""
-        basis = np.asarray(rows, dtype=np.float64)
-        if basis.ndim != 2 or basis.shape[1] != self.input_count:
-            raise BadInput(f"plan expects rows with {self.input_count} columns, got {basis.shape}")
+        basis = self._checked_rows(rows)
         for stage in self.stages:
             u = (stage.weights @ basis.T).T + stage.bias
             basis = np.concatenate([basis, stage.entries(u)], axis=1)
         result: FloatArray = (self.output.weights @ basis.T).T + self.output.bias
         return result
 
+    def _checked_rows(self, rows: FloatArray) -> FloatArray:
+        basis = np.asarray(rows, dtype=np.float64)
+        if basis.ndim != 2 or basis.shape[1] != self.input_count:
+            raise BadInput(f"plan expects rows with {self.input_count} columns, got {basis.shape}")
+        return basis
+
     # ----- storage -----
 
     def to_bytes(self) -> bytes:
         arrays: dict[str, Any] = {}
-        meta = {"input_count": self.input_count, "notes": list(self.notes), "stages": []}
+        meta = {"input_count": self.input_count, "notes": list(self.notes), "stages": [],
+                "range_check": self.range_check}
         for name, weights, bias in [
                 *((f"stage{i}", s.weights, s.bias) for i, s in enumerate(self.stages)),
                 ("output", self.output.weights, self.output.bias)]:
@@ -197,12 +265,18 @@ class HEPlan:
                 output = OutputStage(*matrix("output"))
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise BadInput(f"unreadable HE plan: {exc}") from exc
-        plan = cls(int(meta["input_count"]), stages, output, tuple(meta["notes"]))
+        plan = cls(int(meta["input_count"]), stages, output, tuple(meta["notes"]),
+                   bool(meta.get("range_check", False)))
         plan.check()
         return plan
 
     def digest(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
+
+
+def model_scores(scores: FloatArray, range_check: bool) -> FloatArray:
+    """The model's scores among a plan's (decrypted or simulated) outputs."""
+    return scores[:, :-1] if range_check else scores
 
 
 def chebyshev_depth(k: int) -> int:

@@ -1,0 +1,189 @@
+"""Finding 8: step 9 cannot frame an honest seller, and cannot excuse a dishonest one.
+
+Unusual rows inside the signed input box (inverted digits: 16 - pixel) push digits-mlp's
+pre-activations outside the ranges its Chebyshev approximations are fitted on. The trial
+names those rows before any payment; after payment `verify` and `gimme-arbiter` tell the
+plan the seller committed to (computed faithfully: no fault) from the model's distance to
+it outside the guaranteed ranges (reported, not a fault). A seller that evaluates another
+plan is at fault even on such rows. A buyer may cap the tolerance it accepts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import sqlite3
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from common.evidence import ROWS
+from common.he.plan import HEPlan, OutputStage, as_weights
+from common.protocol import EncodingSpec
+from common.tabular import load_table
+from common.wire import envelope_from_json, key_release_from_payload
+from seller_server.catalog import Listing
+from seller_server.store import TrialRow
+from seller_server.trade import Seller
+from tests.conftest import Daemon, buyer_cli, top_up
+from tests.test_arbiter import _arbiter, _in_process, _seller_key
+
+MLP = "digits-mlp"
+ROWS_TESTED = 200
+
+
+@pytest.fixture(scope="module")
+def mlp_seller(examples: Path, tls_dir: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[Daemon]:
+    catalog = tmp_path_factory.mktemp("mlp-catalog")
+    for path in (examples / "catalog").glob("digits_mlp*"):
+        shutil.copy(path, catalog)
+    daemon = Daemon(catalog, tmp_path_factory.mktemp("mlp-seller") / "state", tls_dir)
+    daemon.wait_serving()
+    top_up(daemon, "alice", "100")
+    yield daemon
+    daemon.stop()
+
+
+def _inverted(examples: Path, out: Path, keep: int = ROWS_TESTED) -> Path:
+    """Test digits as 16 - pixel: every value stays inside the signed 0..16 box."""
+    with (examples / "data" / "digits_mlp_test.csv").open() as source:
+        table = list(csv.reader(source))
+    header, label = table[0], table[0].index("y")
+    with out.open("w", newline="") as target:
+        writer = csv.writer(target)
+        writer.writerow(header)
+        for row in table[1:keep + 1]:
+            writer.writerow([v if i == label else f"{16 - float(v):g}" for i, v in enumerate(row)])
+    return out
+
+
+def _only_trial(home: Path) -> Path:
+    [folder] = [p for p in (home / "trials" / MLP).iterdir() if p.is_dir()]
+    return folder
+
+
+def _disclosed_plan(folder: Path) -> HEPlan:
+    release = envelope_from_json((folder / "key-release.json").read_text(), "key release")
+    return HEPlan.from_bytes(key_release_from_payload(release.payload).plan)
+
+
+def test_rows_outside_the_ranges_are_named_and_do_not_frame_an_honest_seller(
+        mlp_seller: Daemon, examples: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    trial = buyer_cli(mlp_seller, home, "alice", "trial", MLP, "--data",
+                      str(_inverted(examples, tmp_path / "inverted.csv")), "--label-column",
+                      "y", "--packing", "slot-per-sample")
+    assert trial.returncode == 0, trial.stdout + trial.stderr
+    said = " ".join(trial.stdout.split())
+    named = json.loads((_only_trial(home) / "report.json").read_text())["rows_outside_ranges"]
+    assert f"{len(named)} of {ROWS_TESTED} rows left the ranges" in said, said
+
+    bought = buyer_cli(mlp_seller, home, "alice", "buy", MLP)
+    assert bought.returncode == 0, bought.stdout + bought.stderr
+    folder = _only_trial(home)
+    plan = _disclosed_plan(folder)
+    with np.load(folder / ROWS) as data:
+        excess = plan.range_excess(data["X"])
+    outside = set(np.flatnonzero(excess > 1).tolist())
+    # named at trial time: only rows that really left the ranges (the range check misses
+    # rows that leave them by little: 47-77% of them named over runs, each trial's model
+    # being its own fingerprinted copy)
+    assert set(named) <= outside and len(named) >= 0.25 * len(outside) > 0
+
+    verified = buyer_cli(mlp_seller, home, "alice", "verify", MLP)
+    said = " ".join(verified.stdout.split())
+    assert verified.returncode == 0, said
+    assert "the seller computed the committed plan faithfully" in said, said
+    assert f"{len(outside)} of your rows were outside the plan's guaranteed ranges" in said
+    ruling = _arbiter(next(folder.glob("evidence-*.zip")), "--seller-key",
+                      _seller_key(mlp_seller))
+    said = " ".join(ruling.stdout.split())
+    assert ruling.returncode == 0, said
+    assert "NO FAULT FOUND: no seller fault" in said, said
+    assert f"{len(outside)} rows were outside them" in said, said
+
+
+class _OtherPlanSeller(Seller):
+    """Commits to the trial's plan but evaluates another one (every output 20% larger)."""
+
+    def _worker_request(self, trial: TrialRow, listing: Listing, encoding: EncodingSpec
+                        ) -> dict[str, Any]:
+        request = super()._worker_request(trial, listing, encoding)
+        plan = HEPlan.from_bytes(Path(request["plan_path"]).read_bytes())
+        other = HEPlan(plan.input_count, plan.stages, OutputStage(
+            as_weights(plan.output.weights * 1.2), plan.output.bias * 1.2), plan.notes)
+        path = self.spool / f"other-{trial.trial_id}.plan"
+        path.write_bytes(other.to_bytes())
+        return request | {"plan_path": str(path)}
+
+
+def test_a_seller_computing_another_plan_is_at_fault_even_outside_the_ranges(
+        mlp_seller: Daemon, examples: Path, tls_dir: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    # the honest daemon's compiled catalog, so the in-process seller need not compile again
+    with sqlite3.connect(mlp_seller.state / "gimme.sqlite") as source, sqlite3.connect(
+            state / "gimme.sqlite") as copy:
+        source.backup(copy)
+    with _in_process(_OtherPlanSeller, mlp_seller.catalog, tls_dir, state, "dave") as (
+            endpoint, seller):
+        # only rows far outside the ranges: the model may differ from the trial there, so
+        # only the plan check can find this seller out
+        columns = seller.listing(MLP).spec.input_columns
+        rows = load_table(_inverted(examples, tmp_path / "all.csv", 540), columns, "y")
+        far = np.flatnonzero(seller.listing(MLP).plan.range_excess(rows.rows) > 1.2)[:40]
+        _write_csv(tmp_path / "far.csv", columns, rows.rows[far],
+                   [rows.labels[i] for i in far] if rows.labels else [])
+        home = tmp_path / "home"
+        trial = buyer_cli(endpoint, home, "dave", "trial", MLP, "--data",
+                          str(tmp_path / "far.csv"), "--label-column", "y", "--packing",
+                          "slot-per-sample")
+        assert trial.returncode == 0, trial.stdout + trial.stderr
+        bought = buyer_cli(endpoint, home, "dave", "buy", MLP)
+        assert bought.returncode == 0, bought.stdout + bought.stderr
+        verified = buyer_cli(endpoint, home, "dave", "verify", MLP)
+        key = seller.signer.public_key.hex()
+    folder = _only_trial(home)
+    said = " ".join(verified.stdout.split())
+    assert verified.returncode == 1, said
+    assert "the seller is at fault" in said, said
+    ruling = _arbiter(next(folder.glob("evidence-*.zip")), "--seller-key", key)
+    said = " ".join(ruling.stdout.split())
+    assert ruling.returncode == 3, said
+    assert "SELLER AT FAULT: the results the seller signed are not the plan it committed to" \
+        in said, said
+    with zipfile.ZipFile(next(folder.glob("evidence-*.zip"))) as bundle:
+        failed = {c["name"] for c in json.loads(bundle.read("manifest.json"))["checks"]
+                  if not c["ok"]}
+    assert "seller computed the committed plan" in failed
+
+
+def test_a_tolerance_above_the_buyers_cap_is_refused_before_anything_is_sent(
+        mlp_seller: Daemon, examples: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    trial = buyer_cli(mlp_seller, home, "alice", "trial", MLP, "--data",
+                      str(examples / "data" / "digits_mlp_test.csv"), "--label-column", "y",
+                      "--rows", "20", "--max-tolerance", "0.001")
+    said = " ".join(trial.stdout.split())
+    assert trial.returncode != 0, said
+    assert "is above your --max-tolerance 0.001: refusing the offer, nothing was encrypted " \
+           "or sent" in said, said
+    offered = re.search(r"offer ([0-9a-f]{24}):", said)
+    assert offered, said
+    assert f"trial {offered.group(1)}: keys accepted" not in mlp_seller.logs()
+    assert not (home / "trials" / MLP).exists() or not any((home / "trials" / MLP).iterdir())
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: Any, labels: list[str]) -> None:
+    with path.open("w", newline="") as target:
+        writer = csv.writer(target)
+        writer.writerow([*columns, "y"])
+        for row, label in zip(rows, labels, strict=True):
+            writer.writerow([*(f"{v:g}" for v in row), label])
