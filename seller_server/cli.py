@@ -283,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before a worker is killed")
     limits = StreamLimits()
     p.add_argument("--stream-idle-seconds", type=float, default=limits.idle_seconds,
-                   help="end an upload (UploadKeys, Evaluate) whose client sends nothing for "
-                        f"this long (default {limits.idle_seconds:g})")
+                   help="end a streaming call whose client sends nothing, or takes no reply, "
+                        f"for this long (default {limits.idle_seconds:g})")
     p.add_argument("--max-streams-per-buyer", type=int, default=limits.per_buyer,
                    help="UploadKeys, Evaluate and Deliver calls one buyer may have open at "
                         f"once; more are refused at once (default {limits.per_buyer})")

@@ -8,10 +8,10 @@ details and logs echo at most a short prefix of what a peer sent (and never more
 MAX_DETAIL_BYTES); only an unexpected exception is INTERNAL, logged once with its traceback,
 and its text (paths, worker output) stays in the log. Streaming calls (the only ones a slow
 or silent client can keep open) are admitted per buyer and in total before anything is read,
-refused at once past either limit, and each read waits at most `idle_seconds`
-(common.transfer.idle_limited). The daemon's thread pool is larger than the total stream
-limit by UNARY_THREADS, so admitted streams can never take the threads that serve unary
-calls and the health check.
+refused at once past either limit; each read waits at most `idle_seconds`
+(common.transfer.idle_limited) and each reply as long (`_taken`). The daemon's thread pool
+is larger than the total stream limit by UNARY_THREADS, so admitted streams can never take
+the threads that serve unary calls and the health check.
 """
 
 from __future__ import annotations
@@ -158,11 +158,32 @@ def _guard_stream(method: Callable[..., Iterator[T]]) -> Callable[..., Iterator[
                 ) -> Iterator[T]:
         try:
             with self._edge(method.__name__, request, context) as checked:
-                yield from method(self, checked, context)
+                yield from _taken(method(self, checked, context), context,
+                                  self.admission.limits.idle_seconds, method.__name__)
         except Exception as exc:
             _abort(context, method.__name__, exc)
 
     return wrapper
+
+
+def _taken(responses: Iterator[T], context: grpc.ServicerContext, idle_seconds: float,
+           method: str) -> Iterator[T]:
+    """`responses`, the call cancelled when the client takes none for `idle_seconds`: gRPC
+    resumes this generator only once the last response was sent, which waits for a client
+    that stopped reading (flow control) with no timeout of its own."""
+    def cancel() -> None:
+        log.warning("%s: the buyer took no reply for %g s; call cancelled", method,
+                    idle_seconds)
+        context.cancel()  # type: ignore[no-untyped-call]
+
+    for response in responses:
+        timer = threading.Timer(idle_seconds, cancel)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield response
+        finally:
+            timer.cancel()
 
 
 class SellerServicer(pb_grpc.SellerServicer):

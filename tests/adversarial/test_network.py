@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from gimme.v1 import gimme_pb2 as pb
 from gimme.v1 import gimme_pb2_grpc as pb_grpc
@@ -243,4 +244,44 @@ def test_concurrent_key_uploads_run_at_most_max_evaluations_workers(seller: Daem
     assert len(set(digests)) == len(uploads)  # every upload was checked and accepted
     assert 1 <= peak <= 2  # serve's default --max-evaluations
     for client, _trial, _keys in uploads:
+        client.close()
+
+
+def test_a_buyer_that_stops_reading_replies_is_cut_and_frees_its_slot(seller: Daemon) -> None:
+    client = SellerClient(seller.address, seller.tls("alice"))
+    offer = open_offer(client.open_trial(LR, "slot-per-sample"), client.list_models()[1], LR)
+    cc = engine.build_context(offer.params, 128)
+    _secret, public = engine.generate_keys(cc, offer.key_tag)
+    client.upload_keys(offer.trial_id, {"relin_key": engine.serialize_relin_key(offer.key_tag),
+                                        "public_key": engine.serialize(public)}, lambda n: None)
+    blobs = [engine.ciphertext_bytes(engine.encrypt_vector(cc, public, v))
+             for v in offer.encoding.layout().encode(np.zeros((1, 30)))]
+
+    def requests() -> Iterator[pb.EvaluateRequest]:
+        yield pb.EvaluateRequest(header=pb.EvaluateHeader(trial_id=offer.trial_id,
+                                                          batch_index=0, rows=1))
+        for index, blob in enumerate(blobs):
+            for frame in send_object(f"ct-{index}", blob):
+                yield pb.EvaluateRequest(frame=frame)
+
+    tls = seller.tls("alice")
+    assert tls is not None
+    # a small receive window (no BDP growth): the results cannot all be in flight unread
+    channel = grpc.secure_channel(seller.address, grpc.ssl_channel_credentials(
+        tls.ca.read_bytes(), tls.key.read_bytes(), tls.cert.read_bytes()),
+        options=[("grpc.http2.bdp_probe", 0)])
+    streams = _Streams(seller)
+    try:
+        unread = pb_grpc.SellerStub(channel).Evaluate(requests(), timeout=BOUND_SECONDS)
+        streams.wait_until(lambda: "Evaluate: the buyer took no reply" in seller.logs())
+        with pytest.raises(grpc.RpcError) as cut:
+            list(unread)
+        assert cut.value.code() == grpc.StatusCode.CANCELLED
+        for _ in range(PER_BUYER):  # the cut call's slot is free again: none is refused
+            streams.silent("alice")
+        streams.wait_until(lambda: all(call.done() for call in streams.calls))
+        assert {_status(call)[0] for call in streams.calls} == {grpc.StatusCode.DEADLINE_EXCEEDED}
+    finally:
+        streams.close()
+        channel.close()
         client.close()
