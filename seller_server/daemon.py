@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from grpc_health.v1 import health_pb2
 
@@ -45,6 +47,7 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
     # bound before the state is touched: a second daemon on a busy port changes nothing
     server, port, health = make_server(options.listen, options.tls,
                                        max_workers=options.streams.total + UNARY_THREADS)
+    state_lock = _lock_state(options.state)
     store = Store(options.state / "gimme.sqlite")
     refunded = store.recover_interrupted()
     if refunded:
@@ -85,7 +88,23 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
         health.enter_graceful_shutdown()
         server.stop(GRACE_SECONDS).wait()
         store.close()
+        state_lock.close()
         log.info("stopped")
+
+
+def _lock_state(state: Path) -> IO[str]:
+    """One daemon per state directory: a second one would refund the first's running
+    evaluations as interrupted (recover_interrupted) and share its ledger. The kernel drops
+    the lock when the daemon exits, however it exits."""
+    state.mkdir(parents=True, exist_ok=True)
+    handle = (state / "serve.lock").open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise BadInput(f"state directory {state} is in use by another 'gimme-seller serve': "
+                       f"stop it first, or pass another --state") from None
+    return handle
 
 
 def _stop_on_signals() -> threading.Event:

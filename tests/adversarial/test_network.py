@@ -63,6 +63,23 @@ def test_a_second_daemon_on_a_busy_port_fails_and_the_first_keeps_every_client(
         assert check_health(lr_seller.address, lr_seller.tls(), timeout=10) == "SERVING"
 
 
+def test_a_second_daemon_on_the_same_state_fails_before_touching_it(
+        seller: Daemon, lr_catalog: Path, tmp_path: Path) -> None:
+    alias = tmp_path / "same-state"  # its own port and log files, the first daemon's state
+    alias.symlink_to(seller.state)
+    second: Daemon | None = None
+    try:
+        with pytest.raises(RuntimeError, match=r"seller exited \(2\)") as refused:
+            second = Daemon(lr_catalog, alias, seller.tls_dir)
+        assert "is in use by another 'gimme-seller serve'" in " ".join(
+            str(refused.value).split())  # rich wraps the line
+    finally:
+        if second is not None:
+            second.stop()
+    assert "refunded" not in seller.logs()
+    _assert_served(seller)
+
+
 class _Streams:
     """Streaming calls from real gRPC clients that stall or drip on command."""
 
