@@ -11,21 +11,25 @@ make the copy, since s is independent of d; ~ strength * sqrt(n) / spread for th
 did). Fine-tuning and pruning add noise to d but do not remove the correlation from n
 weights at once.
 
-Why a reseller cannot hide the copy by moving hidden units: a dense network computes the
-same function after its hidden units are permuted, negated where the activation is odd
-(tanh), rescaled where it is positively homogeneous (ReLU), split, or padded with dummy
-units, and each of these moves a unit's incoming weights and bias and its outgoing row as
-a whole. So before scoring, `align` matches every hidden unit of the suspect to a unit of
-the listed model (Hungarian assignment on the cosine of the incoming and of the outgoing
-weights, sign ignored: a 2%-fingerprinted unit has cosine ~1 with its own original and a
-trained network's distinct units much less), puts it back in place, and divides each side
-by its least-squares gain against the original (undoing sign and scale); suspect units left
-unmatched (dummies) are dropped, listed units left unmatched count as pruned. The alignment
-is computed from the suspect and the listed model only, never from a key, so for a key that
-did not make the copy z is still ~N(0, 1); the gain fit costs the fingerprint its component
-along each unit's own weight vector (one dimension per unit and side). Renamed tensors
-are given back the listed model's names when the two graphs read their constants at the
-same places, and float16/float64 conversions are read back in the listed type.
+Why a reseller cannot hide the copy by moving hidden units: a network computes the same
+function after its hidden units (or convolution channels) are permuted, negated where the
+activation allows it (tanh is odd; x*x is even), rescaled where it is homogeneous (ReLU,
+x*x), split, or padded with dummy units, and each of these moves a unit's incoming weights
+and bias and its outgoing row as a whole. So before scoring, `align` walks the listed
+model's layers from the input: it matches each listed unit to a suspect unit (Hungarian
+assignment on the |cosine| of their incoming weights, whose inputs are already in place: a
+copy of a trained unit has cosine > 0.9 with it, distinct units much less; units below 0.5,
+whose weights are smaller than the fingerprint, are scored as pruned), puts it in place
+with its outgoing row, divides its incoming side by its gain (sign and norm ratio) and
+multiplies its outgoing row by what the activation passes on of that gain (tanh: the
+sign, ReLU: the scale, x*x: its square), so the next layer's inputs are in place too;
+then each side's gains are refitted (a split unit's halved row). Suspect units left
+unmatched (dummies) are dropped. The alignment is computed from the suspect and the listed
+model only, never from a key, so for a key that did not make the copy z is still
+~N(0, 1); the gain fit costs the fingerprint its component along each unit's own weight
+vector (one dimension per unit and side). Renamed tensors get the listed model's names
+back when the two graphs read their constants at the same places, and float16/float64
+conversions are read back in the listed type.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ from common.errors import BadInput
 FloatArray = npt.NDArray[np.float64]
 KEY_BYTES = 32
 MIN_WEIGHTS = 8  # tensors smaller than this (scalars, tiny biases) are left alone
+REFITS = 2  # rounds of gain refits once units are in place
+MIN_MATCH = 0.5  # |cosine| of a matched unit's incoming weights (copies of trained units: >0.9)
 
 
 def new_key() -> bytes:
@@ -112,24 +118,42 @@ def _write(model: onnx.ModelProto, values: dict[str, FloatArray]) -> None:
 _UNARY = {"Tanh", "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "Elu", "Selu", "Celu",
           "Softplus", "Softsign", "Erf", "Gelu", "Identity", "Cast", "Neg", "Abs"}
 _WITH_CONSTANT = {"Mul", "Div", "Add", "Sub", "Pow"}  # by one number shared by all units
+_CHANNEL_POOLS = {"AveragePool", "MaxPool", "LpPool", "GlobalAveragePool", "GlobalMaxPool"}
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
            onnx.TensorProto.BFLOAT16)
-Part = tuple[str, int]  # (initializer name, the axis that indexes the hidden units)
+# (initializer name, the axis that indexes the hidden units, its entries per unit: 1, or a
+# channel's pixels where a dense layer reads flattened convolution channels)
+Part = tuple[str, int, int]
 
 
 @dataclass(frozen=True)
 class HiddenLayer:
-    """One layer of hidden units: the tensors that compute them (dense weight, bias) and
-    the next dense weight that reads them."""
+    """One layer of hidden units (or convolution channels): the tensors that compute them
+    (weight, bias), the next layer's weight that reads them, and how the ops between
+    pass on a unit's gain g: g**degree, its sign kept only if all of them are odd."""
     incoming: tuple[Part, ...]
     outgoing: Part
+    degree: float = 1.0
+    odd: bool = True
+
+    def passed_on(self, gains: FloatArray) -> FloatArray:
+        """What the outgoing row sees of each unit's incoming gain (tanh: the sign; ReLU:
+        the scale; x * x: the square)."""
+        result: FloatArray = np.abs(gains) ** self.degree * (np.sign(gains) if self.odd else 1)
+        return result
 
 
-def _dense(node: onnx.NodeProto, constants: dict[str, FloatArray]) -> tuple[str, int, int] | None:
-    """(weight, its output axis, its input axis) of a MatMul or Gemm by a constant matrix."""
-    if len(node.input) < 2 or node.input[1] not in constants or constants[node.input[1]].ndim != 2:
+def _linear(node: onnx.NodeProto, constants: dict[str, FloatArray]
+            ) -> tuple[str, int, int] | None:
+    """(weight, its output axis, its input axis) of a MatMul or Gemm by a constant matrix or
+    an ungrouped Conv by constant kernels."""
+    if len(node.input) < 2 or node.input[1] not in constants:
         return None
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Conv" and attributes.get("group", 1) == 1:
+        return node.input[1], 0, 1
+    if constants[node.input[1]].ndim != 2:
+        return None
     if node.op_type == "MatMul":
         return node.input[1], 1, 0
     if node.op_type == "Gemm" and not attributes.get("transA", 0):
@@ -137,19 +161,34 @@ def _dense(node: onnx.NodeProto, constants: dict[str, FloatArray]) -> tuple[str,
     return None
 
 
-def _per_unit(node: onnx.NodeProto, value: str, constants: dict[str, FloatArray]) -> bool:
+def _per_unit(node: onnx.NodeProto, value: str, constants: dict[str, FloatArray]
+              ) -> tuple[float, bool] | None:
+    """(degree, odd) of an op that treats each unit alone, None for any other op."""
     if node.op_type in _UNARY:
-        return True
+        return 1.0, node.op_type != "Abs"
     if node.op_type == "Mul" and list(node.input) == [value, value]:  # x * x
-        return True
+        return 2.0, False
     others = [name for name in node.input if name != value]
-    return (node.op_type in _WITH_CONSTANT and len(others) == 1 and others[0] in constants
-            and constants[others[0]].size == 1)
+    if not (node.op_type in _WITH_CONSTANT and len(others) == 1 and others[0] in constants
+            and constants[others[0]].size == 1):
+        return None
+    if node.op_type == "Pow":
+        power = float(constants[others[0]].reshape(-1)[0])
+        return power, power % 2 == 1
+    return 1.0, True
+
+
+def _flattens(node: onnx.NodeProto, constants: dict[str, FloatArray]) -> bool:
+    """Flatten or Reshape of N, C, ... to N, C * ... (channel-major)."""
+    if node.op_type == "Flatten":
+        return all(a.i == 1 for a in node.attribute if a.name == "axis")
+    shape = constants.get(node.input[1]) if node.op_type == "Reshape" else None
+    return shape is not None and shape.size == 2 and int(shape[0]) in (-1, 0)
 
 
 def hidden_layers(model: onnx.ModelProto) -> list[HiddenLayer]:
-    """Every dense layer whose units reach the next dense layer through elementwise ops
-    only, input to output (the graph is topologically sorted)."""
+    """Every dense layer (or convolution) whose units (channels) reach the next one through
+    ops that treat each unit alone, input to output (the graph is topologically sorted)."""
     constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in model.graph.node:
@@ -158,48 +197,93 @@ def hidden_layers(model: onnx.ModelProto) -> list[HiddenLayer]:
     outputs = {o.name for o in model.graph.output}
     layers = []
     for node in model.graph.node:
-        dense = _dense(node, constants)
-        if dense is None:
+        linear = _linear(node, constants)
+        if linear is None:
             continue
-        units = constants[dense[0]].shape[dense[1]]
-        incoming: list[Part] = [(dense[0], dense[1])]
-        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        units = constants[linear[0]].shape[linear[1]]
+        incoming: list[Part] = [(linear[0], linear[1], 1)]
+        if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 and node.input[2]:
             bias = constants.get(node.input[2])
             if bias is None or bias.size != units:
                 continue
-            incoming.append((node.input[2], bias.ndim - 1))
+            incoming.append((node.input[2], bias.ndim - 1, 1))
+        channels = node.op_type == "Conv"  # units on axis 1 of N, C, H, W until flattened
+        degree, odd = 1.0, True
         value = node.output[0]
         while value not in outputs and len(readers[value]) == 1:
             step = readers[value][0]
-            reader = _dense(step, constants)
+            reader = _linear(step, constants)
             if reader is not None and step.input[0] == value:
-                layers.append(HiddenLayer(tuple(incoming), (reader[0], reader[2])))
+                width = constants[reader[0]].shape[reader[2]]
+                if (step.op_type == "Conv") == channels and width % units == 0:
+                    layers.append(HiddenLayer(tuple(incoming),
+                                              (reader[0], reader[2], width // units),
+                                              degree, odd))
                 break
             bias_name = next((n for n in step.input if n != value), "")
             if (step.op_type == "Add" and value == node.output[0] and bias_name in constants
-                    and constants[bias_name].size == units):
-                incoming.append((bias_name, constants[bias_name].ndim - 1))
-            elif not _per_unit(step, value, constants):
+                    and constants[bias_name].size == units and not channels):
+                incoming.append((bias_name, constants[bias_name].ndim - 1, 1))
+            elif channels and step.op_type in _CHANNEL_POOLS:
+                pass
+            elif channels and _flattens(step, constants):
+                channels = False
+            elif (op := _per_unit(step, value, constants)) is not None:
+                degree, odd = degree * op[0], odd and op[1]
+            else:
                 break
             value = step.output[0]
     return layers
+
+
+def _rows(tensor: FloatArray, axis: int, block: int) -> FloatArray:
+    """The tensor as one row per unit (a unit's `block` entries along `axis` and all the
+    entries of the other axes)."""
+    moved = np.moveaxis(tensor, axis, 0)
+    return moved.reshape(len(moved) // block, -1)
 
 
 def _unit_rows(tensors: dict[str, FloatArray], parts: tuple[Part, ...],
                listed: dict[str, FloatArray]) -> FloatArray:
     """One row per hidden unit: its entries of every part, side by side."""
     rows = []
-    for name, axis in parts:
-        if tensors[name].ndim != listed[name].ndim or np.delete(
-                tensors[name].shape, axis).tolist() != np.delete(listed[name].shape, axis).tolist():
-            raise BadInput(f"the suspect's {name} has shape {list(tensors[name].shape)} where "
-                           f"the listed model's is {list(listed[name].shape)}: it is not a copy "
-                           f"of this model")
-        rows.append(np.moveaxis(tensors[name], axis, 0).reshape(tensors[name].shape[axis], -1))
+    for name, axis, block in parts:
+        tensor, shape = tensors[name], listed[name].shape
+        if (tensor.ndim != len(shape) or tensor.shape[axis] % block or
+                np.delete(tensor.shape, axis).tolist() != np.delete(shape, axis).tolist()):
+            raise BadInput(f"the suspect's {name} has shape {list(tensor.shape)} where the "
+                           f"listed model's is {list(shape)}: it is not a copy of this model")
+        rows.append(_rows(tensor, axis, block))
     if len({len(r) for r in rows}) != 1:
-        raise BadInput(f"the suspect's {', '.join(n for n, _ in parts)} disagree on their "
-                       f"number of units: it is not a copy of this model")
+        raise BadInput(f"the suspect's {', '.join(part[0] for part in parts)} disagree on "
+                       f"their number of units: it is not a copy of this model")
     return np.concatenate(rows, axis=1)
+
+
+def _moved(tensor: FloatArray, part: Part, listed: FloatArray, places: npt.NDArray[np.int64],
+           picked: npt.NDArray[np.int64]) -> FloatArray:
+    """The tensor in the listed shape with unit picked[k] in place places[k]; places no
+    unit was put in hold zeros."""
+    _, axis, block = part
+    rows = _rows(tensor, axis, block)
+    placed = np.zeros((len(_rows(listed, axis, block)), rows.shape[1]))
+    placed[places] = rows[picked]
+    result: FloatArray = np.moveaxis(placed.reshape(np.moveaxis(listed, axis, 0).shape), 0, axis)
+    return result
+
+
+def _rescale(tensors: dict[str, FloatArray], parts: tuple[Part, ...],
+             listed: dict[str, FloatArray], factors: FloatArray) -> None:
+    """Multiply every unit's entries of `parts` by its factor (units are in place)."""
+    for name, axis, block in parts:
+        rows = _rows(tensors[name], axis, block) * factors[:, None]
+        tensors[name] = np.moveaxis(rows.reshape(np.moveaxis(listed[name], axis, 0).shape),
+                                    0, axis)
+
+
+def _inverse(gains: FloatArray) -> FloatArray:
+    result: FloatArray = np.divide(1.0, gains, out=np.zeros_like(gains), where=gains != 0)
+    return result
 
 
 def _cosines(listed: FloatArray, suspect: FloatArray) -> FloatArray:
@@ -212,11 +296,14 @@ def _cosines(listed: FloatArray, suspect: FloatArray) -> FloatArray:
 
 
 def _gains(suspect: FloatArray, listed: FloatArray) -> FloatArray:
-    """Per unit, the factor g minimizing ||suspect - g * listed|| over the suspect's nonzero
-    entries (pruned ones say nothing of the scale; 1 for a unit with none)."""
-    power = np.einsum("ij,ij->i", listed, listed * (suspect != 0))
-    result: FloatArray = np.where(power == 0, 1.0, np.einsum("ij,ij->i", suspect, listed)
-                                  / np.where(power == 0, 1.0, power))
+    """Per unit, the factor g with suspect ~ g * listed: the sign of their correlation and
+    the ratio of their norms over the suspect's nonzero entries (pruned ones say nothing of
+    the scale; 1 for a unit with none). Unlike a least-squares fit, it cannot go to ~0 (its
+    inverse exploding) on a unit that correlates weakly."""
+    listed_norm = np.sqrt(np.einsum("ij,ij->i", listed, listed * (suspect != 0)))
+    ratio = np.linalg.norm(suspect, axis=1) / np.where(listed_norm == 0, 1.0, listed_norm)
+    result: FloatArray = np.where(listed_norm == 0, 1.0, np.sign(
+        np.einsum("ij,ij->i", suspect, listed)) * ratio)
     return result
 
 
@@ -261,23 +348,38 @@ def align(suspect: onnx.ModelProto, listed: onnx.ModelProto) -> onnx.ModelProto:
                  for i in listed.graph.initializer if i.data_type in _FLOATS}
     found = {i.name: numpy_helper.to_array(i).astype(np.float64)
              for i in suspect.graph.initializer if i.data_type in _FLOATS and i.name in originals}
-    for layer in hidden_layers(listed):
-        sides = (layer.incoming, (layer.outgoing,))
-        if any(name not in found for side in sides for name, _ in side):
-            continue  # trace names the missing tensors
-        suspect_rows = [_unit_rows(found, side, originals) for side in sides]
-        listed_rows = [_unit_rows(originals, side, originals) for side in sides]
-        similarity = sum(np.abs(_cosines(o, s)) for o, s in zip(listed_rows, suspect_rows,
-                                                                strict=True))
+    layers = [layer for layer in hidden_layers(listed)  # trace names missing tensors
+              if all(part[0] in found for part in (*layer.incoming, layer.outgoing))]
+    # input to output: each listed unit takes the suspect unit whose incoming weights match
+    # it best (their inputs are already in place), with its outgoing row; then its incoming
+    # side is divided by its gain and its outgoing row multiplied by what the activation
+    # passed on of that gain, so that the next layer's incoming weights are in place too
+    for layer in layers:
+        _unit_rows(found, (layer.outgoing,), originals)  # its shape is checked here
+        listed_rows = _unit_rows(originals, layer.incoming, originals)
+        weight = layer.incoming[:1]  # (a bias alone makes dead units look alike)
+        similarity = np.abs(_cosines(_unit_rows(originals, weight, originals),
+                                     _unit_rows(found, weight, originals)))
         places, picked = linear_sum_assignment(similarity, maximize=True)
-        for side, s, o in zip(sides, suspect_rows, listed_rows, strict=True):
-            gains = _gains(s[picked], o[places])
-            inverse = np.divide(1.0, gains, out=np.zeros_like(gains), where=gains != 0)
-            for name, axis in side:
-                units = np.moveaxis(found[name], axis, 0)
-                placed = np.zeros((originals[name].shape[axis], *units.shape[1:]))
-                placed[places] = units[picked] * inverse.reshape(-1, *[1] * (units.ndim - 1))
-                found[name] = np.moveaxis(placed, 0, axis)
+        # a unit whose weights are below the fingerprint's size matches nothing reliably
+        # (its own copy included): scored as pruned rather than by a wrong gain
+        sure = similarity[places, picked] >= MIN_MATCH
+        places, picked = places[sure], picked[sure]
+        for part in (*layer.incoming, layer.outgoing):
+            found[part[0]] = _moved(found[part[0]], part, originals[part[0]], places, picked)
+        gains = _gains(_unit_rows(found, layer.incoming, originals), listed_rows)
+        _rescale(found, layer.incoming, originals, _inverse(gains))
+        _rescale(found, (layer.outgoing,), originals, layer.passed_on(gains))
+    # every axis now in place: refit each side's gains, which corrects outgoing rows scaled
+    # otherwise than the activation passes on (a unit split in two that share its row) and
+    # what a unit's poorly determined incoming gain (weights below the fingerprint's size)
+    # passed on to the next layer
+    for _ in range(REFITS):
+        for layer in layers:
+            for side in (layer.incoming, (layer.outgoing,)):
+                gains = _gains(_unit_rows(found, side, originals),
+                               _unit_rows(originals, side, originals))
+                _rescale(found, side, originals, _inverse(gains))
     dtypes = {i.name: numpy_helper.to_array(i).dtype for i in listed.graph.initializer}
     for init in suspect.graph.initializer:
         if init.name in found:
