@@ -253,6 +253,9 @@ def _unit_rows(tensors: dict[str, FloatArray], parts: tuple[Part, ...],
                 np.delete(tensor.shape, axis).tolist() != np.delete(shape, axis).tolist()):
             raise BadInput(f"the suspect's {name} has shape {list(tensor.shape)} where the "
                            f"listed model's is {list(shape)}: it is not a copy of this model")
+        if tensor.size == 0 or not np.isfinite(tensor).all():
+            raise BadInput(f"the suspect's {name} is empty or holds NaN or infinite weights: "
+                           f"it is not a working copy of this model")
         rows.append(_rows(tensor, axis, block))
     if len({len(r) for r in rows}) != 1:
         raise BadInput(f"the suspect's {', '.join(part[0] for part in parts)} disagree on "
