@@ -37,6 +37,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _tolerance_cap(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0 (a tolerance)")
+    return value
+
+
 def _client(args: argparse.Namespace) -> SellerClient:
     if args.insecure:
         if not args.token:
@@ -74,7 +84,7 @@ def cmd_trial(args: argparse.Namespace) -> None:
     run_trial(_client(args), Workspace(args.home), console, model_id=args.model,
               data=args.data, label_column=args.label_column, max_rows=args.rows,
               min_security=args.min_security, packing=args.packing, link_mbps=args.link_mbps,
-              resume=args.resume)
+              resume=args.resume, max_tolerance=args.max_tolerance)
 
 
 def cmd_buy(args: argparse.Namespace) -> None:
@@ -149,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link-mbps", type=_positive, default=DEFAULT_MBPS,
                    help=f"your link to the seller in Mbit/s, for the planner (default "
                         f"{DEFAULT_MBPS:g})")
+    p.add_argument("--max-tolerance", type=_tolerance_cap,
+                   help="refuse, before sending anything, an offer whose signed tolerance "
+                        "(how far the model you would buy may be from the trial's results) "
+                        "is above X; default: no cap, any tolerance the seller signs is "
+                        "accepted")
     p.set_defaults(func=cmd_trial)
 
     p = sub.add_parser("buy", parents=[common],

@@ -1,5 +1,7 @@
-"""Steps 7-8 on the buyer's side, as a fair exchange: the Deep-Locked model first (useless
-without its key), then the payment (idempotent), which releases the key."""
+"""Steps 7-8 on the buyer's side, as a fair exchange: the Deep-Locked model first, sealed
+(no graph, no weights without its key), checked against the seller's signed delivery
+record before anything is paid; then the payment (idempotent), which releases the key; then
+the key must open the delivery into the committed model, or `buy` fails with the evidence."""
 
 from __future__ import annotations
 
@@ -10,11 +12,12 @@ from rich.console import Console
 from buyer_client.client import SellerClient
 from buyer_client.trial import seller_key
 from buyer_client.ui import Bars
+from buyer_client.verify import verify_delivery
 from buyer_client.workspace import TrialFolder, Workspace
-from common.deeplock import key_id, unlock
-from common.evidence import LOCKED_MODEL
+from common.deeplock import key_id
+from common.errors import Refused
+from common.evidence import LOCKED_MODEL, SEALED_MODEL, open_delivered_model
 from common.protocol import Offer
-from common.signing import sha256
 from common.trust import open_delivery, open_key_release, open_offer, open_payment
 from common.wire import payment_from_payload
 
@@ -22,20 +25,25 @@ REQUEST_ID_FILE = "purchase-request-id"
 MAX_MODEL_BYTES = 2 << 30
 
 
-def fetch_locked(client: SellerClient, folder: TrialFolder, offer: Offer, key: bytes,
+def fetch_sealed(client: SellerClient, folder: TrialFolder, offer: Offer, key: bytes,
                  console: Console) -> bytes:
-    """Download the locked model once; what came is kept as evidence before it is checked."""
-    if folder.has(LOCKED_MODEL) and folder.has("delivery.json"):
-        locked = folder.read(LOCKED_MODEL)
+    """Download the sealed model once; what came is kept as evidence before it is checked
+    against the signed delivery record (a mismatch: nothing is paid)."""
+    if folder.has(SEALED_MODEL) and folder.has("delivery.json"):
+        sealed = folder.read(SEALED_MODEL)
     else:
         cap = min(max(4 * offer.model_size, 16 << 20), MAX_MODEL_BYTES)
         with Bars(console) as bars:
-            locked, signed_record = client.deliver(
-                offer.trial_id, cap, bars.transfer("download locked model", offer.model_size))
+            sealed, signed_record = client.deliver(
+                offer.trial_id, cap, bars.transfer("download sealed model", offer.model_size))
         folder.save_signed("delivery", signed_record)
-        folder.write(LOCKED_MODEL, locked)
-    open_delivery(folder.load_signed("delivery"), key, offer, locked)
-    return locked
+        folder.write(SEALED_MODEL, sealed)
+    try:
+        open_delivery(folder.load_signed("delivery"), key, offer, sealed)
+    except Refused as exc:
+        raise Refused(f"{exc.message}. Not paying: nothing was charged; the delivery and its "
+                      f"record are kept as evidence in {folder.path}") from None
+    return sealed
 
 
 def buy(client: SellerClient, workspace: Workspace, console: Console, model_id: str,
@@ -53,8 +61,9 @@ def buy(client: SellerClient, workspace: Workspace, console: Console, model_id: 
     paid_before = folder.has("payment.json")
     key = seller_key(client, workspace, console)
     offer = open_offer(folder.load_signed("offer"), key, model_id)
-    locked = fetch_locked(client, folder, offer, key, console)
-    console.print(f"locked model received ({len(locked)} bytes); paying releases its key")
+    sealed = fetch_sealed(client, folder, offer, key, console)
+    console.print(f"sealed model received ({len(sealed)} bytes, as the seller's signed "
+                  f"delivery record says); paying releases its key")
     # the request id is written before the call: a retry after a crash pays at most once
     if not folder.has(REQUEST_ID_FILE):
         folder.write(REQUEST_ID_FILE, uuid.uuid4().hex.encode())
@@ -63,7 +72,7 @@ def buy(client: SellerClient, workspace: Workspace, console: Console, model_id: 
     folder.save_signed("payment", signed_payment)  # evidence, whatever it says
     folder.save_signed("key-release", signed_release)
     payment = open_payment(signed_payment, key, offer)
-    release = open_key_release(signed_release, key, offer, locked)
+    release = open_key_release(signed_release, key, offer, sealed)
     folder.write_private("model.key", release.master_key.hex().encode())
     workspace.mark_bought(model_id, folder)
     if paid_before:  # the seller answered with the receipt it signed then
@@ -75,13 +84,18 @@ def buy(client: SellerClient, workspace: Workspace, console: Console, model_id: 
                       f"{_receipt_id(folder)}, balance "
                       f"{payment.balance_after_cents / 100:.2f}); key "
                       f"{key_id(release.master_key)} released")
-    unlocked = unlock(locked, release.master_key)  # in memory only
-    same = sha256(unlocked) == offer.model_commitment
-    console.print("the released key opens the model into "
-                  + ("exactly the committed model" if same else
-                     "a model that [red]DOES NOT match[/red] the offer's commitment")
-                  + f"; run 'gimme-buyer verify {model_id}' for the full check, "
-                    f"'gimme-buyer run {model_id} --data ROWS' to use it")
+    opened = open_delivered_model(folder, key, offer)  # unlocked in memory only
+    failed = [check for check in opened.checks if not check.ok]
+    if failed or opened.locked is None:
+        verdict = verify_delivery(workspace, console, model_id, folder.trial_id)
+        raise Refused(f"the released key does not open the committed model "
+                      f"({'; '.join(f'{c.name}: {c.detail}' for c in failed)}); evidence "
+                      f"saved, 'gimme-arbiter verify {verdict.bundle} --seller-key "
+                      f"{key.hex()}' rules on it")
+    folder.write(LOCKED_MODEL, opened.locked)
+    console.print(f"the released key opens the model into exactly the committed model; run "
+                  f"'gimme-buyer verify {model_id}' for the full check, 'gimme-buyer run "
+                  f"{model_id} --data ROWS' to use it")
 
 
 def _receipt_id(folder: TrialFolder) -> str:

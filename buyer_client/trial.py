@@ -23,6 +23,8 @@ from common.errors import BadInput, Exhausted, NotFound, Refused, Unavailable, W
 from common.evidence import input_name, load_rows, result_name
 from common.he import engine
 from common.he.decryptor import decrypt
+from common.he.packing import Packing
+from common.he.plan import model_scores
 from common.protocol import ModelListing, Offer, Signed
 from common.signing import fingerprint, keys_digest
 from common.tabular import load_table
@@ -65,7 +67,7 @@ def seller_catalog(client: SellerClient, workspace: Workspace, console: Console
 def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, model_id: str,
               data: Path | None, label_column: str | None, max_rows: int | None,
               min_security: int, packing: str = AUTO, link_mbps: float = DEFAULT_MBPS,
-              resume: bool = False) -> TrialResult:
+              resume: bool = False, max_tolerance: float | None = None) -> TrialResult:
     """A new trial of `model_id` on `data`, or (`resume`) the newest interrupted one.
 
     Ctrl-C ends it with one line saying where it stopped and how to finish it: the seller
@@ -77,7 +79,8 @@ def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, m
     try:
         return _trial(client, workspace, console, folders, model_id=model_id, data=data,
                       label_column=label_column, max_rows=max_rows, min_security=min_security,
-                      packing=packing, link_mbps=link_mbps, resume=resume)
+                      packing=packing, link_mbps=link_mbps, resume=resume,
+                      max_tolerance=max_tolerance)
     except KeyboardInterrupt:
         if folders and folders[0].has(KEYS_DIGEST):
             console.print(f"interrupted: trial {folders[0].trial_id} is unfinished (batches "
@@ -92,7 +95,7 @@ def run_trial(client: SellerClient, workspace: Workspace, console: Console, *, m
 def _trial(client: SellerClient, workspace: Workspace, console: Console,
            folders: list[TrialFolder], *, model_id: str, data: Path | None,
            label_column: str | None, max_rows: int | None, min_security: int, packing: str,
-           link_mbps: float, resume: bool) -> TrialResult:
+           link_mbps: float, resume: bool, max_tolerance: float | None) -> TrialResult:
     listings, key = seller_catalog(client, workspace, console)
     if resume:
         folder = workspace.unfinished_trial(model_id)
@@ -112,7 +115,7 @@ def _trial(client: SellerClient, workspace: Workspace, console: Console,
                            "interrupted trial)")
         signed_offer, offer, rows, labels = _open(client, console, key, listings, model_id,
                                                   data, label_column, max_rows, min_security,
-                                                  packing, link_mbps)
+                                                  packing, link_mbps, max_tolerance)
         folder = workspace.new_trial(model_id, offer.trial_id)
         folder.save_signed("offer", signed_offer)
         folder.save_rows(rows, labels or ())
@@ -218,7 +221,7 @@ def _trial(client: SellerClient, workspace: Workspace, console: Console,
 
 def _open(client: SellerClient, console: Console, key: bytes, listings: list[ModelListing],
           model_id: str, data: Path, label_column: str | None, max_rows: int | None,
-          min_security: int, packing: str, link_mbps: float
+          min_security: int, packing: str, link_mbps: float, max_tolerance: float | None
           ) -> tuple[Signed, Offer, FloatArray, tuple[str, ...] | None]:
     """Plan, open and check the offer; the rows to test (clipped to the offer's ranges)."""
     listing = next((m for m in listings if m.model_id == model_id), None)
@@ -242,16 +245,22 @@ def _open(client: SellerClient, console: Console, key: bytes, listings: list[Mod
     console.print(f"offer {offer.trial_id}: {offer.params.describe()} -> {derived}-bit "
                   f"security (re-derived); price {offer.price_cents / 100:.2f}; tolerance "
                   f"{offer.tolerance:.2g}; {offer.trial_rows_remaining} trial rows left")
+    if max_tolerance is not None and offer.tolerance > max_tolerance:
+        raise Refused(f"the seller's signed tolerance {offer.tolerance:.3g} (how far the model "
+                      f"you would buy may be from the trial's results) is above your "
+                      f"--max-tolerance {max_tolerance:g}: refusing the offer, nothing was "
+                      f"encrypted or sent; raise --max-tolerance or ask the seller for a "
+                      f"more precise listing")
     if offer.encoding.input_columns != listing.input_columns:
         raise Refused("the offer's input columns differ from the seller's listing")
-    layout = offer.encoding.layout()
-    charged = sum(layout.charged_rows(min(layout.slots, len(rows) - start),
-                                      offer.output.score_count)
-                  for start in range(0, len(rows), layout.slots))
+    layout, scores = offer.encoding.layout(), offer.output.score_count
+    charged = _charged(layout, scores, len(rows))
     if charged > offer.trial_rows_remaining:
+        fits = max((n for n in _candidates(len(rows))
+                    if _charged(layout, scores, n) <= offer.trial_rows_remaining), default=0)
         raise Exhausted(f"{data} has {len(rows)} rows, charged as {charged}, but only "
-                        f"{offer.trial_rows_remaining} trial rows are left for {model_id!r}; "
-                        f"pass --rows with fewer rows to test a subset")
+                        f"{offer.trial_rows_remaining} trial rows are left for {model_id!r}"
+                        + (f"; pass --rows {fits} to test a subset" if fits else ""))
     if charged != len(rows):
         console.print(f"note: {len(rows)} rows are charged as {charged}: a batch pays for "
                       f"every row its results can carry ({layout.kind}: rows rounded up to "
@@ -262,6 +271,17 @@ def _open(client: SellerClient, console: Console, key: bytes, listings: list[Mod
                       f"calibrated input ranges were clipped to them (the approximation holds "
                       f"there); the same clipped rows are used at verification")
     return signed_offer, offer, rows, labels
+
+
+def _charged(layout: Packing, scores: int, rows: int) -> int:
+    """What `rows` rows cost in trial rows, in batches of at most `layout.slots`."""
+    return sum(layout.charged_rows(min(layout.slots, rows - start), scores)
+               for start in range(0, rows, layout.slots))
+
+
+def _candidates(rows: int) -> list[int]:
+    """Row counts worth offering as a subset: powers of two below `rows`, and `rows`."""
+    return [*(1 << k for k in range(rows.bit_length()) if 1 << k < rows), rows]
 
 
 def _evaluated(client: SellerClient, offer: Offer, index: int, rows: int,
@@ -358,7 +378,7 @@ def _show_plan(console: Console, costs: list[TrialCost], chosen: TrialCost, rows
 
 def _report(offer: Offer, scores: FloatArray, labels: tuple[str, ...] | None,
             measures: dict[str, Any]) -> dict[str, Any]:
-    outputs = apply_tail(scores, offer.output.tail)
+    outputs = apply_tail(model_scores(scores, offer.output.range_check), offer.output.tail)
     predicted = predicted_labels(outputs, offer.output.class_labels)
     report: dict[str, Any] = {
         "model_id": offer.model_id,
@@ -371,6 +391,9 @@ def _report(offer: Offer, scores: FloatArray, labels: tuple[str, ...] | None,
     }
     if labels and predicted:
         report["metrics"] = classification_metrics(labels, predicted, offer.output.class_labels)
+    if offer.output.range_check:  # above 1 only for rows outside the plan's ranges
+        report["rows_outside_ranges"] = np.flatnonzero(
+            scores[:, -1] > 1 + offer.plan_tolerance).tolist()
     return report
 
 
@@ -393,6 +416,16 @@ def _show(console: Console, offer: Offer, report: dict[str, Any], folder: TrialF
         render_metrics(console, report["metrics"], f"{offer.model_id} on your data (encrypted)")
     else:
         console.print("no labels given: predictions are in the report")
+    outside = report.get("rows_outside_ranges", [])
+    if outside:
+        shown = ", ".join(str(r) for r in outside[:20]) + (", ..." if len(outside) > 20 else "")
+        console.print(
+            f"[yellow]warning:[/yellow] {len(outside)} of {m['rows']} rows left the ranges "
+            f"the seller's approximation is guaranteed on (rows {shown}; 0-based, all in the "
+            f"report): their results may differ from the model you would buy by more than "
+            f"the tolerance, which verification does not count against the seller. A row "
+            f"just outside a range may go unnamed here; 'gimme-buyer verify' names every "
+            f"one after purchase")
     console.print(f"report: {folder.path / 'report.json'}")
 
 

@@ -5,8 +5,9 @@ Checks, all from the trial folder (offline; common.evidence holds them, shared w
   * every seller signature (offer, receipts, delivery, key release) under the offer's key,
     which must be a key this workspace pinned;
   * the receipts sign the stored encrypted inputs and results;
-  * the delivery record names the locked bytes received; the released key is for them;
-  * the released key opens them into a model whose SHA-256 is the offer's commitment;
+  * the delivery record names the sealed bytes received; the released key is for them;
+  * the released key opens the seal into the locked model the record names, and unlocks
+    that into a model whose SHA-256 and size are the offer's commitment;
   * that model, run with onnxruntime on the tested rows (in memory: the unlocked model never
     touches the disk), reproduces the decrypted trial results within the signed tolerance.
 The evidence bundle (a zip) holds what a third party needs to re-check all of it
@@ -25,10 +26,12 @@ from rich.console import Console
 
 from buyer_client.workspace import TrialFolder, Workspace
 from common.evidence import (
+    LOCKED_MODEL,
     SECRET_KEY,
     Check,
-    check_outputs,
+    Reproduction,
     check_receipts,
+    check_reproduction,
     checks_table,
     load_rows,
     load_scores,
@@ -46,6 +49,7 @@ class Verdict:
     max_error: float | None
     agreement: float | None
     bundle: Path
+    reproduction: Reproduction | None  # None: the model could not be opened
 
 
 def verify_delivery(workspace: Workspace, console: Console, model_id: str,
@@ -57,24 +61,28 @@ def verify_delivery(workspace: Workspace, console: Console, model_id: str,
     receipts, _batches = check_receipts(folder, key, offer)
     opened = open_delivered_model(folder, key, offer)
     checks = [receipts, *opened.checks]
-    max_error = agreement = None
+    reproduction = None
     if opened.model is not None:
-        check, max_error, agreement = check_outputs(
-            offer, opened.model, load_rows(folder)[0], load_scores(folder))
-        checks.append(check)
+        reproduction = check_reproduction(folder, offer, opened.model, load_rows(folder)[0],
+                                          load_scores(folder))
+        checks += reproduction.checks
     passed = all(c.ok for c in checks)
+    max_error, agreement, outside = ((reproduction.max_error, reproduction.agreement,
+                                      reproduction.outside) if reproduction else
+                                     (None, None, []))
     path = bundle or folder.path / f"evidence-{offer.trial_id}.zip"
-    _write_bundle(path, folder, offer, passed, checks, max_error, agreement)
-    verdict = Verdict(passed, checks, max_error, agreement, path)
+    _write_bundle(path, folder, offer, passed, checks, max_error, agreement, outside)
+    verdict = Verdict(passed, checks, max_error, agreement, path, reproduction)
     folder.save_json("verdict.json", {"passed": passed, "checks": [asdict(c) for c in checks],
-                                      "max_error": max_error, "agreement": agreement})
+                                      "max_error": max_error, "agreement": agreement,
+                                      "rows_outside_ranges": outside})
     _show(console, offer, verdict)
     return verdict
 
 
 def _write_bundle(path: Path, folder: TrialFolder, offer: Offer, passed: bool,
-                  checks: list[Check], max_error: float | None, agreement: float | None
-                  ) -> None:
+                  checks: list[Check], max_error: float | None, agreement: float | None,
+                  outside: list[int]) -> None:
     manifest: dict[str, Any] = {
         "claim": "PASS" if passed else "FAIL",
         "trial_id": offer.trial_id,
@@ -83,6 +91,7 @@ def _write_bundle(path: Path, folder: TrialFolder, offer: Offer, passed: bool,
         "tolerance": offer.tolerance,
         "max_error": max_error,
         "top1_agreement": agreement,
+        "rows_outside_ranges": outside,
         "checks": [asdict(c) for c in checks],
         "seller_public_key": offer.seller_public_key.hex(),
     }
@@ -97,11 +106,20 @@ def _write_bundle(path: Path, folder: TrialFolder, offer: Offer, passed: bool,
 
 
 def _in_bundle(relative: str) -> bool:
+    # the locked model is what the sealed delivery and the key release open into
     return not (relative.startswith("evidence-") or relative in (
-        "secret.key.enc", "model.key", "verdict.json", "purchase-request-id"))
+        "secret.key.enc", "model.key", "verdict.json", "purchase-request-id", LOCKED_MODEL))
 
 
 def _show(console: Console, offer: Offer, verdict: Verdict) -> None:
     console.print(checks_table(f"verification of {offer.model_id}", verdict.checks))
+    reproduction = verdict.reproduction
+    if reproduction and reproduction.seller_fault:
+        console.print(f"[red]the seller is at fault:[/red] {reproduction.seller_fault}")
+    elif reproduction and reproduction.outside:
+        console.print(f"the seller computed the committed plan faithfully; "
+                      f"{len(reproduction.outside)} of your rows were outside the plan's "
+                      f"guaranteed ranges, where the model is not promised to match the "
+                      f"trial (not the seller's fault)")
     console.print("[bold green]PASS[/bold green]" if verdict.passed else
                   "[bold red]FAIL[/bold red]", f"evidence bundle: {verdict.bundle}")

@@ -7,8 +7,13 @@ Neither side is taken at its word. The arbiter
      be the rows the buyer says it tested; decrypts the seller's encrypted results itself
      (the buyer's own decryption, scores.npy, is only compared);
   3. opens the delivered locked model with the seller's signed key release, compares its
-     hash with the commitment, and reruns it on the decrypted rows against the decrypted
-     results within the signed tolerance.
+     hash with the commitment;
+  4. recomputes, in plaintext, the HE plan the offer committed to (disclosed in the key
+     release) on the decrypted rows: results farther from it than the signed plan tolerance
+     are the seller's fault whatever the rows were; then reruns the model against the
+     results within the signed tolerance on the rows inside the plan's guaranteed ranges
+     (outside them the approximation promised nothing: reported, never the seller's fault;
+     common.evidence.Reproduction).
 Rulings (exit status): 0 no fault found (a claim of mismatch is not supported),
 3 SELLER AT FAULT, 4 BUYER'S EVIDENCE REJECTED, 2 the command itself failed.
 """
@@ -31,8 +36,8 @@ from common.evidence import (
     SECRET_KEY,
     Bundle,
     Check,
-    check_outputs,
     check_receipts,
+    check_reproduction,
     checks_table,
     input_name,
     load_rows,
@@ -99,13 +104,16 @@ def arbitrate(bundle_path: Path, seller_key: bytes | None) -> Ruling:
         return Ruling(SELLER_AT_FAULT, "the key the seller released does not open the model "
                                        "it delivered into the model it committed to",
                       claim, checks)
-    outputs, _error, _agreement = check_outputs(offer, opened.model, rows, scores)
-    checks.append(outputs)
-    if not outputs.ok:
-        return Ruling(SELLER_AT_FAULT, "the results the seller signed during the trial were "
-                                       "not computed by the model it committed to and "
-                                       "delivered", claim, checks)
-    reason = "the delivered model is the committed one and reproduces the trial"
+    reproduction = check_reproduction(bundle, offer, opened.model, rows, scores)
+    checks += reproduction.checks
+    if reproduction.seller_fault:
+        return Ruling(SELLER_AT_FAULT, reproduction.seller_fault, claim, checks)
+    reason = ("no seller fault: the delivered model is the committed one, the trial computed "
+              "the committed plan, and the model reproduces it within the tolerance")
+    if reproduction.outside:
+        reason += (f" on every row inside the plan's guaranteed ranges; "
+                   f"{len(reproduction.outside)} rows were outside them, where nothing was "
+                   f"promised")
     if claim == "FAIL":
         reason += "; the buyer's claim of a mismatch is not supported"
     return Ruling(NO_FAULT, reason, claim, checks)

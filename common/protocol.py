@@ -31,7 +31,7 @@ class Signed:
 class EncodingSpec:
     input_columns: tuple[str, ...]
     rows_per_ciphertext: int
-    input_min: tuple[float, ...]
+    input_min: tuple[float, ...]  # the declared input domain (empty for exact models)
     input_max: tuple[float, ...]
     packing: str = SLOT_PER_SAMPLE
     period: int = 1  # feature-packed: entries per row vector
@@ -59,6 +59,7 @@ class OutputSpec:
     policy: OutputPolicy
     circuit_privacy: bool
     flooding_std: float
+    range_check: bool = False  # the last result is the plan's range check (common.he.plan)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ class Offer:
     seller_public_key: bytes
     estimate: Estimate
     trial_price_per_row_cents: int
+    plan_commitment: bytes = b""  # SHA-256 of the HE plan evaluated, disclosed on payment
+    plan_tolerance: float = 0.0  # max |decrypted result - plan(rows)| per result
 
 
 @dataclass(frozen=True)
@@ -128,12 +131,17 @@ class PaymentReceipt:
 
 @dataclass(frozen=True)
 class DeliveryRecord:
+    """The seller's word on what it delivered: sealed bytes (checked before payment) that
+    the released key opens into the locked model, which unlocks into the commitment."""
+
     trial_id: str
     model_id: str
     locked_sha256: bytes
     locked_size: int
     delivered_at: int
     model_commitment: bytes
+    sealed_sha256: bytes
+    sealed_size: int
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,8 @@ class KeyRelease:
     locked_sha256: bytes
     model_commitment: bytes
     released_at: int
+    sealed_sha256: bytes
+    plan: bytes = b""  # the HE plan the trial evaluated (sha256 = the offer's plan_commitment)
 
 
 @dataclass(frozen=True)

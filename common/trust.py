@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from common.deeplock import KEY_BYTES
+from common.deeplock import KEY_BYTES, check_sealed
 from common.errors import BadInput, Refused
 from common.he import engine
 from common.he.packing import FEATURE_PACKED, PACKINGS
@@ -69,9 +69,12 @@ def _check_offer_shape(offer: Offer) -> None:
     if not 0 < offer.output.result_level <= offer.params.multiplicative_depth:
         problems.append(f"result level {offer.output.result_level} for depth "
                         f"{offer.params.multiplicative_depth}")
-    if offer.output.class_labels and len(offer.output.class_labels) != offer.output.score_count:
+    model_scores = offer.output.score_count - offer.output.range_check
+    if offer.output.class_labels and len(offer.output.class_labels) != model_scores:
         problems.append(f"{len(offer.output.class_labels)} class labels for "
-                        f"{offer.output.score_count} scores")
+                        f"{model_scores} scores")
+    if offer.output.range_check and not 0 < offer.plan_tolerance < 1e6:
+        problems.append(f"a range check with plan tolerance {offer.plan_tolerance}")
     try:
         check_tail(offer.output.tail)
     except BadInput as exc:
@@ -148,28 +151,34 @@ def open_payment(signed: Signed, seller_key: bytes, offer: Offer) -> PaymentRece
     return payment
 
 
-def open_delivery(signed: Signed, seller_key: bytes, offer: Offer, locked: bytes
+def open_delivery(signed: Signed, seller_key: bytes, offer: Offer, sealed: bytes
                   ) -> DeliveryRecord:
-    """The seller's record must name these locked bytes and the offer's commitment."""
+    """Before payment: the seller's record must name these sealed bytes, be a seal of the
+    locked model it declares, and name the offer's commitment (what is inside is checked
+    once the key is released)."""
     record = delivery_from_payload(_verified(signed, DELIVERY, seller_key))
     if record.trial_id != offer.trial_id:
         raise Refused("the delivery record is for another trial")
-    if record.locked_sha256 != sha256(locked) or record.locked_size != len(locked):
-        raise Refused("the delivered bytes are not the ones the delivery record names")
+    if record.sealed_sha256 != sha256(sealed) or record.sealed_size != len(sealed):
+        raise Refused(f"the delivered bytes ({len(sealed)} bytes, sha256 "
+                      f"{sha256(sealed).hex()[:16]}…) are not the ones the delivery record "
+                      f"names ({record.sealed_size} bytes, sha256 "
+                      f"{record.sealed_sha256.hex()[:16]}…)")
     if record.model_commitment != offer.model_commitment:
         raise Refused("the delivery record names another model than the offer committed to")
+    check_sealed(sealed, record.locked_size)
     return record
 
 
-def open_key_release(signed: Signed, seller_key: bytes, offer: Offer, locked: bytes
+def open_key_release(signed: Signed, seller_key: bytes, offer: Offer, sealed: bytes
                      ) -> KeyRelease:
-    """The released key must be for this trial, this locked model and the committed model
-    (whether it really opens it is checked by unlocking)."""
+    """The released key must be for this trial, these sealed bytes and the committed model
+    (whether it really opens them is checked by opening them)."""
     release = key_release_from_payload(_verified(signed, KEY_RELEASE, seller_key))
     if release.trial_id != offer.trial_id:
         raise Refused("the key release is for another trial")
-    if release.locked_sha256 != sha256(locked):
-        raise Refused("the key release names another locked model than the one delivered")
+    if release.sealed_sha256 != sha256(sealed):
+        raise Refused("the key release names another sealed model than the one delivered")
     if release.model_commitment != offer.model_commitment:
         raise Refused("the key release names another model than the offer committed to")
     if len(release.master_key) != KEY_BYTES:

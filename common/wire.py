@@ -126,6 +126,7 @@ def offer_payload(offer: Offer) -> bytes:
                                    grid=offer.output.policy.grid),
             circuit_privacy=offer.output.circuit_privacy,
             flooding_std=offer.output.flooding_std,
+            range_check=offer.output.range_check,
         ),
         tolerance=offer.tolerance,
         price_cents=offer.price_cents,
@@ -136,6 +137,8 @@ def offer_payload(offer: Offer) -> bytes:
         seller_public_key=offer.seller_public_key,
         estimate=estimate_to_pb(offer.estimate),
         trial_price_per_row_cents=offer.trial_price_per_row_cents,
+        plan_commitment=offer.plan_commitment,
+        plan_tolerance=offer.plan_tolerance,
     )
     return message.SerializeToString(deterministic=True)
 
@@ -174,6 +177,7 @@ def offer_from_payload(payload: bytes) -> Offer:
                                 m.output.policy.grid),
             circuit_privacy=m.output.circuit_privacy,
             flooding_std=m.output.flooding_std,
+            range_check=m.output.range_check,
         ),
         tolerance=m.tolerance,
         price_cents=m.price_cents,
@@ -184,6 +188,8 @@ def offer_from_payload(payload: bytes) -> Offer:
         seller_public_key=m.seller_public_key,
         estimate=estimate_from_pb(m.estimate),
         trial_price_per_row_cents=m.trial_price_per_row_cents,
+        plan_commitment=m.plan_commitment,
+        plan_tolerance=m.plan_tolerance,
     )
 
 
@@ -255,6 +261,8 @@ def delivery_payload(record: DeliveryRecord) -> bytes:
         locked_size=record.locked_size,
         delivered_at=record.delivered_at,
         model_commitment=record.model_commitment,
+        sealed_sha256=record.sealed_sha256,
+        sealed_size=record.sealed_size,
     ).SerializeToString(deterministic=True)
 
 
@@ -262,7 +270,7 @@ def delivery_from_payload(payload: bytes) -> DeliveryRecord:
     m = pb.DeliveryRecord()
     _parse(m, payload, "delivery record")
     return DeliveryRecord(m.trial_id, m.model_id, m.locked_sha256, m.locked_size,
-                          m.delivered_at, m.model_commitment)
+                          m.delivered_at, m.model_commitment, m.sealed_sha256, m.sealed_size)
 
 
 def key_release_payload(release: KeyRelease) -> bytes:
@@ -273,6 +281,8 @@ def key_release_payload(release: KeyRelease) -> bytes:
         locked_sha256=release.locked_sha256,
         model_commitment=release.model_commitment,
         released_at=release.released_at,
+        sealed_sha256=release.sealed_sha256,
+        plan=release.plan,
     ).SerializeToString(deterministic=True)
 
 
@@ -280,7 +290,7 @@ def key_release_from_payload(payload: bytes) -> KeyRelease:
     m = pb.KeyRelease()
     _parse(m, payload, "key release")
     return KeyRelease(m.trial_id, m.model_id, m.master_key, m.locked_sha256,
-                      m.model_commitment, m.released_at)
+                      m.model_commitment, m.released_at, m.sealed_sha256, m.plan)
 
 
 # ----- catalog and progress -----

@@ -19,8 +19,15 @@ A catalog directory holds one `NAME.json` listing per model:
       "fingerprint": true,                       # optional: a marked copy per sale
       "feature_packing": true,                   # optional: also offer feature packing
       "extraction_criterion": "warn",            # optional: "warn" or "refuse"
-      "criterion_factor": 10                     # optional: c in criterion 1
-    }
+      "criterion_factor": 10,                    # optional: c in criterion 1
+      "input_domain": [0, 16]                    # optional: [low, high] for every column,
+    }                                            # or one [low, high] per column
+
+Offers of a model with approximated activations declare an input domain, to which buyers
+clip their rows: the listing's `input_domain`, or else the calibration rows' range widened
+by DOMAIN_MARGIN of its width on each side and rounded outward to two significant digits.
+The calibration rows' exact extremes are the seller's data and never leave it; a buyer
+learns each column's range only to about 5-10%.
 
 Compiling and self-testing takes seconds per model, so results are cached in the state
 database under a key covering every input (model, listing, calibration, engine version).
@@ -46,12 +53,13 @@ import numpy.typing as npt
 import onnx
 from onnx import numpy_helper
 
+from common.deeplock import check_lockable
 from common.errors import BadInput, GimmeError
 from common.guarded import run_guarded
 from common.he import engine
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE
 from common.he.params import CkksParams
-from common.he.plan import HEPlan
+from common.he.plan import HEPlan, model_scores
 from common.onnx_io import parse_model, run_model
 from common.protocol import EncodingSpec, Estimate, OutputPolicy, OutputSpec
 from common.signing import sha256
@@ -66,7 +74,7 @@ from seller_server.worker import Capacity
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "gimme-he-14"  # bump when compiled results would change
+ENGINE_VERSION = "gimme-he-15"  # bump when compiled results would change
 TOLERANCE_FACTOR = 3.0
 TOLERANCE_FLOOR = 1e-4
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -95,6 +103,7 @@ class ListingSpec:
     # offer feature packing too: its rotation indices tell buyers the widest layer's size
     # (rounded up to a power of two) and which diagonals the weights fill
     feature_packing: bool = True
+    input_domain: tuple[tuple[float, float], ...] | None = None  # per column (low, high)
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,7 @@ class Listing:
     calibration: FloatArray  # the seller's rows (fingerprinted copies are compiled on them)
     fingerprint_strength: float  # 0: copies are not fingerprinted
     degrees: tuple[int, ...]  # Chebyshev degree of each approximated activation
+    plan_tolerance: float  # max |decrypted result - plan(rows)| an offer guarantees
 
     @property
     def model_id(self) -> str:
@@ -180,7 +190,8 @@ class Listing:
         return OutputSpec(self.plan.score_count, self.tail.ops, self.tail.class_labels,
                           engine.result_level(self.plan), self.tail.probability_output,
                           self.tail.label_output, self.spec.output_policy,
-                          self.spec.circuit_privacy, self.measured.flooding_std)
+                          self.spec.circuit_privacy, self.measured.flooding_std,
+                          self.plan.range_check)
 
 
 def read_listing(path: Path) -> ListingSpec:
@@ -227,7 +238,51 @@ def read_listing(path: Path) -> ListingSpec:
         _cents(path, "trial_price_per_row", raw.get("trial_price_per_row", "0")), degree,
         max_error, _output_policy(path, raw.get("output_policy", {"kind": "full"})),
         bool(raw.get("circuit_privacy", True)), flooding_bits, criterion, factor,
-        bool(raw.get("fingerprint", True)), bool(raw.get("feature_packing", True)))
+        bool(raw.get("fingerprint", True)), bool(raw.get("feature_packing", True)),
+        _input_domain(path, raw.get("input_domain"), len(columns)))
+
+
+def _input_domain(path: Path, raw: object, columns: int
+                  ) -> tuple[tuple[float, float], ...] | None:
+    if raw is None:
+        return None
+    pairs: Any = [raw] * columns if isinstance(raw, list) and len(raw) == 2 and all(
+        isinstance(v, int | float) for v in raw) else raw
+    try:
+        domain = tuple((float(low), float(high)) for low, high in pairs)
+    except (TypeError, ValueError):
+        domain = ()
+    if len(domain) != columns or not all(
+            np.isfinite(low) and np.isfinite(high) and low < high for low, high in domain):
+        raise BadInput(f"{path}: input_domain must be [low, high] (every column) or a list "
+                       f"of {columns} [low, high] pairs (one per input column), finite, "
+                       f"low < high")
+    return domain
+
+
+DOMAIN_MARGIN = 0.05
+
+
+def input_domain(spec: ListingSpec, rows: FloatArray) -> tuple[tuple[float, ...],
+                                                               tuple[float, ...]]:
+    """The (low, high) per column that offers declare: the listing's own, or the
+    calibration range widened and rounded outward (see the module's docstring)."""
+    if spec.input_domain is not None:
+        return (tuple(low for low, _ in spec.input_domain),
+                tuple(high for _, high in spec.input_domain))
+    low, high = rows.min(axis=0), rows.max(axis=0)
+    # a constant column is widened by its magnitude (or 1 for zero) instead of its width
+    width = np.where(high > low, high - low, np.maximum(np.abs(high), 1.0))
+    return (tuple(_two_digits(v, np.floor) for v in low - DOMAIN_MARGIN * width),
+            tuple(_two_digits(v, np.ceil) for v in high + DOMAIN_MARGIN * width))
+
+
+def _two_digits(value: float, rounding: Callable[[float], float]) -> float:
+    """`value` rounded (down or up, by `rounding`) to two significant digits."""
+    if value == 0:
+        return 0.0
+    step = 10.0 ** (np.floor(np.log10(abs(value))) - 1)
+    return float(f"{rounding(value / step) * step:.2g}")  # -0.013, not -0.013000000000000001
 
 
 def _cents(path: Path, field: str, value: object) -> int:
@@ -295,6 +350,7 @@ def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_r
         calibration_bytes = spec.calibration_path.read_bytes()
     except OSError as exc:
         raise BadInput(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    check_lockable(model_bytes)  # sold models are delivered Deep-Locked: nothing in the clear
     rows = load_table(spec.calibration_path, spec.input_columns).rows
     key = hashlib.sha256(b"\0".join([
         ENGINE_VERSION.encode(), model_bytes, spec.path.read_bytes(), calibration_bytes,
@@ -312,6 +368,8 @@ def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_r
     if not safe and spec.extraction_criterion == "refuse":
         raise BadInput(f"extraction criterion not met ({risk}); lower trial_budget_rows or "
                        f"set extraction_criterion to 'warn'")
+    degrees = tuple(s.degree for s in plan.stages if s.kind == "chebyshev")
+    domain = input_domain(spec, rows)
     return Listing(
         spec=spec,
         model_bytes=model_bytes,
@@ -320,14 +378,16 @@ def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_r
         tail=Tail(tuple(ops), tuple(labels), probability_output, label_output),
         params=CkksParams(**record["params"]),
         tolerance=float(record["tolerance"]),
-        input_min=tuple(record["input_min"]),
-        input_max=tuple(record["input_max"]),
+        # a domain matters only where activations are approximated
+        input_min=domain[0] if degrees else (),
+        input_max=domain[1] if degrees else (),
         approximation=record["approximation"],
         measured=Measured(**record["measured"]),
         extraction_risk=risk,
         calibration=rows,
         fingerprint_strength=float(record["fingerprint_strength"]),
-        degrees=tuple(s.degree for s in plan.stages if s.kind == "chebyshev"),
+        degrees=degrees,
+        plan_tolerance=float(record["plan_tolerance"]),
     )
 
 
@@ -336,6 +396,8 @@ def _compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
                       ) -> dict[str, Any]:
     compiled = compile_model(model_bytes, rows, degree=spec.activation_degree,
                              error_target=spec.max_error)
+    # offers name the rows that leave the plan's ranges (common.he.plan: guaranteed ranges)
+    compiled = dataclasses.replace(compiled, plan=compiled.plan.with_range_check())
     if compiled.approximation_error > spec.max_error:
         log.warning("%s: best approximation error %.3g exceeds max_error %.3g",
                     spec.model_id, compiled.approximation_error, spec.max_error)
@@ -347,9 +409,15 @@ def _compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
                                      capacity)
     reference = run_model(model_bytes, test_rows, compiled.tail.probability_output,
                           compiled.tail.class_labels)
-    # the tolerance covers every packing offered
-    he_error = max(float(np.abs(apply_tail(results, compiled.tail.ops)
+    # the tolerances cover every packing offered
+    range_check = compiled.plan.range_check
+    he_error = max(float(np.abs(apply_tail(model_scores(results, range_check),
+                                           compiled.tail.ops)
                                 - reference[:len(results)]).max()) for results in decrypted)
+    # how far a faithful evaluation lands from the plan: CKKS error plus the noise added
+    planned = compiled.plan.simulate(test_rows)
+    plan_error = max(float(np.abs(results - planned[:len(results)]).max())
+                     for results in decrypted)
     return {
         "plan": base64.b64encode(compiled.plan.to_bytes()).decode(),
         "tail": [list(compiled.tail.ops), list(compiled.tail.class_labels),
@@ -357,9 +425,7 @@ def _compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
         "params": params.to_dict(),
         "tolerance": max(TOLERANCE_FACTOR * max(he_error, compiled.approximation_error),
                          TOLERANCE_FLOOR),
-        # ranges matter only where activations are approximated
-        "input_min": rows.min(axis=0).tolist() if compiled.degree else [],
-        "input_max": rows.max(axis=0).tolist() if compiled.degree else [],
+        "plan_tolerance": max(TOLERANCE_FACTOR * plan_error, TOLERANCE_FLOOR),
         "approximation": compiled.approximation,
         "measured": dataclasses.asdict(Measured(**measured, he_error=he_error)),
         "fingerprint_strength": (fingerprint_strength(model_bytes, rows, compiled.tail)

@@ -13,11 +13,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from common.deeplock import key_id, lock, new_master_key
+from common.deeplock import key_id, lock, new_master_key, seal
 from common.errors import BadInput, Exhausted, NotFound, WorkerFailed, WrongState
 from common.guarded import run_guarded
 from common.he import engine
@@ -169,6 +169,9 @@ class Seller:
             seller_public_key=self.signer.public_key,
             estimate=estimate,
             trial_price_per_row_cents=listing.spec.trial_price_per_row_cents,
+            # the plan itself is the seller's until paid for: its digest now, it on payment
+            plan_commitment=sha256(model.plan.to_bytes()),
+            plan_tolerance=listing.plan_tolerance,
         )
         signed = self._sign(OFFER, offer_payload(offer))
         self.store.add_trial(TrialRow(offer.trial_id, model_id, buyer_id, offer.key_tag,
@@ -197,6 +200,9 @@ class Seller:
         (its self-test figures size the keys); buying what was tested stays possible
         either way."""
         trial, listing = self._trial(buyer_id, trial_id)
+        if self.store.paid(trial_id):
+            raise WrongState(f"trial {trial_id} is paid (its model is bought): it takes no more "
+                             f"keys or data; open a new trial to test again")
         encoding = offer_from_payload(trial.offer_payload).encoding
         if encoding.packing not in {estimate.packing for estimate in listing.estimates()}:
             raise WrongState(f"model {trial.model_id!r} is no longer offered "
@@ -204,9 +210,6 @@ class Seller:
         return trial, listing, encoding
 
     # ----- step 4: keys -----
-        if self.store.paid(trial_id):
-            raise WrongState(f"trial {trial_id} is paid (its model is bought): it takes no more "
-                             f"keys or data; open a new trial to test again")
 
     def key_sizes(self, buyer_id: str, trial_id: str) -> dict[str, tuple[int, int | None]]:
         """The key objects this trial takes, in upload order: name -> (size cap, exact size
@@ -370,28 +373,36 @@ class Seller:
         signed = self.store.purchase(request_id, trial, listing.spec.price_cents, sign_receipt)
         shutil.rmtree(self.spool / "trials" / trial_id, ignore_errors=True)  # keys: done
         key = self.store.lock_key(trial_id, new_master_key)
-        locked = self._locked(trial, listing, key)
+        locked, sealed = self._sealed(trial, listing, key)
+        plan = self._trial_model(trial, listing).plan.to_bytes()  # disclosed now it is paid
         release = self._sign(KEY_RELEASE, key_release_payload(KeyRelease(
             trial_id, listing.model_id, key, sha256(locked), trial.model_commitment,
-            int(time.time()))))
+            int(time.time()), sha256(sealed), plan)))
         log.info("trial %s paid: %s bought %s; key %s released", trial_id, buyer_id,
                  listing.model_id, key_id(key))
         return signed, release
 
     def deliver(self, buyer_id: str, trial_id: str) -> tuple[bytes, Signed]:
-        """The trial's model, Deep-Locked: free to download once a batch was evaluated
-        (without the key it is a random classifier); payment releases the key."""
+        """The trial's model, Deep-Locked and sealed: free to download once a batch was
+        evaluated (without the key it is not even an ONNX file); payment releases the key."""
         trial, listing = self._trial(buyer_id, trial_id)
         if not self.store.paid(trial_id) and not self.store.evaluated_batches(trial_id):
             raise WrongState(f"trial {trial_id} has no evaluated batch yet: test the model "
                              f"first ('gimme-buyer trial {listing.model_id}')")
-        locked = self._locked(trial, listing, self.store.lock_key(trial_id, new_master_key))
+        locked, sealed = self._sealed(trial, listing,
+                                      self.store.lock_key(trial_id, new_master_key))
         record = DeliveryRecord(trial_id, listing.model_id, sha256(locked), len(locked),
-                                int(time.time()), trial.model_commitment)
+                                int(time.time()), trial.model_commitment, sha256(sealed),
+                                len(sealed))
         signed = self._sign(DELIVERY, delivery_payload(record))
         self.store.record_delivery(trial_id, signed)
-        log.info("trial %s: locked model %s delivered", trial_id, listing.model_id)
-        return locked, signed
+        log.info("trial %s: sealed model %s delivered", trial_id, listing.model_id)
+        return sealed, signed
+
+    def _sealed(self, trial: TrialRow, listing: Listing, key: bytes) -> tuple[bytes, bytes]:
+        """(the locked model, the delivered file: it sealed), both fixed by the trial's key."""
+        locked = self._locked(trial, listing, key)
+        return locked, seal(locked, key)
 
     def _locked(self, trial: TrialRow, listing: Listing, key: bytes) -> bytes:
         return lock(self._trial_model(trial, listing).model_bytes, key)
@@ -403,6 +414,7 @@ class Seller:
             return TrialModel(listing.model_bytes, listing.plan, listing.tolerance)
         copy = fingerprint(listing.model_bytes, key, listing.fingerprint_strength)
         compiled = compile_model(copy, listing.calibration, degrees=listing.degrees)
+        compiled = replace(compiled, plan=compiled.plan.with_range_check())
         if engine.levels_needed(compiled.plan) != listing.params.multiplicative_depth:
             raise WorkerFailed(f"the fingerprinted copy of {listing.model_id} compiled to "
                                f"another depth; list it with \"fingerprint\": false")
@@ -466,6 +478,7 @@ class Seller:
             tmp.write_bytes(plan.to_bytes())
             tmp.replace(path)
         return path
+
 
 def _idle(parent: Path, max_age_seconds: float) -> list[Path]:
     """The directories under `parent` whose newest file is older than `max_age_seconds`."""

@@ -18,8 +18,8 @@ import pytest
 
 from buyer_client.client import SellerClient
 from common import errors
-from common.deeplock import unlock
-from common.evidence import LOCKED_MODEL
+from common.deeplock import unlock, unseal
+from common.evidence import LOCKED_MODEL, SEALED_MODEL
 from common.he import engine
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE
 from common.onnx_io import run_model
@@ -115,7 +115,7 @@ def test_full_trade_trial_buy_verify(lr_seller: Daemon, examples: Path, tmp_path
     assert manifest["claim"] == "PASS"
     assert manifest["model_commitment"] == sha256(delivered).hex()
     assert {"offer.json", "receipt-0.json", "payment.json", "delivery.json", "key-release.json",
-            LOCKED_MODEL, "secret.key", "rows.npz", "inputs/batch-0/ct-0.bin",
+            SEALED_MODEL, "secret.key", "rows.npz", "inputs/batch-0/ct-0.bin",
             "results/batch-0/score-0.bin"} <= set(bundle.namelist())
     assert "model.key" not in bundle.namelist()  # the key release inside carries it, signed
 
@@ -181,11 +181,11 @@ class _Trial:
             for r in results], rows, 2)
 
     def buy(self) -> bytes:
-        """Download the locked model, pay, unlock it with the released key."""
-        locked, _record = self.client.deliver(self.offer.trial_id, 1 << 20, lambda n: None)
+        """Download the sealed model, pay, open and unlock it with the released key."""
+        sealed, _record = self.client.deliver(self.offer.trial_id, 1 << 20, lambda n: None)
         _payment, signed_release = self.client.purchase(self.offer.trial_id, uuid.uuid4().hex)
-        release = open_key_release(signed_release, self.key, self.offer, locked)
-        return unlock(locked, release.master_key)
+        release = open_key_release(signed_release, self.key, self.offer, sealed)
+        return unlock(unseal(sealed, release.master_key), release.master_key)
 
 
 def test_corrupted_uploads_are_rejected_and_the_daemon_keeps_serving(lr_seller: Daemon) -> None:
@@ -216,7 +216,7 @@ def test_corrupted_uploads_are_rejected_and_the_daemon_keeps_serving(lr_seller: 
     assert len(results) == 2
     listings, _key = _client(lr_seller, "dave").list_models()
     carol = next(m for m in _client(lr_seller, "carol").list_models()[0] if m.model_id == LR)
-    assert carol.trial_rows_remaining == carol.trial_budget_rows - 10
+    assert carol.trial_rows_remaining == carol.trial_budget_rows - 16  # 10 rows cost 16
     assert [m.model_id for m in listings] == [LR]
 
 
@@ -334,18 +334,19 @@ def test_payment_is_idempotent_and_releases_the_key(lr_seller: Daemon) -> None:
         trial.client.deliver(trial.offer.trial_id, 1 << 20, lambda n: None)
     trial.upload_keys()
     trial.evaluate(0, 1, trial.ciphertexts(np.zeros((1, 30))))
-    locked, _record = trial.client.deliver(trial.offer.trial_id, 1 << 20, lambda n: None)
-    assert sha256(locked) != trial.offer.model_commitment
+    sealed, _record = trial.client.deliver(trial.offer.trial_id, 1 << 20, lambda n: None)
+    assert sha256(sealed) != trial.offer.model_commitment
     with pytest.raises(errors.BadInput, match="request id must be 8-64"):
         trial.client.purchase(trial.offer.trial_id, "x")
     request = uuid.uuid4().hex
     first = trial.client.purchase(trial.offer.trial_id, request)
     again = trial.client.purchase(trial.offer.trial_id, request)
     assert first[0] == again[0]  # one payment, one ledger entry
-    release = open_key_release(again[1], trial.key, trial.offer, locked)
+    release = open_key_release(again[1], trial.key, trial.offer, sealed)
+    locked = unseal(sealed, release.master_key)
     assert sha256(unlock(locked, release.master_key)) == trial.offer.model_commitment
-    # after payment, the same locked bytes again (the key is fixed per trial)
-    assert trial.client.deliver(trial.offer.trial_id, 1 << 20, lambda n: None)[0] == locked
+    # after payment, the same sealed bytes again (the key is fixed per trial)
+    assert trial.client.deliver(trial.offer.trial_id, 1 << 20, lambda n: None)[0] == sealed
     broke = _Trial(lr_seller, "mallory")
     with pytest.raises(errors.Exhausted, match=r"insufficient prepaid balance: 0.00"):
         broke.client.purchase(broke.offer.trial_id, uuid.uuid4().hex)
@@ -402,12 +403,14 @@ def test_restart_keeps_ledger_and_budgets(lr_catalog: Path, tls_dir: Path, examp
     second = Daemon(catalog, state, tls_dir)
     try:
         second.wait_serving()
-        assert "129/300" in buyer_cli(second, home, "bob", "models").stdout  # 300 - 171 rows
+        # 300 - 256: the 171 rows were charged as their fold period
+        assert "44/300" in buyer_cli(second, home, "bob", "models").stdout
         again = buyer_cli(second, home, "bob", "trial", LR, "--data",
                           str(_test_csv(examples)), "--label-column", "y")
         assert again.returncode == 2
-        assert "only 129 trial rows are left" in again.stdout
-        assert "--rows 129" in again.stdout
+        said = " ".join(again.stdout.split())
+        assert "charged as 256, but only 44 trial rows are left" in said
+        assert "--rows 32" in said
         bought = buyer_cli(second, home, "bob", "buy", LR)
         assert bought.returncode == 0, bought.stdout + bought.stderr
         assert "balance 35.00" in bought.stdout  # 60 - 25: the top-up survived the restart
@@ -449,10 +452,7 @@ def test_two_buyers_evaluate_at_once_without_sharing_key_state(lr_seller: Daemon
         outcomes = list(pool.map(lambda i: trials[i].evaluate(0, 20, trials[i].ciphertexts(
             rows[i])), range(2)))
     for trial, (results, _receipt), data in zip(trials, outcomes, rows, strict=True):
-        gate = engine.CiphertextGate(trial.cc, trial.offer.key_tag,
-                                     trial.offer.output.result_level)
-        scores = np.array([engine.decrypt_vector(trial.cc, trial.secret, gate.load(r, "r"), 20)
-                           for r in results]).T
+        scores = trial.open(results, 20)
         # compared with the buyer's own (fingerprinted) copy, bought afterwards
         plain = run_model(trial.buy(), data, "output_probability", ["0", "1"])
         ours = apply_tail(scores, trial.offer.output.tail)

@@ -294,9 +294,9 @@ class EncodingSpec(_message.Message):
     def input_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def input_min(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """per-column range of the seller's calibration data (empty for exact models): the
-        activation approximations hold inside it, so the buyer clips its rows to it
-        before encrypting
+        """per-column input domain the seller declares (empty for exact models): the listing's
+        "input_domain", or the calibration range widened and rounded outward (never the
+        calibration rows' exact extremes); the buyer clips its rows to it before encrypting
         """
 
     @_builtins.property
@@ -367,6 +367,7 @@ class OutputSpec(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     CIRCUIT_PRIVACY_FIELD_NUMBER: _builtins.int
     FLOODING_STD_FIELD_NUMBER: _builtins.int
+    RANGE_CHECK_FIELD_NUMBER: _builtins.int
     score_count: _builtins.int
     """ciphertexts returned per batch"""
     result_level: _builtins.int
@@ -380,6 +381,10 @@ class OutputSpec(_message.Message):
     under the buyer's public key
     """
     flooding_std: _builtins.float
+    range_check: _builtins.bool
+    """the last result is the plan's range check, not a model score: above 1 (plus
+    plan_tolerance) the row left the ranges the plan's approximations are fitted on
+    """
     @_builtins.property
     def tail(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """ops the buyer applies after decryption, in order"""
@@ -400,10 +405,11 @@ class OutputSpec(_message.Message):
         policy: Global___OutputPolicy | None = ...,
         circuit_privacy: _builtins.bool = ...,
         flooding_std: _builtins.float = ...,
+        range_check: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuit_privacy", b"circuit_privacy", "class_labels", b"class_labels", "flooding_std", b"flooding_std", "label_output", b"label_output", "policy", b"policy", "probability_output", b"probability_output", "result_level", b"result_level", "score_count", b"score_count", "tail", b"tail"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuit_privacy", b"circuit_privacy", "class_labels", b"class_labels", "flooding_std", b"flooding_std", "label_output", b"label_output", "policy", b"policy", "probability_output", b"probability_output", "range_check", b"range_check", "result_level", b"result_level", "score_count", b"score_count", "tail", b"tail"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -483,6 +489,8 @@ class Offer(_message.Message):
     SELLER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     ESTIMATE_FIELD_NUMBER: _builtins.int
     TRIAL_PRICE_PER_ROW_CENTS_FIELD_NUMBER: _builtins.int
+    PLAN_COMMITMENT_FIELD_NUMBER: _builtins.int
+    PLAN_TOLERANCE_FIELD_NUMBER: _builtins.int
     trial_id: _builtins.str
     model_id: _builtins.str
     model_name: _builtins.str
@@ -500,6 +508,10 @@ class Offer(_message.Message):
     seller_public_key: _builtins.bytes
     trial_price_per_row_cents: _builtins.int
     """charged per evaluated row, from the prepaid ledger"""
+    plan_commitment: _builtins.bytes
+    """SHA-256 of the HE plan evaluated (disclosed on payment)"""
+    plan_tolerance: _builtins.float
+    """max |decrypted result - plan(rows)| per result"""
     @_builtins.property
     def params(self) -> Global___CkksParameters: ...
     @_builtins.property
@@ -528,10 +540,12 @@ class Offer(_message.Message):
         seller_public_key: _builtins.bytes = ...,
         estimate: Global___Estimate | None = ...,
         trial_price_per_row_cents: _builtins.int = ...,
+        plan_commitment: _builtins.bytes = ...,
+        plan_tolerance: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "estimate", b"estimate", "output", b"output", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buyer_id", b"buyer_id", "encoding", b"encoding", "estimate", b"estimate", "issued_at", b"issued_at", "key_tag", b"key_tag", "model_commitment", b"model_commitment", "model_id", b"model_id", "model_name", b"model_name", "model_size", b"model_size", "output", b"output", "params", b"params", "price_cents", b"price_cents", "seller_public_key", b"seller_public_key", "tolerance", b"tolerance", "trial_id", b"trial_id", "trial_price_per_row_cents", b"trial_price_per_row_cents", "trial_rows_remaining", b"trial_rows_remaining"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buyer_id", b"buyer_id", "encoding", b"encoding", "estimate", b"estimate", "issued_at", b"issued_at", "key_tag", b"key_tag", "model_commitment", b"model_commitment", "model_id", b"model_id", "model_name", b"model_name", "model_size", b"model_size", "output", b"output", "params", b"params", "plan_commitment", b"plan_commitment", "plan_tolerance", b"plan_tolerance", "price_cents", b"price_cents", "seller_public_key", b"seller_public_key", "tolerance", b"tolerance", "trial_id", b"trial_id", "trial_price_per_row_cents", b"trial_price_per_row_cents", "trial_rows_remaining", b"trial_rows_remaining"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -927,6 +941,8 @@ class KeyRelease(_message.Message):
     LOCKED_SHA256_FIELD_NUMBER: _builtins.int
     MODEL_COMMITMENT_FIELD_NUMBER: _builtins.int
     RELEASED_AT_FIELD_NUMBER: _builtins.int
+    SEALED_SHA256_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
     trial_id: _builtins.str
     model_id: _builtins.str
     master_key: _builtins.bytes
@@ -936,6 +952,12 @@ class KeyRelease(_message.Message):
     model_commitment: _builtins.bytes
     """what it opens it into (the offer's commitment)"""
     released_at: _builtins.int
+    sealed_sha256: _builtins.bytes
+    """the sealed file delivered, which the key opens first"""
+    plan: _builtins.bytes
+    """the HE plan the trial evaluated (its SHA-256 is the offer's plan_commitment),
+    disclosed on payment so the buyer and an arbiter can recompute it in plaintext
+    """
     def __init__(
         self,
         *,
@@ -945,10 +967,12 @@ class KeyRelease(_message.Message):
         locked_sha256: _builtins.bytes = ...,
         model_commitment: _builtins.bytes = ...,
         released_at: _builtins.int = ...,
+        sealed_sha256: _builtins.bytes = ...,
+        plan: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["locked_sha256", b"locked_sha256", "master_key", b"master_key", "model_commitment", b"model_commitment", "model_id", b"model_id", "released_at", b"released_at", "trial_id", b"trial_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["locked_sha256", b"locked_sha256", "master_key", b"master_key", "model_commitment", b"model_commitment", "model_id", b"model_id", "plan", b"plan", "released_at", b"released_at", "sealed_sha256", b"sealed_sha256", "trial_id", b"trial_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -983,14 +1007,20 @@ class DeliveryRecord(_message.Message):
     LOCKED_SIZE_FIELD_NUMBER: _builtins.int
     DELIVERED_AT_FIELD_NUMBER: _builtins.int
     MODEL_COMMITMENT_FIELD_NUMBER: _builtins.int
+    SEALED_SHA256_FIELD_NUMBER: _builtins.int
+    SEALED_SIZE_FIELD_NUMBER: _builtins.int
     trial_id: _builtins.str
     model_id: _builtins.str
     locked_sha256: _builtins.bytes
-    """the bytes delivered (Deep-Locked)"""
+    """the Deep-Locked model inside the seal"""
     locked_size: _builtins.int
     delivered_at: _builtins.int
     model_commitment: _builtins.bytes
     """what they unlock into"""
+    sealed_sha256: _builtins.bytes
+    """the bytes delivered: the locked model sealed (AES-256-GCM)"""
+    sealed_size: _builtins.int
+    """locked_size + the seal's fixed overhead"""
     def __init__(
         self,
         *,
@@ -1000,10 +1030,12 @@ class DeliveryRecord(_message.Message):
         locked_size: _builtins.int = ...,
         delivered_at: _builtins.int = ...,
         model_commitment: _builtins.bytes = ...,
+        sealed_sha256: _builtins.bytes = ...,
+        sealed_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_at", b"delivered_at", "locked_sha256", b"locked_sha256", "locked_size", b"locked_size", "model_commitment", b"model_commitment", "model_id", b"model_id", "trial_id", b"trial_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_at", b"delivered_at", "locked_sha256", b"locked_sha256", "locked_size", b"locked_size", "model_commitment", b"model_commitment", "model_id", b"model_id", "sealed_sha256", b"sealed_sha256", "sealed_size", b"sealed_size", "trial_id", b"trial_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
