@@ -24,6 +24,7 @@ from common.evidence import input_name, load_rows, result_name
 from common.he import engine
 from common.he.decryptor import decrypt
 from common.he.packing import Packing
+from common.he.params import public_key_seed
 from common.he.plan import model_scores
 from common.protocol import ModelListing, Offer, Signed
 from common.signing import fingerprint, keys_digest
@@ -130,9 +131,10 @@ def _trial(client: SellerClient, workspace: Workspace, console: Console,
         measures["keygen_s"] = 0.0
     else:
         tick = time.perf_counter()
-        secret, public = engine.generate_keys(cc, offer.key_tag)
+        secret, public = engine.generate_keys(
+            cc, offer.key_tag, public_key_seed(offer.trial_id, offer.key_tag))
         keys = {"relin_key": engine.serialize_relin_key(offer.key_tag),
-                "public_key": engine.serialize(public)}
+                "public_key": engine.public_key_bytes(public)}
         if offer.encoding.rotation_indices:
             keys["rotation_keys"] = engine.generate_rotation_keys(
                 cc, secret, offer.encoding.rotation_indices)

@@ -6,6 +6,8 @@ Uploaded bytes are spooled to disk and handed to a throwaway worker process
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import secrets
 import shutil
@@ -15,14 +17,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from common.deeplock import key_id, lock, new_master_key, seal
 from common.errors import BadInput, Exhausted, NotFound, WorkerFailed, WrongState
-from common.guarded import run_guarded
 from common.he import engine
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE, pack_plan
-from common.he.params import new_key_tag
+from common.he.params import new_key_tag, public_key_seed
 from common.he.plan import HEPlan
 from common.protocol import (
     DELIVERY,
@@ -50,6 +50,7 @@ from common.wire import (
     receipt_from_payload,
     receipt_payload,
 )
+from seller_server import jobs
 from seller_server.catalog import TOLERANCE_FACTOR, Listing
 from seller_server.compiler import compile_model
 from seller_server.fingerprint import fingerprint, new_key
@@ -227,33 +228,48 @@ class Seller:
         return sizes
 
     def accept_keys(self, buyer_id: str, trial_id: str, keys: dict[str, bytes]) -> bytes:
+        """Check an uploaded key set in a worker and record its digest. Each upload is
+        written to a directory of its own and checked there; only a set that passed moves
+        to the directory named by its digest (seller_server.jobs), where evaluations open
+        it; one that fails is deleted."""
         trial, listing, encoding = self._trial_to_evaluate(buyer_id, trial_id)
-        directory = self._trial_dir(trial_id)
-        for name, data in keys.items():
-            (directory / f"{name}.bin").write_bytes(data)
-        with self._evaluation_slots:  # key checks are memory-heavy workers too
-            run_guarded("seller_server.worker:check_keys",
-                        self._worker_request(trial, listing, encoding),
-                        limits=self.capacity.limits)
         digest = keys_digest(*keys.values())
+        accepted = self._key_set(trial_id, digest, tuple(keys))
+        upload = dataclasses.replace(accepted, directory=str(
+            self._trial_dir(trial_id) / f"upload-{secrets.token_hex(8)}"))
+        staging = Path(upload.directory)
+        try:
+            staging.mkdir()
+            for name, data in keys.items():
+                upload.path(name).write_bytes(data)
+            with self._evaluation_slots:  # key checks are memory-heavy workers too
+                jobs.run(jobs.CheckKeys(self._setup(trial, listing, encoding), upload,
+                                        public_key_seed(trial_id, trial.key_tag).hex()),
+                         limits=self.capacity.limits)
+            directory = Path(accepted.directory)
+            with contextlib.suppress(OSError):  # OSError: these very bytes were accepted
+                staging.rename(directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         self.store.set_keys(trial_id, digest)
+        for old in directory.parent.glob("keys-*"):  # the sets it replaces
+            if old != directory:
+                shutil.rmtree(old, ignore_errors=True)
         log.info("trial %s: keys accepted (%s)", trial_id,
                  ", ".join(f"{name} {len(data)} bytes" for name, data in keys.items()))
         return digest
 
-    def _worker_request(self, trial: TrialRow, listing: Listing, encoding: EncodingSpec
-                        ) -> dict[str, Any]:
-        """What every worker job of this trial is told: parameters, plan, packing, keys."""
-        directory = self._trial_dir(trial.trial_id)
-        return {
-            "params": listing.params.to_dict(), "security_bits": self.security_bits,
-            "plan_path": str(self._plan_file(self._trial_model(trial, listing).plan)),
-            "key_tag": trial.key_tag,
-            "packing": encoding.layout().to_dict(),
-            "rotation_indices": list(encoding.rotation_indices),
-            "relin_key_path": str(directory / "relin_key.bin"),
-            "public_key_path": str(directory / "public_key.bin"),
-            "rotation_keys_path": str(directory / "rotation_keys.bin")}
+    def _key_set(self, trial_id: str, digest: bytes, names: tuple[str, ...]) -> jobs.KeySet:
+        return jobs.KeySet(str(self._trial_dir(trial_id) / f"keys-{digest.hex()}"),
+                           digest.hex(), names)
+
+    def _setup(self, trial: TrialRow, listing: Listing, encoding: EncodingSpec
+               ) -> jobs.TrialSetup:
+        """What every worker job of this trial is told: parameters, plan, packing."""
+        return jobs.TrialSetup(
+            listing.params, self.security_bits,
+            str(self._plan_file(self._trial_model(trial, listing).plan)), trial.key_tag,
+            encoding.layout(), tuple(encoding.rotation_indices))
 
     # ----- steps 4-5: evaluation -----
 
@@ -297,22 +313,19 @@ class Seller:
                 path.write_bytes(blob)
                 paths.append(str(path))
             on_progress(Progress("queued", 0, 0))
+            job = jobs.EvaluateBatch(
+                self._setup(trial, listing, encoding),
+                self._key_set(trial_id, trial.keys_sha256,
+                              jobs.key_names(encoding.layout())),
+                rows, listing.spec.circuit_privacy, listing.measured.flooding_std,
+                listing.spec.output_policy.noise_std, tuple(paths), str(results_dir),
+                self.capacity.workers_per_evaluation)
             with self._evaluation_slots:
-                outcome = run_guarded(
-                    "seller_server.worker:evaluate_batch",
-                    self._worker_request(trial, listing, encoding) | {
-                     "keys_sha256": trial.keys_sha256.hex(), "rows": rows,
-                     "circuit_privacy": listing.spec.circuit_privacy,
-                     "flooding_std": listing.measured.flooding_std,
-                     "policy_noise_std": listing.spec.output_policy.noise_std,
-                     "ciphertext_paths": paths, "out_dir": str(results_dir),
-                     "workers": self.capacity.workers_per_evaluation},
-                    limits=self.capacity.limits,
+                outcome = jobs.run(
+                    job, limits=self.capacity.limits,
                     on_progress=lambda p: on_progress(Progress(
                         str(p.get("stage", "")), int(p.get("done", 0)), int(p.get("total", 0)))),
-                    untrusted_phase=lambda p: p.get("stage") in UNTRUSTED_STAGES,
-                    cancel=cancel,
-                )
+                    untrusted_stages=UNTRUSTED_STAGES, cancel=cancel)
             results = [Path(r["path"]).read_bytes() for r in outcome["results"]]
             receipt = Receipt(
                 trial_id=trial_id,

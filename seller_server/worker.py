@@ -34,6 +34,7 @@ from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE, PackedPlan, Packi
 from common.he.params import CkksParams, new_key_tag
 from common.he.plan import FloatArray, HEPlan
 from common.signing import keys_digest
+from seller_server.jobs import KEY_OBJECTS, CheckKeys, EvaluateBatch, TrialSetup, job_from_json
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,8 @@ def self_test_packed(request: Json, report: ProgressFn) -> Json:
     rows = np.load(request["rows_path"])["rows"]
     report({"stage": "generating keys"})
     secret, public = engine.generate_keys(cc, new_key_tag())
-    return _self_test_packed(request, report, cc, packed, indices, rows, secret, public,
-                             _noise(request, float(request["flooding_std"])))
+    noise = _noise(float(request["flooding_std"]), float(request["policy_noise_std"]))
+    return _self_test_packed(request, report, cc, packed, indices, rows, secret, public, noise)
 
 
 def _self_test_slots(request: Json, report: ProgressFn, cc: Any, plan: HEPlan,
@@ -108,8 +109,9 @@ def _self_test_slots(request: Json, report: ProgressFn, cc: Any, plan: HEPlan,
     flooding_std = (computation_error * 2.0 ** int(request["flooding_bits"])
                     if request["circuit_privacy"] else 0.0)
     period = layout.fold_period(len(rows), len(scores))
-    finished = engine.finish(cc, scores, layout.masks(len(rows), len(scores)), public,
-                             _noise(request, flooding_std), np.random.default_rng(), period)
+    noise = _noise(flooding_std, float(request["policy_noise_std"]))
+    finished = engine.finish(cc, scores, layout.masks(len(rows), len(scores)), public, noise,
+                             np.random.default_rng(), period)
     np.save(request["out_path"], _opened(cc, secret, layout, finished, len(rows),
                                           len(scores)))
     relin_key = engine.serialize_relin_key(tag)
@@ -120,7 +122,7 @@ def _self_test_slots(request: Json, report: ProgressFn, cc: Any, plan: HEPlan,
         "flooding_std": flooding_std,
         "ciphertext_bytes": len(engine.ciphertext_bytes(inputs[0])),
         "relin_key_bytes": len(relin_key),
-        "public_key_bytes": len(engine.serialize(public)),
+        "public_key_bytes": len(engine.public_key_bytes(public)),
         "result_bytes": len(finished[0]),
     }
     measured["key_check_seconds"] = _timed(lambda: (engine.relin_key_template(cc, tag),
@@ -185,53 +187,54 @@ def _opened(cc: Any, secret: Any, layout: Packing, finished: list[bytes], rows: 
         rows, count)
 
 
-def _noise(request: Json, flooding_std: float) -> float:
+def _noise(flooding_std: float, policy_noise_std: float) -> float:
     """Standard deviation of the Gaussian noise added to every returned score."""
-    return float(np.hypot(flooding_std, float(request["policy_noise_std"])))
+    return float(np.hypot(flooding_std, policy_noise_std))
 
 
-KEY_NAMES = {"relin_key": "relinearization key", "public_key": "public key",
-             "rotation_keys": "rotation keys"}
-
-
-def _key_files(request: Json) -> dict[str, Path]:
-    """The trial's uploaded key files, in upload order."""
-    names = ["relin_key", "public_key"]
-    if request["packing"]["kind"] == FEATURE_PACKED:
-        names.append("rotation_keys")
-    return {name: Path(request[f"{name}_path"]) for name in names}
+def _trial_setup(setup: TrialSetup) -> tuple[Any, HEPlan]:
+    plan = HEPlan.from_bytes(Path(setup.plan_path).read_bytes())
+    return engine.build_context(setup.params, setup.security_bits), plan
 
 
 def check_keys(request: Json, report: ProgressFn) -> Json:
-    """Template-check uploaded keys (bytes only, nothing deserialized); evaluations later
-    open only key files with the digest of what passed here."""
-    cc, _plan = _setup(request)
-    tag = request["key_tag"]
+    """Template-check an uploaded key set (bytes only, nothing deserialized), and that the
+    public key's uniform half is the one the offer derives (engine.public_key_is_seeded);
+    evaluations later open only the set that passed, by its digest."""
+    job = job_from_json(CheckKeys, request)
+    cc, _plan = _trial_setup(job.setup)
+    tag = job.setup.key_tag
     report({"stage": "building templates"})
     templates = {"relin_key": engine.relin_key_template(cc, tag),
                  "public_key": engine.public_key_template(cc, tag)}
-    if request["packing"]["kind"] == FEATURE_PACKED:
+    if "rotation_keys" in job.keys.names:
         templates["rotation_keys"] = engine.rotation_key_template(
-            cc, tag, request["rotation_indices"])
+            cc, tag, job.setup.rotation_indices)
     report({"stage": "checking uploads"})
-    for name, path in _key_files(request).items():
-        templates[name].check(path.read_bytes(), KEY_NAMES[name])
+    for name in job.keys.names:
+        templates[name].check(job.keys.path(name).read_bytes(), KEY_OBJECTS[name])
+    if not engine.public_key_is_seeded(cc, job.keys.path("public_key").read_bytes(),
+                                       bytes.fromhex(job.public_key_seed)):
+        raise BadInput("public key: its uniform half is not the one the offer derives (from "
+                       "its trial id and key tag); generate the key pair for this offer with "
+                       "gimme-buyer, which derives it")
     return {}
 
 
 def evaluate_batch(request: Json, report: ProgressFn) -> Json:
     """Check, open and evaluate one batch of uploaded ciphertexts; finish and write the
     results."""
-    cc, plan = _setup(request)
-    layout = Packing(**request["packing"])
-    keys = {name: path.read_bytes() for name, path in _key_files(request).items()}
-    if keys_digest(*keys.values()).hex() != request["keys_sha256"]:
+    job = job_from_json(EvaluateBatch, request)
+    cc, plan = _trial_setup(job.setup)
+    layout = job.setup.packing
+    keys = {name: job.keys.path(name).read_bytes() for name in job.keys.names}
+    if keys_digest(*keys.values()).hex() != job.keys.sha256:
         raise BadInput("the trial's key files are not the ones checked at upload; upload "
                        "the keys again")
     report({"stage": "building templates"})
-    gate = engine.CiphertextGate(cc, request["key_tag"], level=0)
+    gate = engine.CiphertextGate(cc, job.setup.key_tag, level=0)
     report({"stage": "checking uploads"})
-    blobs = [Path(p).read_bytes() for p in request["ciphertext_paths"]]
+    blobs = [Path(p).read_bytes() for p in job.ciphertext_paths]
     for index, blob in enumerate(blobs):
         gate.check(blob, f"ciphertext {index}")
     report({"stage": "loading relinearization key"})
@@ -240,7 +243,7 @@ def evaluate_batch(request: Json, report: ProgressFn) -> Json:
         engine.load_rotation_keys(keys["rotation_keys"])
     buyer_public = engine.load_public_key(keys["public_key"])
     report({"stage": "loading ciphertexts"})
-    workers = int(request["workers"])
+    workers = job.workers
     inputs = gate.load_all(blobs, "ciphertext", threads=workers)
     del blobs, keys
     start = time.perf_counter()
@@ -254,13 +257,12 @@ def evaluate_batch(request: Json, report: ProgressFn) -> Json:
         count = len(scores)
     seconds = time.perf_counter() - start
     report({"stage": "finishing"})
-    noise = _noise(request, float(request["flooding_std"]))
-    rows = int(request["rows"])
-    finished = engine.finish(cc, scores, layout.masks(rows, count),
-                             buyer_public if request["circuit_privacy"] or noise else None,
-                             noise, np.random.default_rng(), layout.fold_period(rows, count))
+    noise = _noise(job.flooding_std, job.policy_noise_std)
+    finished = engine.finish(cc, scores, layout.masks(job.rows, count),
+                             buyer_public if job.circuit_privacy or noise else None,
+                             noise, np.random.default_rng(), layout.fold_period(job.rows, count))
     report({"stage": "writing results"})
-    out_dir = Path(request["out_dir"])
+    out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for index, data in enumerate(finished):

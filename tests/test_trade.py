@@ -22,6 +22,7 @@ from common.deeplock import unlock, unseal
 from common.evidence import LOCKED_MODEL, SEALED_MODEL
 from common.he import engine
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE
+from common.he.params import public_key_seed
 from common.onnx_io import run_model
 from common.protocol import Progress
 from common.signing import Signer, sha256
@@ -150,9 +151,10 @@ class _Trial:
         self.offer = open_offer(self.signed, self.key, LR)
         self.layout = self.offer.encoding.layout()
         self.cc = engine.build_context(self.offer.params, 128)
-        self.secret, self.public = engine.generate_keys(self.cc, self.offer.key_tag)
+        self.secret, self.public = engine.generate_keys(
+            self.cc, self.offer.key_tag, public_key_seed(self.offer.trial_id, self.offer.key_tag))
         self.keys = {"relin_key": engine.serialize_relin_key(self.offer.key_tag),
-                     "public_key": engine.serialize(self.public)}
+                     "public_key": engine.public_key_bytes(self.public)}
         if self.offer.encoding.rotation_indices:
             self.keys["rotation_keys"] = engine.generate_rotation_keys(
                 self.cc, self.secret, self.offer.encoding.rotation_indices)
@@ -194,7 +196,7 @@ def test_corrupted_uploads_are_rejected_and_the_daemon_keeps_serving(lr_seller: 
     key[100] ^= 0xFF  # a header byte of the key
     with pytest.raises(errors.BadInput, match="relinearization key: byte 100"):
         trial.upload_keys(relin_key=bytes(key))
-    public = bytearray(engine.serialize(trial.public))
+    public = bytearray(engine.public_key_bytes(trial.public))
     public[200] ^= 0x01
     with pytest.raises(errors.BadInput, match="public key: byte 200"):
         trial.upload_keys(public_key=bytes(public))

@@ -119,13 +119,43 @@ def log2_modulus(params: CkksParams) -> float:
 # ---------- keys ----------
 
 
-def generate_keys(cc: Context, key_tag: str) -> tuple[Any, Any]:
-    """A fresh key pair tagged with the trial's key tag; the relinearization key is loaded."""
+def generate_keys(cc: Context, key_tag: str, public_seed: bytes | None = None
+                  ) -> tuple[Any, Any]:
+    """A fresh key pair tagged with the trial's key tag; the relinearization key is loaded.
+    With `public_seed`, the public key's uniform half is the one derived from it
+    (`public_key_is_seeded`)."""
     pair = cc.KeyGen()
     pair.secretKey.SetKeyTag(key_tag)
     pair.publicKey.SetKeyTag(key_tag)
     cc.EvalMultKeyGen(pair.secretKey)
-    return pair.secretKey, pair.publicKey
+    if public_seed is None:
+        return pair.secretKey, pair.publicKey
+    public = bytearray(serialize(pair.publicKey))
+    secret = serialize(pair.secretKey)
+    rns.reseed_public_key(public, _layout(cc, public), secret, _layout(cc, secret), public_seed)
+    return pair.secretKey, fhe.DeserializePublicKeyString(bytes(public), fhe.BINARY)
+
+
+def public_key_is_seeded(cc: Context, data: bytes, public_seed: bytes) -> bool:
+    """Whether a public key (bytes that passed `public_key_template`) has the uniform half
+    `public_seed` derives. Circuit privacy re-randomizes results with the buyer's public
+    key (`finish`); a uniform half the buyer picked could be degenerate (zero, constant,
+    sparse) or hide a trapdoor (a = r t, r small, t known), and the re-randomization would
+    then mask nothing. A half no party chose leaves the buyer at most one decryption of the
+    folded result, whatever the other half is."""
+    layout = _layout(cc, data)
+    expected = rns.seeded_uniform(public_seed, layout.moduli, layout.ring_dimension)
+    return all(np.array_equal(rns.element(data, layout, 1, t), values)
+               for t, values in enumerate(expected))
+
+
+def _layout(cc: Context, blob: bytes | bytearray) -> rns.Layout:
+    return rns.find_layout(bytes(blob), cc.GetRingDimension(), ring_modulus(cc))
+
+
+def ring_modulus(cc: Context) -> int:
+    """The product of the ciphertext moduli (without key switching's extra ones)."""
+    return int(str(cc.GetElementParams().GetModulus()))
 
 
 def serialize(obj: Any) -> bytes:
@@ -138,12 +168,11 @@ def ciphertext_bytes(ct: Ciphertext) -> bytes:
     template can require it.
 
     OpenFHE's serializer writes a parameter object once when polynomials share it in
-    memory: fresh encryptions (level 0) share, computed ciphertexts do not. Fresh ones go
-    as they are; computed ones take one serialize/deserialize round trip, after which
-    every computed ciphertext has the same layout.
+    memory: encryptions under a freshly generated key share, computed ciphertexts and
+    encryptions under a deserialized key (a reseeded public key) do not. One
+    serialize/deserialize round trip gives every ciphertext the same layout (~5 ms at
+    N=16384, a fifth of the encryption).
     """
-    if ct.GetLevel() == 0:
-        return serialize(ct)
     return serialize(fhe.DeserializeCiphertextString(serialize(ct), fhe.BINARY))
 
 
@@ -205,8 +234,16 @@ class CiphertextGate:
                                  enumerate(blobs)))
 
 
+def public_key_bytes(public_key: Any) -> bytes:
+    """The wire form of a public key: its layout after one serialize/deserialize round
+    trip (as `ciphertext_bytes`: a fresh key shares parameter objects that the round trip
+    writes out), the form a reseeded key (`generate_keys`) has anyway."""
+    return serialize(fhe.DeserializePublicKeyString(serialize(public_key), fhe.BINARY))
+
+
 def public_key_template(cc: Context, key_tag: str) -> ByteTemplate:
-    samples = [serialize(_tagged_pair(cc, key_tag)[1]) for _ in range(KEY_TEMPLATE_SAMPLES)]
+    samples = [public_key_bytes(_tagged_pair(cc, key_tag)[1])
+               for _ in range(KEY_TEMPLATE_SAMPLES)]
     return learn_template(samples, cc.GetRingDimension() * 8)
 
 
@@ -286,7 +323,6 @@ def finish(cc: Context, scores: Sequence[Ciphertext], masks: Sequence[npt.NDArra
     per class, so each is drawn that much smaller."""
     slots = cc.GetRingDimension() // 2
     per_slot_std = noise_std / math.sqrt(slots // fold_period)
-    modulus = int(str(cc.GetElementParams().GetModulus()))
     finished = []
     for ct, mask in zip(scores, masks, strict=True):
         masked = cc.Rescale(cc.EvalMult(ct, cc.MakeCKKSPackedPlaintext(
@@ -296,8 +332,7 @@ def finish(cc: Context, scores: Sequence[Ciphertext], masks: Sequence[npt.NDArra
             fresh = cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(noise.tolist()))
             masked = cc.EvalAdd(masked, cc.LevelReduce(fresh, None, masked.GetLevel()))
         blob = bytearray(ciphertext_bytes(masked))
-        rns.fold_first_element(blob, rns.find_layout(bytes(blob), cc.GetRingDimension(),
-                                                     modulus),
+        rns.fold_first_element(blob, _layout(cc, blob),
                                fold_automorphisms(cc.GetRingDimension(), fold_period))
         finished.append(bytes(blob))
     return finished
@@ -735,7 +770,7 @@ class _Basis:
         self.shell = items[min(items)]
         # FIXEDMANUAL keeps every scaling factor at exactly 2^scale bits
         self.scale_bits = round(math.log2(self.shell.GetScalingFactor()))
-        self.modulus = int(str(cc.GetElementParams().GetModulus()))
+        self.modulus = ring_modulus(cc)
 
     def put(self, j: int, ct: Ciphertext) -> None:
         self.items[j] = ct

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from dataclasses import asdict, dataclass
@@ -95,3 +96,10 @@ KEY_TAG_PREFIX = "gimme-"
 def new_key_tag() -> str:
     """A fresh per-trial key tag; all tags have one length so serialized sizes are fixed."""
     return KEY_TAG_PREFIX + secrets.token_hex(16)
+
+
+def public_key_seed(trial_id: str, key_tag: str) -> bytes:
+    """What a trial's public key's uniform half is derived from (engine.generate_keys):
+    both come from the seller's signed offer, made fresh for each trial, so the buyer
+    cannot choose it."""
+    return hashlib.sha256(f"gimme public key\0{trial_id}\0{key_tag}".encode()).digest()

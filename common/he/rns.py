@@ -15,6 +15,7 @@ coefficient arrays in those bytes.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 from collections.abc import Sequence
@@ -223,3 +224,44 @@ def fold_first_element(blob: bytearray, layout: Layout, automorphisms: Sequence[
             # halve mod q (q odd): an odd value plus q is even
             values = (values + modulus * (values & np.uint64(1))) >> np.uint64(1)
         blob[start:start + 8 * n] = values.astype("<u8").tobytes()
+
+
+def seeded_uniform(seed: bytes, moduli: Sequence[int], ring_dimension: int) -> list[U64]:
+    """Per tower, `ring_dimension` values uniform mod q drawn from SHAKE-256(seed, tower):
+    a public polynomial no party chose (128 bits per value, so the bias of reducing mod q
+    is below 2^-60)."""
+    towers = []
+    for t, q in enumerate(moduli):
+        words = np.frombuffer(hashlib.shake_256(seed + bytes([t])).digest(16 * ring_dimension),
+                              dtype="<u8").reshape(ring_dimension, 2)
+        high, low = words[:, 0].astype(object), words[:, 1].astype(object)
+        towers.append(np.array((high * (1 << 64) + low) % q, dtype=np.uint64))
+    return towers
+
+
+def element(blob: bytes | bytearray, layout: Layout, index: int, tower: int) -> U64:
+    start = layout.starts[index][tower]
+    return np.frombuffer(bytes(blob[start:start + 8 * layout.ring_dimension]),
+                         dtype="<u8").astype(np.uint64)
+
+
+def _put(blob: bytearray, layout: Layout, index: int, tower: int, values: U64) -> None:
+    start = layout.starts[index][tower]
+    blob[start:start + 8 * layout.ring_dimension] = values.astype("<u8").tobytes()
+
+
+def reseed_public_key(public: bytearray, public_layout: Layout, secret: bytes,
+                      secret_layout: Layout, seed: bytes) -> None:
+    """In place: the key pair's public key (b, a) = (-a s + e, a) becomes (b', a') with
+    a' = seeded_uniform(seed) and b' = b + (a - a') s = -a' s + e, the same error for the
+    same secret. Both keys are in OpenFHE's evaluation form, where ring products are
+    products per entry."""
+    moduli = public_layout.moduli
+    for t, a_new in enumerate(seeded_uniform(seed, moduli, public_layout.ring_dimension)):
+        q = moduli[t]
+        b = element(public, public_layout, 0, t).astype(object)
+        a = element(public, public_layout, 1, t).astype(object)
+        s = element(secret, secret_layout, 0, t).astype(object)
+        _put(public, public_layout, 0, t, np.array((b + (a - a_new.astype(object)) * s) % q,
+                                                   dtype=np.uint64))
+        _put(public, public_layout, 1, t, a_new)

@@ -11,6 +11,7 @@ plan is at fault even on such rows. A buyer may cap the tolerance it accepts.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import shutil
@@ -29,6 +30,7 @@ from common.protocol import EncodingSpec
 from common.tabular import load_table
 from common.wire import envelope_from_json, key_release_from_payload
 from seller_server.catalog import Listing
+from seller_server.jobs import TrialSetup
 from seller_server.store import TrialRow
 from seller_server.trade import Seller
 from tests.conftest import Daemon, buyer_cli, top_up
@@ -113,15 +115,15 @@ def test_rows_outside_the_ranges_are_named_and_do_not_frame_an_honest_seller(
 class _OtherPlanSeller(Seller):
     """Commits to the trial's plan but evaluates another one (every output 20% larger)."""
 
-    def _worker_request(self, trial: TrialRow, listing: Listing, encoding: EncodingSpec
-                        ) -> dict[str, Any]:
-        request = super()._worker_request(trial, listing, encoding)
-        plan = HEPlan.from_bytes(Path(request["plan_path"]).read_bytes())
+    def _setup(self, trial: TrialRow, listing: Listing, encoding: EncodingSpec
+               ) -> TrialSetup:
+        setup = super()._setup(trial, listing, encoding)
+        plan = HEPlan.from_bytes(Path(setup.plan_path).read_bytes())
         other = HEPlan(plan.input_count, plan.stages, OutputStage(
             as_weights(plan.output.weights * 1.2), plan.output.bias * 1.2), plan.notes)
         path = self.spool / f"other-{trial.trial_id}.plan"
         path.write_bytes(other.to_bytes())
-        return request | {"plan_path": str(path)}
+        return dataclasses.replace(setup, plan_path=str(path))
 
 
 def test_a_seller_computing_another_plan_is_at_fault_even_outside_the_ranges(

@@ -19,6 +19,7 @@ from google.protobuf import message_factory
 from buyer_client.client import SellerClient
 from common import errors
 from common.he import engine
+from common.he.params import public_key_seed
 from common.protocol import Offer
 from common.rpc import SERVICE_NAME, check_health, make_channel
 from common.transfer import send_object
@@ -53,9 +54,10 @@ class _Buyer:
         _listings, key = self.client.list_models()
         self.offer: Offer = open_offer(self.client.open_trial(LR, "slot-per-sample"), key, LR)
         cc = engine.build_context(self.offer.params, 128)
-        _secret, public = engine.generate_keys(cc, self.offer.key_tag)
+        _secret, public = engine.generate_keys(
+            cc, self.offer.key_tag, public_key_seed(self.offer.trial_id, self.offer.key_tag))
         self.keys = {"relin_key": engine.serialize_relin_key(self.offer.key_tag),
-                     "public_key": engine.serialize(public)}
+                     "public_key": engine.public_key_bytes(public)}
         layout = self.offer.encoding.layout()
         self.ciphertexts = [engine.ciphertext_bytes(engine.encrypt_vector(cc, public, v))
                             for v in layout.encode(np.zeros((1, 30)))]

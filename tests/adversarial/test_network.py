@@ -19,6 +19,7 @@ from gimme.v1 import gimme_pb2_grpc as pb_grpc
 
 from buyer_client.client import SellerClient
 from common.he import engine
+from common.he.params import public_key_seed
 from common.rpc import check_health, make_channel
 from common.transfer import send_object
 from common.trust import open_offer
@@ -156,7 +157,8 @@ def test_stalled_and_dripping_streams_leave_honest_buyers_and_health_served(
     _listings, seller_key = client.list_models()
     offer = open_offer(client.open_trial(LR, "slot-per-sample"), seller_key, LR)
     cc = engine.build_context(offer.params, 128)
-    engine.generate_keys(cc, offer.key_tag)
+    engine.generate_keys(cc, offer.key_tag,
+                                       public_key_seed(offer.trial_id, offer.key_tag))
     relin_key = engine.serialize_relin_key(offer.key_tag)
     streams = _Streams(seller)
     try:
@@ -246,9 +248,10 @@ def test_concurrent_key_uploads_run_at_most_max_evaluations_workers(seller: Daem
             offer = open_offer(client.open_trial(LR, "slot-per-sample"),
                                client.list_models()[1], LR)
             cc = engine.build_context(offer.params, 128)
-            _secret, public = engine.generate_keys(cc, offer.key_tag)
+            _secret, public = engine.generate_keys(cc, offer.key_tag,
+                                       public_key_seed(offer.trial_id, offer.key_tag))
             keys = {"relin_key": engine.serialize_relin_key(offer.key_tag),
-                    "public_key": engine.serialize(public)}
+                    "public_key": engine.public_key_bytes(public)}
             uploads.append((client, offer.trial_id, keys))
     peak = 0
     with ThreadPoolExecutor(len(uploads)) as pool:
@@ -272,9 +275,11 @@ def test_a_buyer_that_stops_reading_replies_is_cut_and_frees_its_slot(seller: Da
     client = SellerClient(seller.address, seller.tls("alice"))
     offer = open_offer(client.open_trial(LR, "slot-per-sample"), client.list_models()[1], LR)
     cc = engine.build_context(offer.params, 128)
-    _secret, public = engine.generate_keys(cc, offer.key_tag)
-    client.upload_keys(offer.trial_id, {"relin_key": engine.serialize_relin_key(offer.key_tag),
-                                        "public_key": engine.serialize(public)}, lambda n: None)
+    _secret, public = engine.generate_keys(cc, offer.key_tag,
+                                       public_key_seed(offer.trial_id, offer.key_tag))
+    keys = {"relin_key": engine.serialize_relin_key(offer.key_tag),
+            "public_key": engine.public_key_bytes(public)}
+    client.upload_keys(offer.trial_id, keys, lambda n: None)
     blobs = [engine.ciphertext_bytes(engine.encrypt_vector(cc, public, v))
              for v in offer.encoding.layout().encode(np.zeros((1, 30)))]
 

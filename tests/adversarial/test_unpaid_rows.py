@@ -23,6 +23,7 @@ import pytest
 from buyer_client.client import SellerClient
 from common.he import engine
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE, Packing
+from common.he.params import public_key_seed
 from common.tabular import FloatArray, load_table, write_csv
 from common.trust import open_offer
 from seller_server.compiler import compile_model
@@ -78,16 +79,17 @@ class Attacker:
             self.cc.Enable(feature)
         # samples of each object in both kinds tell where the kind's flag byte sits
         real_secret, real_public = engine.generate_keys(real, tag)
-        real_objects = {"public_key": engine.serialize(real_public),
+        real_objects = {"public_key": engine.public_key_bytes(real_public),
                         "relin_key": engine.serialize_relin_key(tag)}
         if indices:
             real_objects["rotation_keys"] = engine.generate_rotation_keys(real, real_secret,
                                                                           indices)
         fhe.ClearEvalMultKeys()
         real.ClearEvalAutomorphismKeys()
-        self.secret, self.public = engine.generate_keys(self.cc, tag)
+        self.secret, self.public = engine.generate_keys(
+            self.cc, tag, public_key_seed(self.offer.trial_id, tag))
         objects = {"relin_key": engine.serialize_relin_key(tag),
-                   "public_key": engine.serialize(self.public)}
+                   "public_key": engine.public_key_bytes(self.public)}
         if indices:
             objects["rotation_keys"] = engine.generate_rotation_keys(self.cc, self.secret,
                                                                      indices)
