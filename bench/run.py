@@ -45,7 +45,7 @@ from sklearn.preprocessing import MinMaxScaler  # noqa: E402
 
 from common.he import engine  # noqa: E402
 from common.he.packing import SLOT_PER_SAMPLE, Packing, pack_plan  # noqa: E402
-from common.he.params import new_key_tag  # noqa: E402
+from common.he.params import new_key_tag, public_key_seed  # noqa: E402
 from common.he.plan import HEPlan, row_terms  # noqa: E402
 from common.onnx_io import MAX_IR_VERSION, model_feed, run_model, session  # noqa: E402
 from examples.datasets import digits  # noqa: E402
@@ -130,7 +130,9 @@ def bench_model(name: str, workers: int, with_tenseal: bool, console: Console) -
     tag = new_key_tag()
 
     # buyer: keys and encryption
-    keygen_s, (secret, public) = _timed(lambda: engine.generate_keys(cc, tag))
+    # as the buyer's client does: the public key reseeded from the offer (a stand-in id)
+    keygen_s, (secret, public) = _timed(
+        lambda: engine.generate_keys(cc, tag, public_key_seed("0" * 24, tag)))
     relin_key = engine.serialize_relin_key(tag)
     layout = Packing(SLOT_PER_SAMPLE, cc.GetRingDimension() // 2)
     encrypt_s, inputs_bytes = _timed(lambda: [
