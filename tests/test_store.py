@@ -62,7 +62,7 @@ def test_budget_reservations_and_refunds(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.sqlite")
     trial = _trial(store)
     store.reserve_rows(trial, 0, 60, budget=100)
-    with pytest.raises(Exhausted, match="40 of 100 rows remain and this batch has 50"):
+    with pytest.raises(Exhausted, match="40 of 100 rows remain and this batch costs 50"):
         store.reserve_rows(trial, 1, 50, budget=100)
     with pytest.raises(WrongState, match="already evaluated"):
         store.reserve_rows(trial, 0, 10, budget=100)

@@ -68,7 +68,7 @@ class _Buyer:
 
 def test_public_keys_whose_uniform_half_the_buyer_chose_are_refused(lr_seller: Daemon
                                                                     ) -> None:
-    buyer = _Buyer(lr_seller, "carol")
+    buyer = _Buyer(lr_seller, "frank")
     n = buyer.cc.GetRingDimension()
     zero, one = np.zeros(n, np.uint64), np.ones(n, np.uint64)
     # all zero; a constant (1 in every evaluation); a sparse one; a uniform one the buyer

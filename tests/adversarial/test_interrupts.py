@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import Daemon, buyer_cli, buyer_command, top_up
 
 LR = "breast-cancer-lr"
-ROWS = "20"
+ROWS = "32"  # a power of two: a batch is charged its fold period (rows rounded up)
 PRICE_PER_ROW_CENTS = 1
 PRICE_CENTS = 2500
 
