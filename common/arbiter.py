@@ -266,9 +266,10 @@ def _sign_ruling(args: argparse.Namespace, seller_key: bytes | None, ruling: Rul
 def cmd_identity(args: argparse.Namespace) -> None:
     signer, created = Signer.load_or_create(args.key)
     print(signer.public_key.hex())
-    console.print(f"{'created' if created else 'loaded'} arbiter key {args.key} (fingerprint "
-                  f"{fingerprint(signer.public_key)}): an escrow acts on rulings signed with "
-                  f"it when started with 'gimme-escrow serve --trust-arbiter KEY'")
+    Console(stderr=True).print(  # stdout: the key alone
+        f"{'created' if created else 'loaded'} arbiter key {args.key} (fingerprint "
+        f"{fingerprint(signer.public_key)}): an escrow acts on rulings signed with "
+        f"it when started with 'gimme-escrow serve --trust-arbiter KEY'")
 
 
 def build_parser() -> argparse.ArgumentParser:

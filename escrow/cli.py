@@ -77,8 +77,9 @@ def cmd_identity(args: argparse.Namespace) -> None:
                        f"creates it on first start")
     signer, _created = Signer.load_or_create(path)
     print(signer.public_key.hex())
-    console.print(f"fingerprint {fingerprint(signer.public_key)}: sellers accept deposits "
-                  f"signed with it when serving with '--trust-escrow KEY'")
+    Console(stderr=True).print(  # stdout: the key alone
+        f"fingerprint {fingerprint(signer.public_key)}: sellers accept deposits "
+        f"signed with it when serving with '--trust-escrow KEY'")
 
 
 def cmd_settle(args: argparse.Namespace) -> None:
