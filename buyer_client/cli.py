@@ -13,7 +13,7 @@ from rich.table import Table
 
 from buyer_client.client import SellerClient
 from buyer_client.planner import DEFAULT_MBPS
-from buyer_client.purchase import buy
+from buyer_client.purchase import buy, release_on_pass
 from buyer_client.run import run_locked
 from buyer_client.trial import AUTO, run_trial, seller_key
 from buyer_client.verify import verify_delivery
@@ -23,6 +23,7 @@ from common.errors import BadInput
 from common.he.packing import PACKINGS
 from common.rpc import TlsFiles
 from common.signing import fingerprint
+from escrow.client import EscrowClient
 
 console = Console()
 
@@ -87,13 +88,25 @@ def cmd_trial(args: argparse.Namespace) -> None:
               resume=args.resume, max_tolerance=args.max_tolerance)
 
 
+def _escrow(args: argparse.Namespace) -> EscrowClient | None:
+    if args.escrow is None:
+        return None
+    return EscrowClient(args.escrow, None if args.insecure else
+                        TlsFiles.in_dir(args.tls_dir, args.identity), args.identity)
+
+
 def cmd_buy(args: argparse.Namespace) -> None:
-    buy(_client(args), Workspace(args.home), console, args.model, args.trial, args.again)
+    buy(_client(args), Workspace(args.home), console, args.model, args.trial, args.again,
+        _escrow(args))
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    verdict = verify_delivery(Workspace(args.home), console, args.model, args.trial,
-                              args.bundle)
+    workspace = Workspace(args.home)
+    verdict = verify_delivery(workspace, console, args.model, args.trial, args.bundle)
+    escrow = _escrow(args)
+    if escrow is not None:
+        release_on_pass(escrow, workspace.owned_trial(args.model, args.trial), console,
+                        verdict.passed, verdict.bundle)
     if not verdict.passed:
         sys.exit(1)
 
@@ -172,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial", help="trial id (default: your latest completed trial of MODEL)")
     p.add_argument("--again", action="store_true",
                    help="buy MODEL again although you already own it (from another trial)")
+    p.add_argument("--escrow", metavar="ADDR",
+                   help="pay through the escrow at host:port instead of your prepaid balance "
+                        "at the seller: the price is held there until 'verify --escrow' "
+                        "passes or an arbiter rules")
     p.set_defaults(func=cmd_buy)
 
     p = sub.add_parser("verify", parents=[common],
@@ -180,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial", help="trial id (default: the trial of MODEL you bought last, "
                                    "else your latest completed one)")
     p.add_argument("--bundle", type=Path, help="where to write the evidence bundle (.zip)")
+    p.add_argument("--escrow", metavar="ADDR",
+                   help="the escrow the trial was paid through: a PASS releases the deposit "
+                        "to the seller, a FAIL keeps it held for an arbiter's ruling")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("run", parents=[common],

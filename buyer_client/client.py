@@ -112,11 +112,13 @@ class SellerClient:
         return _results(events, result_count, max_result_bytes, lambda _p: None, on_download)
 
     @_seller_errors
-    def purchase(self, trial_id: str, request_id: str) -> tuple[Signed, Signed]:
-        """(payment receipt, key release)."""
-        response = self.stub.Purchase(pb.PurchaseRequest(trial_id=trial_id,
-                                                         request_id=request_id),
-                                      metadata=self.metadata, timeout=60)
+    def purchase(self, trial_id: str, request_id: str, escrow_deposit: Signed | None = None
+                 ) -> tuple[Signed, Signed]:
+        """(payment receipt, key release); paid by `escrow_deposit` when given."""
+        request = pb.PurchaseRequest(trial_id=trial_id, request_id=request_id)
+        if escrow_deposit is not None:
+            request.escrow_deposit.CopyFrom(wire.envelope_to_pb(escrow_deposit))
+        response = self.stub.Purchase(request, metadata=self.metadata, timeout=60)
         return (wire.envelope_from_pb(response.payment),
                 wire.envelope_from_pb(response.key_release))
 

@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from rich.console import Console
 
 from common.cli import run_command
 from common.errors import BadInput, GimmeError
+from common.escrow import RULING, ruling_payload
+from common.escrow import Ruling as EscrowRuling
 from common.evidence import (
     SECRET_KEY,
     Bundle,
@@ -47,11 +50,11 @@ from common.evidence import (
     signer_of,
 )
 from common.he.decryptor import decrypt
-from common.protocol import Offer, Receipt
-from common.signing import fingerprint
+from common.protocol import Offer, Receipt, Signed
+from common.signing import Signer, fingerprint, public_key_arg, sha256
 from common.tabular import FloatArray
 from common.trust import open_offer
-from common.wire import offer_from_payload
+from common.wire import envelope_to_json, offer_from_payload
 
 console = Console()
 NO_FAULT, SELLER_AT_FAULT, EVIDENCE_REJECTED = "NO FAULT FOUND", "SELLER AT FAULT", \
@@ -210,19 +213,8 @@ def _same(name: str, ours: FloatArray, theirs: FloatArray, relative: float) -> C
 
 
 def _seller_key(text: str | None) -> bytes | None:
-    if text is None:
-        return None
-    path = Path(text)
-    value = path.read_text().strip() if path.is_file() else text.strip()
-    try:
-        key = bytes.fromhex(value)
-    except ValueError:
-        key = b""
-    if len(key) != 32:
-        raise BadInput(f"--seller-key needs the seller's Ed25519 public key as 64 hex "
-                       f"characters (or a file holding them; 'gimme-seller identity' prints "
-                       f"it), got {value[:80]!r}")
-    return key
+    return None if text is None else public_key_arg(
+        text, "--seller-key", "'gimme-seller identity' prints the seller's")
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -240,7 +232,44 @@ def cmd_verify(args: argparse.Namespace) -> None:
     if args.out:
         args.out.write_text(json.dumps({**asdict(ruling), "exit_status": ruling.exit_status},
                                        indent=2))
+    if args.sign_with:
+        path = _sign_ruling(args, seller_key, ruling)
+        console.print(f"signed ruling written to {path}: 'gimme-escrow settle --ruling "
+                      f"{path}' pays the escrowed deposit as it says")
     sys.exit(ruling.exit_status)
+
+
+def _sign_ruling(args: argparse.Namespace, seller_key: bytes | None, ruling: Ruling) -> Path:
+    """The ruling, signed by this arbiter, for an escrow that trusts its key: bound to the
+    trial and the seller key the records were checked under (an escrow pays only a deposit
+    of that trial for that seller)."""
+    if seller_key is None:
+        raise BadInput("--sign-with needs --seller-key: a signed ruling names the seller key "
+                       "the records were checked under, and the offer's own key proves nothing")
+    try:
+        offer = offer_from_payload(Bundle(args.bundle).load_signed("offer").payload)
+    except GimmeError as exc:
+        raise BadInput(f"the bundle names no trial to rule on ({exc.message}): nothing "
+                       f"signed") from None
+    signer, created = Signer.load_or_create(args.sign_with)
+    if created:
+        console.print(f"created arbiter key {args.sign_with} (public key "
+                      f"{signer.public_key.hex()})")
+    payload = ruling_payload(EscrowRuling(
+        offer.trial_id, ruling.ruling, ruling.reason, seller_key, offer.model_commitment,
+        sha256(args.bundle.read_bytes()), int(time.time())))
+    path: Path = args.signed_out or args.bundle.with_name(f"ruling-{offer.trial_id}.json")
+    path.write_text(envelope_to_json(Signed(RULING, payload, signer.sign(RULING, payload))))
+    return path
+
+
+def cmd_identity(args: argparse.Namespace) -> None:
+    signer, created = Signer.load_or_create(args.key)
+    print(signer.public_key.hex())
+    Console(stderr=True).print(  # stdout: the key alone
+        f"{'created' if created else 'loaded'} arbiter key {args.key} (fingerprint "
+        f"{fingerprint(signer.public_key)}): an escrow acts on rulings signed with "
+        f"it when started with 'gimme-escrow serve --trust-arbiter KEY'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,8 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path, help="the evidence-TRIAL.zip the buyer handed over")
     p.add_argument("--seller-key", help="the seller's public key (hex, or a file with it)")
     p.add_argument("--out", type=Path, help="also write the ruling as JSON here")
+    p.add_argument("--sign-with", type=Path, metavar="KEY_FILE",
+                   help="sign the ruling with this arbiter key (Ed25519 PEM, created on first "
+                        "use) for an escrow to act on; needs --seller-key")
+    p.add_argument("--signed-out", type=Path,
+                   help="where the signed ruling goes (default: ruling-TRIAL.json next to "
+                        "the bundle)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("identity", help="print this arbiter's public key (escrows trust it)")
+    p.add_argument("--key", type=Path, required=True,
+                   help="the arbiter key file (Ed25519 PEM, created if missing)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_identity)
     return parser
 
 

@@ -10,7 +10,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.errors import Refused
+from common.errors import BadInput, Refused
 
 
 def sha256(data: bytes) -> bytes:
@@ -55,15 +55,31 @@ class Signer:
         return self._key.sign(signed_bytes(kind, payload))
 
 
-def verify(public_key: bytes, kind: str, payload: bytes, signature: bytes) -> None:
+def verify(public_key: bytes, kind: str, payload: bytes, signature: bytes,
+           signer: str = "seller") -> None:
     """Raise Refused unless `signature` is the key holder's signature of (kind, payload)."""
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(
             signature, signed_bytes(kind, payload))
     except (InvalidSignature, ValueError) as exc:
-        raise Refused(f"the seller's signature on this {kind.rsplit('.', 1)[-1]} does not "
-                      f"verify: it was altered or not signed by the seller's key") from exc
+        raise Refused(f"the {signer}'s signature on this {kind.rsplit('.', 1)[-1]} does not "
+                      f"verify: it was altered or not signed by the {signer}'s key") from exc
 
 
 def fingerprint(public_key: bytes) -> str:
     return hashlib.sha256(public_key).hexdigest()[:16]
+
+
+def public_key_arg(text: str, flag: str, hint: str) -> bytes:
+    """An Ed25519 public key given on a command line: 64 hex characters, or a file holding
+    them; `hint` says where the user gets it."""
+    path = Path(text)
+    value = path.read_text().strip() if path.is_file() else text.strip()
+    try:
+        key = bytes.fromhex(value)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise BadInput(f"{flag} needs an Ed25519 public key as 64 hex characters (or a file "
+                       f"holding them; {hint}), got {value[:80]!r}")
+    return key

@@ -20,7 +20,7 @@ from common.errors import BadInput
 from common.guarded import Limits
 from common.onnx_io import session
 from common.rpc import TlsFiles, check_health
-from common.signing import Signer, fingerprint
+from common.signing import Signer, fingerprint, public_key_arg
 from common.tabular import load_table
 from seller_server.audit import POLICIES, STRATEGIES, Victim, plot, run_audit
 from seller_server.bident import forwarded, run_torch, split, train_arguments
@@ -73,6 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                           workers_per_evaluation=args.workers_per_evaluation,
                           concurrent_evaluations=args.max_evaluations),
         port_file=args.port_file, key_ttl_hours=args.key_ttl_hours,
+        escrow_keys=tuple(public_key_arg(key, "--trust-escrow", "'gimme-escrow identity' "
+                                         "prints the escrow's") for key in args.trust_escrow),
         streams=StreamLimits(_positive(args.stream_idle_seconds, "--stream-idle-seconds"),
                              int(_positive(args.max_streams_per_buyer,
                                            "--max-streams-per-buyer")),
@@ -294,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-ttl-hours", type=float, default=24.0,
                    help="delete an unpaid trial's evaluation keys after it sat idle this "
                         "long (default 24; its buyer uploads them again to go on)")
+    p.add_argument("--trust-escrow", action="append", default=[], metavar="KEY",
+                   help="also accept payment by a deposit at the escrow with this public key "
+                        "(hex, or a file; repeatable): the key is released against its signed "
+                        "deposit receipt. Default: the prepaid ledger only")
     p.add_argument("--insecure-he-params", type=int, metavar="RING", default=None,
                    help="TESTS ONLY: offer CKKS parameters with no security level on this "
                         "ring dimension; buyers refuse them unless told not to")

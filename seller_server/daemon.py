@@ -38,6 +38,7 @@ class ServeOptions:
     port_file: Path | None = None
     key_ttl_hours: float = 24.0  # unpaid trials' evaluation keys are deleted after this idle
     streams: StreamLimits = field(default_factory=StreamLimits)
+    escrow_keys: tuple[bytes, ...] = ()  # escrows whose deposit receipts pay for a trial
 
 
 def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
@@ -73,7 +74,7 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
         if not listings:
             raise BadInput("no model in the catalog could be listed:\n  " + "\n  ".join(refused))
         seller = Seller(listings, store, signer, options.state / "spool", options.capacity,
-                        options.security_bits)
+                        options.security_bits, options.escrow_keys)
         seller.expire_keys(options.key_ttl_hours * 3600)
         servicer.ready(seller)
         for service in ("", SERVICE_NAME):

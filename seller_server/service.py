@@ -330,7 +330,9 @@ class SellerServicer(pb_grpc.SellerServicer):
     def Purchase(self, request: pb.PurchaseRequest, context: grpc.ServicerContext
                  ) -> pb.PurchaseResponse:
         payment, release = self.seller.purchase(
-            self._buyer(context), _trial_id(request.trial_id), request.request_id)
+            self._buyer(context), _trial_id(request.trial_id), request.request_id,
+            wire.envelope_from_pb(request.escrow_deposit)
+            if request.HasField("escrow_deposit") else None)
         return pb.PurchaseResponse(payment=wire.envelope_to_pb(payment),
                                    key_release=wire.envelope_to_pb(release))
 

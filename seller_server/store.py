@@ -92,6 +92,11 @@ CREATE TABLE IF NOT EXISTS tokens (
   created_at REAL NOT NULL,
   revoked INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS escrow_payments (
+  trial_id TEXT PRIMARY KEY,
+  deposit_payload BLOB NOT NULL,  -- the escrow-signed deposit receipt the key was released on
+  deposit_signature BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS deliveries (
   trial_id TEXT NOT NULL,
   delivered_at REAL NOT NULL,
@@ -106,6 +111,9 @@ PurchaseSigner = Callable[[str, int], Signed]
 REVENUE_ACCOUNT = "seller:revenue"
 TRIAL_REVENUE_ACCOUNT = "seller:trial-revenue"
 TOPUP_ACCOUNT = "external:topups"
+# sales paid by an escrow deposit: the money is the escrow's to settle (gimme-escrow)
+ESCROW_ACCOUNT = "external:escrow"
+ESCROW_REVENUE_ACCOUNT = "seller:escrow-revenue"
 TOKEN_PREFIX = "gimme_"
 
 
@@ -389,8 +397,10 @@ class Store:
             return not done, self._balance(db, buyer_account(buyer_id))
 
     def purchase(self, request_id: str, trial: TrialRow, price_cents: int,
-                 sign_receipt: PurchaseSigner) -> Signed:
-        """Move the price from buyer to seller once per request id (and once per trial)."""
+                 sign_receipt: PurchaseSigner, escrow_deposit: Signed | None = None
+                 ) -> Signed:
+        """Move the price from buyer to seller once per request id (and once per trial);
+        with an (already checked) escrow deposit, record the sale as paid through it."""
         with self.transaction() as db:
             row = db.execute("SELECT trial_id, receipt_payload, receipt_signature FROM "
                              "purchases WHERE request_id = ? OR trial_id = ?",
@@ -402,15 +412,22 @@ class Store:
                 return Signed(PAYMENT, bytes(row[1]), bytes(row[2]))  # a retry: same answer
             account = buyer_account(trial.buyer_id)
             balance = self._balance(db, account)
-            if balance < price_cents:
-                raise Exhausted(f"insufficient prepaid balance: {balance / 100:.2f} available, "
-                                f"{price_cents / 100:.2f} needed; ask the seller to top up "
-                                f"'{trial.buyer_id}'")
-            txn_id = self._post(db, request_id, "purchase",
-                                f"{trial.model_id} for {trial.buyer_id} (trial "
-                                f"{trial.trial_id})",
-                                [(account, -price_cents), (REVENUE_ACCOUNT, price_cents)])
-            receipt = sign_receipt(txn_id, balance - price_cents)
+            memo = f"{trial.model_id} for {trial.buyer_id} (trial {trial.trial_id})"
+            if escrow_deposit is not None:
+                txn_id = self._post(db, request_id, "purchase", f"{memo}, escrow deposit",
+                                    [(ESCROW_ACCOUNT, -price_cents),
+                                     (ESCROW_REVENUE_ACCOUNT, price_cents)])
+                db.execute("INSERT INTO escrow_payments VALUES (?, ?, ?)",
+                           (trial.trial_id, escrow_deposit.payload, escrow_deposit.signature))
+                receipt = sign_receipt(txn_id, balance)
+            else:
+                if balance < price_cents:
+                    raise Exhausted(f"insufficient prepaid balance: {balance / 100:.2f} "
+                                    f"available, {price_cents / 100:.2f} needed; ask the "
+                                    f"seller to top up '{trial.buyer_id}'")
+                txn_id = self._post(db, request_id, "purchase", memo,
+                                    [(account, -price_cents), (REVENUE_ACCOUNT, price_cents)])
+                receipt = sign_receipt(txn_id, balance - price_cents)
             db.execute("INSERT INTO purchases VALUES (?, ?, ?, ?, ?)",
                        (request_id, trial.trial_id, txn_id, receipt.payload, receipt.signature))
             return receipt

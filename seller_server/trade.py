@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common.deeplock import key_id, lock, new_master_key, seal
-from common.errors import BadInput, Exhausted, NotFound, WorkerFailed, WrongState
+from common.errors import BadInput, Exhausted, NotFound, Refused, WorkerFailed, WrongState
+from common.escrow import open_deposit
 from common.he import engine
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE, pack_plan
 from common.he.params import new_key_tag, public_key_seed
@@ -86,8 +87,10 @@ def _charged_rows(listing: Listing, encoding: EncodingSpec, rows: int) -> int:
 
 class Seller:
     def __init__(self, listings: Sequence[Listing], store: Store, signer: Signer,
-                 spool: Path, capacity: Capacity, security_bits: int) -> None:
+                 spool: Path, capacity: Capacity, security_bits: int,
+                 escrow_keys: Sequence[bytes] = ()) -> None:
         self.listings = {listing.model_id: listing for listing in listings}
+        self.escrow_keys = list(escrow_keys)  # escrows whose deposit receipts pay here
         self.store = store
         self.signer = signer
         self.spool = spool
@@ -369,12 +372,15 @@ class Seller:
 
     # ----- steps 7-8: payment and delivery -----
 
-    def purchase(self, buyer_id: str, trial_id: str, request_id: str
-                 ) -> tuple[Signed, Signed]:
-        """Payment (idempotent) and, in return, the signed release of the Deep-Lock key."""
+    def purchase(self, buyer_id: str, trial_id: str, request_id: str,
+                 escrow_deposit: Signed | None = None) -> tuple[Signed, Signed]:
+        """Payment (idempotent: from the prepaid ledger, or an escrow deposit) and, in
+        return, the signed release of the Deep-Lock key."""
         if not 8 <= len(request_id) <= 64:
             raise BadInput("a purchase request id must be 8-64 characters (a fresh UUID works)")
         trial, listing = self._trial(buyer_id, trial_id)
+        if escrow_deposit is not None:
+            self._check_deposit(escrow_deposit, trial, listing.spec.price_cents)
 
         def sign_receipt(txn_id: str, balance_after: int) -> Signed:
             return self._sign(PAYMENT, payment_payload(PaymentReceipt(
@@ -383,7 +389,8 @@ class Seller:
                 balance_after_cents=balance_after, ledger_txn_id=txn_id,
                 model_commitment=trial.model_commitment, paid_at=int(time.time()))))
 
-        signed = self.store.purchase(request_id, trial, listing.spec.price_cents, sign_receipt)
+        signed = self.store.purchase(request_id, trial, listing.spec.price_cents, sign_receipt,
+                                     escrow_deposit)
         shutil.rmtree(self.spool / "trials" / trial_id, ignore_errors=True)  # keys: done
         key = self.store.lock_key(trial_id, new_master_key)
         locked, sealed = self._sealed(trial, listing, key)
@@ -394,6 +401,21 @@ class Seller:
         log.info("trial %s paid: %s bought %s; key %s released", trial_id, buyer_id,
                  listing.model_id, key_id(key))
         return signed, release
+
+    def _check_deposit(self, signed: Signed, trial: TrialRow, price_cents: int) -> None:
+        """An escrow deposit pays for a trial only when an escrow this seller trusts signed
+        that it holds at least the price for this trial, payable to this seller's key."""
+        if not self.escrow_keys:
+            raise Refused("this seller trusts no escrow: pay from your prepaid balance (buy "
+                          "without --escrow), or ask the seller to serve with --trust-escrow")
+        deposit = open_deposit(signed, self.escrow_keys)
+        if (deposit.trial_id, deposit.seller_public_key, deposit.model_commitment) != (
+                trial.trial_id, self.signer.public_key, trial.model_commitment):
+            raise Refused("the escrow deposit is for another trial, seller or model: deposit "
+                          "for this trial's offer")
+        if deposit.amount_cents < price_cents:
+            raise Exhausted(f"the escrow holds {deposit.amount_cents / 100:.2f} for this "
+                            f"trial, the price is {price_cents / 100:.2f}")
 
     def deliver(self, buyer_id: str, trial_id: str) -> tuple[bytes, Signed]:
         """The trial's model, Deep-Locked and sealed: free to download once a batch was

@@ -189,9 +189,9 @@ class _SwappingSeller(Seller):
 class _WrongKeySeller(Seller):
     """Delivers the committed model but, once paid, releases a key that does not open it."""
 
-    def purchase(self, buyer_id: str, trial_id: str, request_id: str
-                 ) -> tuple[Signed, Signed]:
-        payment, release = super().purchase(buyer_id, trial_id, request_id)
+    def purchase(self, buyer_id: str, trial_id: str, request_id: str,
+                 escrow_deposit: Signed | None = None) -> tuple[Signed, Signed]:
+        payment, release = super().purchase(buyer_id, trial_id, request_id, escrow_deposit)
         wrong = replace(key_release_from_payload(release.payload), master_key=new_master_key())
         return payment, self._sign(KEY_RELEASE, key_release_payload(wrong))
 

@@ -846,17 +846,25 @@ class PurchaseRequest(_message.Message):
 
     TRIAL_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ESCROW_DEPOSIT_FIELD_NUMBER: _builtins.int
     trial_id: _builtins.str
     request_id: _builtins.str
+    @_builtins.property
+    def escrow_deposit(self) -> Global___SignedEnvelope:
+        """paid through an escrow: its signed EscrowDeposit for this trial (escrow.proto), which
+        the seller checks under the escrow key it trusts; absent: the seller's prepaid ledger
+        """
+
     def __init__(
         self,
         *,
         trial_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        escrow_deposit: Global___SignedEnvelope | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["escrow_deposit", b"escrow_deposit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "trial_id", b"trial_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["escrow_deposit", b"escrow_deposit", "request_id", b"request_id", "trial_id", b"trial_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

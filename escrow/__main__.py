@@ -1,0 +1,5 @@
+"""python -m escrow: the gimme-escrow command."""
+
+from escrow.cli import main
+
+main()
