@@ -12,6 +12,7 @@ are the only conversions, checked by mypy on both sides.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
@@ -90,14 +91,15 @@ T = TypeVar("T")
 
 
 def run(job: Job, *, limits: Limits, on_progress: ProgressFn | None = None,
-        untrusted_stages: frozenset[str] = frozenset(), cancel: Any = None) -> Json:
+        untrusted_stages: frozenset[str] = frozenset(),
+        cancel: threading.Event | None = None) -> Json:
     """`job` in a throwaway worker process (common.guarded.run_guarded)."""
     return run_guarded(job.TARGET, to_json(job), limits=limits, on_progress=on_progress,
                        untrusted_phase=lambda p: p.get("stage") in untrusted_stages,
                        cancel=cancel)
 
 
-def to_json(job: Any) -> Json:
+def to_json(job: Job) -> Json:
     return dataclasses.asdict(job)
 
 
