@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -28,24 +29,18 @@ from escrow.client import EscrowClient
 console = Console()
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be above 0 (Mbit/s)")
-    return value
+def _positive(what: str) -> Callable[[str], float]:
+    """An argparse type: a number above 0, named `what` in the error."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0 ({what})")
+        return value
 
-
-def _tolerance_cap(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be above 0 (a tolerance)")
-    return value
+    return parse
 
 
 def _client(args: argparse.Namespace) -> SellerClient:
@@ -169,10 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packing", default=AUTO, choices=(AUTO, *PACKINGS),
                    help="how rows go into ciphertexts; auto (default) takes the packing the "
                         "planner estimates fastest for your row count and link")
-    p.add_argument("--link-mbps", type=_positive, default=DEFAULT_MBPS,
+    p.add_argument("--link-mbps", type=_positive("Mbit/s"), default=DEFAULT_MBPS,
                    help=f"your link to the seller in Mbit/s, for the planner (default "
                         f"{DEFAULT_MBPS:g})")
-    p.add_argument("--max-tolerance", type=_tolerance_cap,
+    p.add_argument("--max-tolerance", type=_positive("a tolerance"),
                    help="refuse, before sending anything, an offer whose signed tolerance "
                         "(how far the model you would buy may be from the trial's results) "
                         "is above X; default: no cap, any tolerance the seller signs is "
