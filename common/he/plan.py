@@ -12,8 +12,9 @@ Weights are sparse (CSR): a convolution's map touches a few inputs per output. E
 here is numpy/scipy: the gateway, the compiler and the buyer use it without OpenFHE.
 
 Guaranteed ranges. A Chebyshev stage's u is normalized so that its approximation is fitted
-on |u| <= 1 (the calibrated range plus a margin): that is the plan's guarantee, and a row
-whose u leaves it for any unit gets a result the approximation does not vouch for. Who is
+on |u| <= 1, which the compiler guarantees for every row of the offer's input domain
+(seller_server.compiler); a row whose u leaves it for any unit (one its buyer did not clip
+to the domain) gets a result the approximation does not vouch for. Who is
 at fault then must not depend on the seller's word, so the plan carries (1) its own ranges,
 exactly: `range_excess` recomputes every row's max |u| in plaintext once the plan is
 disclosed after payment, and (2) a *range check*, one more output the encrypted evaluation
