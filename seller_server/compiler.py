@@ -14,7 +14,11 @@ averaging, BatchNormalization, Pad, Concat, Reshape, Transpose, Slice, sums of b
 ...) is handled the same way: the single node is run in float64 by ONNX's reference
 evaluator on probe rows (zero, then one-hot rows per encrypted input), which yields its
 exact affine map; a random probe then confirms the node really is affine. Anything else is
-refused with the node's name and operator.
+refused with the node's name and operator. So is a node whose probes or outputs hold a NaN or
+an infinity (a division by zero, a NaN constant): a plan is finite everywhere, and the refusal
+names the node, and the constant or initializer, where the first non-finite value appears.
+Division is by constants only: `Div` by an encrypted tensor (even `Div(x, x)`) is refused
+before probing, whose zero rows would divide by zero.
 
 Guaranteed ranges. Every basis entry has an interval that holds for *every* row of the
 offer's input domain (the box buyers clip their rows to), not only for the seller's rows:
@@ -246,6 +250,8 @@ class _Tracer:
         self.stages: list[PolyStage] = []
         self.layer_errors: list[tuple[str, float]] = []
         self.values: dict[str, Value] = {}
+        # constants holding a NaN or an infinity -> where the first one appeared
+        self.nonfinite: dict[str, str] = {}
         self.class_labels: tuple[str, ...] = ()
 
     # ----- driver -----
@@ -253,6 +259,8 @@ class _Tracer:
     def run(self) -> tuple[HEPlan, Tail]:
         for init in self.graph.initializer:
             self.values[init.name] = numpy_helper.to_array(init)
+            if not _finite(self.values[init.name]):
+                self.nonfinite[init.name] = f"initializer {init.name!r}"
         inputs = [i for i in self.graph.input if i.name not in self.values]
         if len(inputs) != 1:
             raise Unsupported(f"the model must have exactly one data input, it has "
@@ -309,8 +317,26 @@ class _Tracer:
             raise Unsupported(f"node {node.name!r}: operator {node.op_type} cannot be "
                               f"evaluated under encryption by this engine{_hint(node)}")
         for name, value in zip(node.output, outputs, strict=False):
-            if name:
-                self.values[name] = value
+            if not name:
+                continue
+            if isinstance(value, Affine | Deferred):
+                base = value if isinstance(value, Affine) else value.base
+                if not (_finite(base.weights.data) and _finite(base.bias)):
+                    raise self._nonfinite(node)
+            elif isinstance(value, np.ndarray) and not _finite(value):
+                self.nonfinite[name] = next(
+                    (self.nonfinite[i] for i in node.input if i in self.nonfinite),
+                    f"node {node.name!r} ({node.op_type})")
+            self.values[name] = value
+
+    def _nonfinite(self, node: onnx.NodeProto) -> Unsupported:
+        """The refusal of a node whose encrypted output would hold a NaN or an infinity."""
+        causes = [f"its input {name!r} is not finite (first at {self.nonfinite[name]})"
+                  for name in node.input if name in self.nonfinite]
+        return Unsupported(f"node {node.name!r} ({node.op_type}) gives NaN or infinite values"
+                           f"{': ' + causes[0] if causes else ''}; an HE plan must be finite "
+                           f"everywhere (a division by zero, or a NaN or infinite constant in "
+                           f"the model?)")
 
     def _fold_constant(self, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
         if node.op_type == "Constant":
@@ -423,6 +449,11 @@ class _Tracer:
         u = (pre - mid) / half
         target = activation.evaluate(pre)
         degree, coeffs, error = self._fit(activation, u, mid, half, target)
+        if not (_finite(target) and _finite(coeffs)):
+            raise Unsupported(f"{activation.name} at {origin!r} gives NaN or infinite values on "
+                              f"its guaranteed range (from {float(lo.min()):.3g} to "
+                              f"{float(hi.max()):.3g}); an HE plan must be finite everywhere "
+                              f"(check the activation's parameters)")
         grid = np.linspace(-1.0, 1.0, WORST_CASE_POINTS)[:, None] * np.ones(z.features)
         worst = float(np.abs(_chebyshev_values(grid, coeffs)
                              - activation.evaluate(mid + grid * half)).max())
@@ -504,6 +535,10 @@ class _Tracer:
 
     def _probe(self, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
         """The exact affine map of `node` in its encrypted inputs, measured in float64."""
+        if node.op_type == "Div" and len(args) > 1 and isinstance(args[1], Affine | Deferred):
+            raise Unsupported(f"node {node.name!r} (Div) divides by an encrypted tensor; only "
+                              f"division by constants can be evaluated under encryption (1/y "
+                              f"is no polynomial of y: use multiplication by a constant)")
         encrypted = {i: self.trunk(node, a) for i, a in enumerate(args)
                      if isinstance(a, Affine | Deferred)}
         constants = {node.input[i]: np.asarray(a, dtype=np.float64)
@@ -528,6 +563,8 @@ class _Tracer:
             if any(out.ndim == 0 or out.shape[0] != rows for out in arrays):
                 raise Unsupported(f"node {node.name!r} ({node.op_type}) mixes rows: each row "
                                   f"must be computed from that row alone")
+            if not all(_finite(out) for out in arrays):
+                raise self._nonfinite(node)
             return arrays
 
         at_zero = run({i: np.zeros((1, a.features)) for i, a in encrypted.items()})
@@ -566,7 +603,7 @@ class _Tracer:
                                       for k, i in enumerate(encrypted))
             flat = out.reshape(3, -1)
             scale = max(float(np.abs(flat).max()), 1.0)
-            if float(np.abs(flat - predicted).max()) > 1e-6 * scale:
+            if not float(np.abs(flat - predicted).max()) <= 1e-6 * scale:  # NaN: not affine
                 raise Unsupported(f"node {node.name!r} ({node.op_type}) is not affine in its "
                                   f"encrypted input (e.g. it multiplies two encrypted "
                                   f"tensors); only x*x and affine layers are supported")
@@ -829,6 +866,12 @@ _SUGGESTIONS = {
     "TopK": "; sorting cannot run on ciphertexts",
     "NonZero": "; data-dependent shapes cannot run on ciphertexts",
 }
+
+
+def _finite(values: Any) -> bool:
+    """False when a float array holds a NaN or an infinity (other arrays are finite)."""
+    array = np.asarray(values)
+    return array.dtype.kind not in "fc" or bool(np.all(np.isfinite(array)))
 
 
 def _hint(node: onnx.NodeProto) -> str:

@@ -81,3 +81,20 @@ def bident(merge: str, activation: str = "Relu", features: int = 6, hidden: int 
          "w_right": weights(features, hidden), "b_right": weights(1, hidden)[0],
          "half": np.array(0.5, dtype=np.float32),
          "w_head": weights(width, classes), "b_head": weights(1, classes)[0]})
+
+
+def self_ratio() -> bytes:
+    """Gemm -> Div(h, h): a division by an encrypted tensor, whose probe divides 0 by 0."""
+    return build([helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="dense"),
+                  helper.make_node("Div", ["h", "h"], ["y"], name="self_ratio")],
+                 3, {"y": 2}, {"w": weights(3, 2), "b": weights(1, 2)[0]})
+
+
+def softsign_by_division() -> bytes:
+    """Gemm -> h / (1 + |h|), spelled with Abs, Add and Div."""
+    return build([helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="dense"),
+                  helper.make_node("Abs", ["h"], ["a"], name="magnitude"),
+                  helper.make_node("Add", ["a", "one"], ["d"], name="plus_one"),
+                  helper.make_node("Div", ["h", "d"], ["y"], name="softsign_ratio")],
+                 3, {"y": 2}, {"w": weights(3, 2), "b": weights(1, 2)[0],
+                               "one": np.ones(1, np.float32)})

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -188,6 +190,66 @@ def test_plan_round_trip_and_corruption() -> None:
     assert again.digest() == compiled.plan.digest()
     with pytest.raises(BadInput, match="unreadable HE plan"):
         HEPlan.from_bytes(data[: len(data) // 2])
+
+
+def test_a_plan_with_a_nan_or_an_infinity_is_refused() -> None:
+    """HEPlan.check, which from_bytes runs on every cached or received plan."""
+    compiled = compile_model(g.mlp("Tanh"), g.calibration(), degree=5)
+    stage = compiled.plan.stages[0]
+    for weights, bias, where in [
+            (stage.weights * np.inf, stage.bias, "plan stage 1 .* non-finite weights"),
+            (stage.weights, np.full_like(stage.bias, np.nan), "plan stage 1 .* non-finite biases")]:
+        plan = HEPlan(compiled.plan.input_count,
+                      (dataclasses.replace(stage, weights=weights, bias=bias),
+                       *compiled.plan.stages[1:]), compiled.plan.output)
+        with pytest.raises(BadInput, match=where):
+            HEPlan.from_bytes(plan.to_bytes())
+    output = dataclasses.replace(compiled.plan.output,
+                                 bias=np.full_like(compiled.plan.output.bias, np.nan))
+    with pytest.raises(BadInput, match="the plan's output stage has non-finite biases"):
+        HEPlan.from_bytes(dataclasses.replace(compiled.plan, output=output).to_bytes())
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    (g.self_ratio(), r"node 'self_ratio' \(Div\) divides by an encrypted tensor"),
+    (g.softsign_by_division(), r"node 'softsign_ratio' \(Div\) divides by an encrypted tensor"),
+])
+def test_division_by_an_encrypted_tensor_is_refused(model: bytes, message: str) -> None:
+    """Div(x, x) and x / (1 + |x|): their probes divide 0 by 0, and NaN passes every
+    comparison; they are refused before any probe, by node name."""
+    with pytest.raises(Unsupported, match=message):
+        compile_model(model, g.calibration(3))
+
+
+def _affine_model(nodes: list[Any], initializers: dict[str, Any]) -> bytes:
+    return g.build([helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="dense"), *nodes],
+                   3, {"y": 2}, {"w": g.weights(3, 2), "b": g.weights(1, 2)[0],
+                                 **initializers})
+
+
+def test_the_first_non_finite_value_is_named() -> None:
+    nan = np.array([1.0, np.nan], dtype=np.float32)
+    cases = [
+        (_affine_model([helper.make_node("Add", ["h", "c"], ["y"], name="shift")],
+                       {"c": nan}),
+         r"node 'shift' \(Add\) gives NaN or infinite values: its input 'c' is not finite "
+         r"\(first at initializer 'c'\)"),
+        (_affine_model([helper.make_node("Div", ["z", "z"], ["q"], name="zero_by_zero"),
+                        helper.make_node("Add", ["h", "q"], ["y"], name="shift")],
+                       {"z": np.zeros(2, np.float32)}),
+         r"node 'shift' \(Add\) gives NaN .* \(first at node 'zero_by_zero' \(Div\)\)"),
+        (_affine_model([helper.make_node("Div", ["h", "c"], ["y"], name="by_zero")],
+                       {"c": np.array([1.0, 0.0], np.float32)}),
+         r"node 'by_zero' \(Div\) gives NaN or infinite values"),
+        (_affine_model([helper.make_node("LeakyRelu", ["h"], ["a"], name="leaky",
+                                         alpha=float("nan")),
+                        helper.make_node("Gemm", ["a", "v", "b"], ["y"], name="head")],
+                       {"v": g.weights(2, 2)}),
+         r"leaky_relu at 'leaky' gives NaN or infinite values on its guaranteed range"),
+    ]
+    for model, message in cases:
+        with pytest.raises(Unsupported, match=message):
+            compile_model(model, g.calibration(3))
 
 
 def test_chebyshev_basis_matches_numpy() -> None:

@@ -127,9 +127,12 @@ class HEPlan:
         return int(self.output.weights.shape[0])
 
     def check(self) -> None:
-        """Refuse plans whose shapes do not chain (e.g. a corrupted cache file)."""
+        """Refuse plans whose shapes do not chain or that hold a NaN or infinite weight or
+        bias (e.g. a corrupted cache file): such a plan's every result is meaningless."""
         size = self.input_count
-        for stage in self.stages:
+        for index, stage in enumerate(self.stages):
+            _check_finite(stage.weights, stage.bias,
+                          f"plan stage {index + 1} ('{stage.label}')")
             if stage.weights.shape != (stage.units, size) or stage.bias.shape != (stage.units,):
                 raise BadInput(f"plan stage '{stage.label}' has weights {stage.weights.shape}, "
                                f"expected ({stage.units}, {size})")
@@ -138,6 +141,7 @@ class HEPlan:
                 raise BadInput(f"plan stage '{stage.label}' has kind {stage.kind!r} and "
                                f"degree {stage.degree}")
             size += stage.units * stage.width
+        _check_finite(self.output.weights, self.output.bias, "the plan's output stage")
         if self.output.weights.shape[1] != size:
             raise BadInput(f"plan output uses {self.output.weights.shape[1]} basis entries, "
                            f"expected {size}")
@@ -302,6 +306,13 @@ def chebyshev_basis(u: FloatArray, degree: int) -> FloatArray:
         t[k] = 2.0 * t[a] * t[b] - t[a - b]
     # (n, units, degree) -> unit-major columns
     return np.ascontiguousarray(np.transpose(t[1:], (1, 2, 0)).reshape(n, units * degree))
+
+
+def _check_finite(weights: Weights, bias: FloatArray, what: str) -> None:
+    for name, values in (("weights", np.asarray(weights.data)), ("biases", bias)):
+        if not np.all(np.isfinite(values)):
+            raise BadInput(f"{what} has non-finite {name} (NaN or infinity): the plan is "
+                           f"refused")
 
 
 def _combination_depth(weights: Weights, row: int, depths: list[int]) -> int:
