@@ -71,12 +71,16 @@ def run_guarded(
     on_progress: ProgressFn | None = None,
     untrusted_phase: Callable[[Json], bool] | None = None,
     cancel: threading.Event | None = None,
+    clock_from_first_progress: bool = False,
 ) -> Json:
     """Run `target` ("module:function") on `request` in a fresh process.
 
     A crash or resource kill while the last reported progress satisfies
     `untrusted_phase` is blamed on the input (BadInput); otherwise it is a WorkerFailed.
     Setting `cancel` kills the process (its caller went away) and raises Unavailable.
+    With `clock_from_first_progress`, `limits.timeout_s` counts from the job's first
+    progress report, once the process is up (its start-up, imports included, has as long
+    again): processes started together on a busy machine can take long to import.
     """
     proc = subprocess.Popen(
         [sys.executable, "-m", "common.guarded", str(limits.memory_bytes), target],
@@ -91,9 +95,14 @@ def run_guarded(
         timed_out.set()
         proc.kill()
 
-    timer = threading.Timer(limits.timeout_s, kill_on_timeout)
-    timer.daemon = True
-    timer.start()
+    def new_timer() -> threading.Timer:
+        timer = threading.Timer(limits.timeout_s, kill_on_timeout)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    timer = new_timer()
+    restart_clock = clock_from_first_progress
     finished = threading.Event()
     if cancel is not None:
         threading.Thread(target=_kill_on, args=(cancel, finished, proc), daemon=True).start()
@@ -112,6 +121,9 @@ def run_guarded(
         for line in proc.stdout:
             message = json.loads(line)
             if "progress" in message:
+                if restart_clock and not timed_out.is_set():
+                    timer.cancel()
+                    timer, restart_clock = new_timer(), False
                 last_progress = message["progress"]
                 if on_progress is not None:
                     on_progress(last_progress)

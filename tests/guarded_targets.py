@@ -36,3 +36,11 @@ def sleep(request: Json, report: ProgressFn) -> Json:
 
 def refuse(request: Json, report: ProgressFn) -> Json:
     raise Exhausted("no budget left")
+
+
+def slow_start(request: Json, report: ProgressFn) -> Json:
+    """Sleeps before its first progress report (a slow import), then again."""
+    time.sleep(request["before"])
+    report({"stage": "working"})
+    time.sleep(request["after"])
+    return {}

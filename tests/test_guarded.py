@@ -42,6 +42,16 @@ def test_time_limit_kills_a_hung_worker() -> None:
                     limits=Limits(memory_bytes=1 << 30, timeout_s=1))
 
 
+def test_the_clock_can_start_at_the_first_progress_report() -> None:
+    """A compile worker's limit counts once it is up: 4 s in all, 2 s after its first
+    report, within 3 s."""
+    request = {"before": 2.0, "after": 2.0}
+    assert run_guarded("tests.guarded_targets:slow_start", request,
+                       limits=Limits(timeout_s=3), clock_from_first_progress=True) == {}
+    with pytest.raises(WorkerFailed, match=r"ran out of time \(3 s\) while working"):
+        run_guarded("tests.guarded_targets:slow_start", request, limits=Limits(timeout_s=3))
+
+
 def test_domain_errors_keep_their_type() -> None:
     with pytest.raises(Exhausted, match="no budget left"):
         run_guarded("tests.guarded_targets:refuse", {}, limits=LIMITS)
