@@ -18,6 +18,9 @@ from common.errors import BadInput
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "gimme.v1.Seller"
+# the seller's health for this name turns SERVING once every listing of its catalog is listed
+# or refused ("" and SERVICE_NAME: once the first one is listed)
+CATALOG_SERVICE = f"{SERVICE_NAME}.catalog"
 # Everything big is chunked (common.transfer); keep gRPC's default 4 MiB receive limit.
 MAX_MESSAGE_BYTES = 4 << 20
 _OPTIONS = [
@@ -141,10 +144,11 @@ def peer_identity(context: grpc.ServicerContext) -> str | None:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
-def check_health(address: str, tls: TlsFiles | None, timeout: float = 5.0) -> str:
-    """The seller's health status name (SERVING, NOT_SERVING, ...)."""
+def check_health(address: str, tls: TlsFiles | None, timeout: float = 5.0,
+                 service: str = SERVICE_NAME) -> str:
+    """The seller's health status name (SERVING, NOT_SERVING, ...) for `service`."""
     with make_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        response = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+        response = stub.Check(health_pb2.HealthCheckRequest(service=service),
                               timeout=timeout)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))

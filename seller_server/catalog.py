@@ -30,19 +30,27 @@ by DOMAIN_MARGIN of its width on each side and rounded outward to two significan
 The calibration rows' exact extremes are the seller's data and never leave it; a buyer
 learns each column's range only to about 5-10%.
 
-Compiling and self-testing takes seconds per model, so results are cached in the state
-database under a key covering every input (model, listing, calibration, engine version).
+Compiling and self-testing takes seconds to tens of minutes per model, so results are cached
+in the state database under a key covering every input (model, listing, calibration, engine
+version), and `serve` loads a catalog with `CatalogLoad`: cached listings at once, the others
+each in a guarded worker process of its own (jobs.CompileListing, under serve's
+--listing-timeout and --worker-memory-mb), several at once, each listed as soon as it is
+ready; one that fails for any reason (refused by the compiler, a crash, a timeout, a memory
+limit, an unexpected exception) is refused by name and costs no other listing.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
+import queue
 import re
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -55,8 +63,8 @@ import onnx
 from onnx import numpy_helper
 
 from common.deeplock import check_lockable
-from common.errors import BadInput, GimmeError, Unsupported
-from common.guarded import run_guarded
+from common.errors import BadInput, GimmeError, Unavailable, Unsupported, WorkerFailed
+from common.guarded import Json, Limits, ProgressFn
 from common.he import engine
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE
 from common.he.params import CkksParams
@@ -66,16 +74,17 @@ from common.protocol import EncodingSpec, Estimate, OutputPolicy, OutputSpec
 from common.signing import sha256
 from common.tabular import load_table
 from common.tail import apply_tail
-from seller_server.audit import surrogate_pool
+from seller_server import jobs
 from seller_server.compiler import Tail, compile_model
 from seller_server.fingerprint import fingerprint, new_key
+from seller_server.jobs import Measured
 from seller_server.planner import choose_params
 from seller_server.store import Store
-from seller_server.worker import Capacity
+from seller_server.worker import Capacity, WorkerSlots
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "gimme-he-17"  # bump when compiled results would change
+ENGINE_VERSION = "gimme-he-18"  # bump when compiled results would change
 TOLERANCE_FACTOR = 3.0
 TOLERANCE_FLOOR = 1e-4
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -105,28 +114,6 @@ class ListingSpec:
     # (rounded up to a power of two) and which diagonals the weights fill
     feature_packing: bool = True
     input_domain: tuple[tuple[float, float], ...] | None = None  # per column (low, high)
-
-
-@dataclass(frozen=True)
-class Measured:
-    """What the encrypted self-test measured at listing time."""
-
-    ciphertext_bytes: int
-    relin_key_bytes: int
-    public_key_bytes: int
-    result_bytes: int
-    evaluate_seconds: float
-    key_check_seconds: float  # per trial: byte templates of the relinearization + public key
-    encrypt_seconds: float  # one input ciphertext, on one core (the buyer's side)
-    computation_error: float  # max |decrypted - plan| before finishing
-    flooding_std: float
-    he_error: float  # max |tail(finished result) - onnxruntime| on the compared output
-    # feature packing (packed_period 0: not offered for this model)
-    packed_period: int = 0
-    packed_rotation_key_bytes: int = 0
-    packed_rotation_keys: int = 0
-    packed_setup_seconds: float = 0.0  # per trial: generating + checking the rotation keys
-    packed_evaluate_seconds: float = 0.0  # one ciphertext, every worker busy
 
 
 @dataclass(frozen=True)
@@ -312,60 +299,267 @@ def _output_policy(path: Path, raw: object) -> OutputPolicy:
     return OutputPolicy(str(raw["kind"]), noise if raw["kind"] == "noisy" else 0.0, 0.0)
 
 
-def load_catalog(
-    directory: Path, store: Store, *, security_bits: int, insecure_ring: int = 0,
-    capacity: Capacity, on_model: Callable[[str, int, int], None] | None = None,
-) -> tuple[list[Listing], list[str]]:
-    """All listings in `directory` that compile; plus one message per refused model."""
-    paths = sorted(directory.glob("*.json"))
-    if not paths:
-        raise BadInput(f"no listings (*.json) in catalog {directory}")
-    listings: list[Listing] = []
-    refused: list[str] = []
-    for index, path in enumerate(paths):
-        if on_model is not None:
-            on_model(path.stem, index, len(paths))
+LISTING_TIMEOUT = 900.0  # seconds one listing's compile and self-tests may take (serve's default)
+
+
+@dataclass(frozen=True)
+class ListingFiles:
+    """The bytes of a listing's files, read once: what is hashed is what is compiled."""
+
+    listing: bytes
+    model: bytes
+    calibration: bytes
+
+    @classmethod
+    def read(cls, spec: ListingSpec) -> ListingFiles:
         try:
-            listing = load_listing(read_listing(path), store, security_bits, insecure_ring,
-                                   capacity)
+            return cls(spec.path.read_bytes(), spec.model_path.read_bytes(),
+                       spec.calibration_path.read_bytes())
+        except OSError as exc:
+            raise BadInput(f"cannot read {exc.filename}: {exc.strerror}") from exc
+
+    def cache_key(self, security_bits: int, insecure_ring: int) -> str:
+        """The state database's key for this listing's compiled record: every input."""
+        return hashlib.sha256(b"\0".join([
+            ENGINE_VERSION.encode(), self.model, self.listing, self.calibration,
+            str((security_bits, insecure_ring)).encode()])).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What the gateway read of a listing queued to compile."""
+
+    files: ListingFiles
+    rows: FloatArray
+    key: str
+
+
+class CatalogLoad:
+    """One catalog's loading. Cached listings are listed at once; every other listing is
+    compiled and self-tested in a guarded worker of its own (jobs.CompileListing), in file
+    order, up to `slots.compile_limit` at once, each within `listing_timeout` seconds.
+    Whatever happens to one listing (its model is refused, its worker crashes, runs out of
+    memory or of time, any unexpected exception) refuses that listing by name and no other.
+    `on_listed` gets each listing as soon as it is ready and `on_settled` runs after each
+    listing is listed or refused, both from the loader's threads."""
+
+    def __init__(self, directory: Path, store: Store, *, security_bits: int,
+                 insecure_ring: int = 0, capacity: Capacity,
+                 listing_timeout: float = LISTING_TIMEOUT, slots: WorkerSlots | None = None,
+                 on_listed: Callable[[Listing], None] | None = None,
+                 on_settled: Callable[[], None] | None = None) -> None:
+        self.directory = directory
+        self.store = store
+        self.security_bits = security_bits
+        self.insecure_ring = insecure_ring
+        self.capacity = capacity
+        self.listing_timeout = listing_timeout
+        self.slots = slots or WorkerSlots(capacity.concurrent_evaluations)
+        self.on_listed = on_listed
+        self.on_settled = on_settled
+        self.listed: list[Listing] = []
+        self.refused: list[str] = []  # "FILE: why"
+        self._pending: dict[str, str] = {}  # file name -> model id, still loading
+        self._lock = threading.Lock()
+
+    def pending(self) -> list[str]:
+        """The model ids still compiling (or waiting to)."""
+        with self._lock:
+            return sorted(self._pending.values())
+
+    def run(self, cancel: threading.Event | None = None) -> tuple[list[Listing], list[str]]:
+        """Load every listing; returns once each is listed or refused (or `cancel` is set:
+        running compiles are then killed). Listings come back in file order."""
+        cancel = cancel or threading.Event()
+        paths = sorted(self.directory.glob("*.json"))
+        if not paths:
+            raise BadInput(f"no listings (*.json) in catalog {self.directory}")
+        specs: list[ListingSpec] = []
+        for path in paths:
+            try:
+                spec = read_listing(path)
+            except GimmeError as exc:
+                self._refuse(path.name, exc.message)
+                continue
+            if any(s.model_id == spec.model_id for s in specs):
+                self._refuse(path.name, f"duplicate model name {spec.model_id!r}")
+                continue
+            specs.append(spec)
+        with self._lock:
+            self._pending = {spec.path.name: spec.model_id for spec in specs}
+        queued: queue.Queue[tuple[ListingSpec, _Prepared]] = queue.Queue()
+        for spec in specs:  # cached listings are listed at once, the others queue
+            self._attempt(spec, cancel, functools.partial(self._cached, spec, queued))
+        workers = [threading.Thread(target=self._compile_queued, args=(queued, cancel),
+                                    daemon=True, name=f"catalog-{index}")
+                   for index in range(min(self.slots.compile_limit, queued.qsize()))]
+        for worker in workers:  # each compiles queued listings in file order, one at a time
+            worker.start()
+        for worker in workers:
+            worker.join()
+        order = {spec.model_id: index for index, spec in enumerate(specs)}
+        with self._lock:
+            self.listed.sort(key=lambda listing: order[listing.model_id])
+            return list(self.listed), list(self.refused)
+
+    def _attempt(self, spec: ListingSpec, cancel: threading.Event,
+                 load: Callable[[], Listing | None]) -> None:
+        """`load` the listing (None: not yet, it was queued); list what it returns, refuse
+        the listing whatever goes wrong."""
+        name = spec.path.name
+        try:
+            listing = load()
         except GimmeError as exc:
-            refused.append(f"{path.name}: {exc.message}")
-            log.error("refused listing %s: %s", path.name, exc.message)
-            continue
-        if any(existing.model_id == listing.model_id for existing in listings):
-            refused.append(f"{path.name}: duplicate model name {listing.model_id!r}")
-            continue
-        listings.append(listing)
+            if cancel.is_set():
+                log.info("%s: not loaded (the daemon is stopping)", name)
+                self._settle(name)
+            else:
+                self._refuse(name, exc.message)
+            return
+        except Exception as exc:  # one listing's surprise never stops the others
+            log.exception("listing %s failed unexpectedly", name)
+            self._refuse(name, f"unexpected {type(exc).__name__} while loading it: {exc}")
+            return
+        if listing is None:
+            return
+        with self._lock:
+            self.listed.append(listing)
+            self._pending.pop(name, None)
+            still = sorted(self._pending.values())
         m = listing.measured
         log.info("listed %s: %s; %s; tolerance %.2g; self-test %.2fs, CKKS error %.2g, "
-                 "flooding %.2g; extraction risk: %s", listing.model_id,
+                 "flooding %.2g; extraction risk: %s%s", listing.model_id,
                  listing.params.describe(), listing.approximation, listing.tolerance,
                  m.evaluate_seconds, m.computation_error, m.flooding_std,
-                 listing.extraction_risk)
-    return listings, refused
+                 listing.extraction_risk,
+                 f"; still compiling: {', '.join(still)}" if still else "")
+        if self.on_listed is not None:
+            self.on_listed(listing)
+        self._settle(None)
+
+    def _refuse(self, name: str, message: str) -> None:
+        with self._lock:
+            self.refused.append(f"{name}: {message}")
+        log.error("refused listing %s: %s", name, message)
+        self._settle(name)
+
+    def _settle(self, name: str | None) -> None:
+        if name is not None:
+            with self._lock:
+                self._pending.pop(name, None)
+        if self.on_settled is not None:
+            self.on_settled()
+
+    def _cached(self, spec: ListingSpec, queued: queue.Queue[tuple[ListingSpec, _Prepared]]
+                ) -> Listing | None:
+        """The listing from its cached compile, or None once it is queued to compile."""
+        files = ListingFiles.read(spec)
+        rows = load_table(spec.calibration_path, spec.input_columns).rows
+        key = files.cache_key(self.security_bits, self.insecure_ring)
+        cached = self.store.compiled(key)
+        if cached is not None:
+            try:
+                record = _record(cached)
+                checked_plan(record)
+            except (GimmeError, TypeError, ValueError) as exc:  # e.g. HEPlan.check refuses
+                log.warning("%s: its cached compile is unusable (%s); compiling it again",
+                            spec.path.name, exc.message if isinstance(exc, GimmeError)
+                            else f"{type(exc).__name__}: {exc}")
+            else:
+                return listing_from_record(spec, files.model, rows, record)
+        queued.put((spec, _Prepared(files, rows, key)))
+        return None
+
+    def _compile_queued(self, queued: queue.Queue[tuple[ListingSpec, _Prepared]],
+                        cancel: threading.Event) -> None:
+        while True:
+            try:
+                spec, prepared = queued.get_nowait()
+            except queue.Empty:
+                return
+            self._attempt(spec, cancel, functools.partial(self._compiled, spec, prepared,
+                                                          cancel))
+
+    def _compiled(self, spec: ListingSpec, prepared: _Prepared, cancel: threading.Event
+                  ) -> Listing:
+        with self.slots.compile(cancel) as taken:
+            if not taken:
+                raise Unavailable("the daemon is stopping")
+            log.info("compiling %s (%s) in a worker, at most %g s", spec.model_id,
+                     spec.path.name, self.listing_timeout)
+            record = self._compile(spec, prepared.key, cancel)
+        for warning in record.warnings:
+            log.warning("%s: %s", spec.model_id, warning)
+        checked_plan(record)  # a record is cached only if it can be served
+        self.store.save_compiled(prepared.key, json.dumps(jobs.to_json(record)).encode())
+        return listing_from_record(spec, prepared.files.model, prepared.rows, record)
+
+    def _compile(self, spec: ListingSpec, key: str, cancel: threading.Event
+                 ) -> jobs.CompiledListing:
+        stage = ["starting"]
+        job = jobs.CompileListing(str(spec.path), key, self.security_bits, self.insecure_ring,
+                                  self.capacity.limits, self.capacity.workers_per_evaluation)
+        limits = Limits(memory_bytes=self.capacity.limits.memory_bytes,
+                        timeout_s=self.listing_timeout)
+        try:
+            result = jobs.run(job, limits=limits, cancel=cancel,
+                              on_progress=lambda p: stage.__setitem__(
+                                  0, str(p.get("stage", stage[0]))))
+        except WorkerFailed as exc:  # a crash, a resource kill, an unexpected exception
+            message = exc.message
+            if message.startswith("worker "):
+                message = f"its compile {message}"
+            if " while " not in message:
+                message += f" while {stage[0]}"
+            if "ran out of time" in message:
+                message += " (serve's --listing-timeout)"
+            elif "memory" in message:
+                message += f" (serve's --worker-memory-mb is " \
+                           f"{self.capacity.limits.memory_bytes >> 20})"
+            raise WorkerFailed(message) from exc
+        return jobs.job_from_json(jobs.CompiledListing, result)
 
 
-def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_ring: int,
-                 capacity: Capacity) -> Listing:
+def load_catalog(
+    directory: Path, store: Store, *, security_bits: int, insecure_ring: int = 0,
+    capacity: Capacity, listing_timeout: float = LISTING_TIMEOUT,
+) -> tuple[list[Listing], list[str]]:
+    """All listings in `directory` that compile; plus one message per refused listing
+    (CatalogLoad, waited for)."""
+    return CatalogLoad(directory, store, security_bits=security_bits,
+                       insecure_ring=insecure_ring, capacity=capacity,
+                       listing_timeout=listing_timeout).run()
+
+
+def _record(payload: bytes) -> jobs.CompiledListing:
     try:
-        model_bytes = spec.model_path.read_bytes()
-        calibration_bytes = spec.calibration_path.read_bytes()
-    except OSError as exc:
-        raise BadInput(f"cannot read {exc.filename}: {exc.strerror}") from exc
-    check_lockable(model_bytes)  # sold models are delivered Deep-Locked: nothing in the clear
-    rows = load_table(spec.calibration_path, spec.input_columns).rows
-    key = hashlib.sha256(b"\0".join([
-        ENGINE_VERSION.encode(), model_bytes, spec.path.read_bytes(), calibration_bytes,
-        str((security_bits, insecure_ring)).encode()])).hexdigest()
-    cached = store.compiled(key)
-    if cached is None:
-        record = _compile_and_test(spec, model_bytes, rows, security_bits, insecure_ring,
-                                   capacity)
-        store.save_compiled(key, json.dumps(record).encode())
-    else:
-        record = json.loads(cached)
-    ops, labels, probability_output, label_output = record["tail"]
-    plan = HEPlan.from_bytes(base64.b64decode(record["plan"]))
+        return jobs.job_from_json(jobs.CompiledListing, json.loads(payload))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadInput(f"unreadable record ({type(exc).__name__}: {exc})") from exc
+
+
+def checked_plan(record: jobs.CompiledListing) -> HEPlan:
+    """The record's plan, checked (HEPlan.check: shapes chain, every weight and bias is
+    finite), once every figure of the record is checked to be finite too."""
+    figures = {"tolerance": record.tolerance, "plan_tolerance": record.plan_tolerance,
+               "fingerprint_strength": record.fingerprint_strength,
+               **dataclasses.asdict(record.measured)}
+    bad = [name for name, value in figures.items() if not np.isfinite(value)]
+    if bad:
+        raise BadInput(f"the self-test measured non-finite {', '.join(bad)}: the listing's "
+                       f"offers would mean nothing")
+    try:
+        data = base64.b64decode(record.plan, validate=True)
+    except ValueError as exc:
+        raise BadInput(f"unreadable HE plan: {exc}") from exc
+    return HEPlan.from_bytes(data)
+
+
+def listing_from_record(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
+                        record: jobs.CompiledListing) -> Listing:
+    """The served listing: the compiled record (checked_plan) with what the gateway knows
+    of the listing."""
+    plan = checked_plan(record)
     risk, safe = extraction_risk(spec, model_bytes, linear=not plan.stages)
     if not safe and spec.extraction_criterion == "refuse":
         raise BadInput(f"extraction criterion not met ({risk}); lower trial_budget_rows or "
@@ -377,26 +571,44 @@ def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_r
         model_bytes=model_bytes,
         commitment=sha256(model_bytes),
         plan=plan,
-        tail=Tail(tuple(ops), tuple(labels), probability_output, label_output),
-        params=CkksParams(**record["params"]),
-        tolerance=float(record["tolerance"]),
+        tail=Tail(record.tail_ops, record.class_labels, record.probability_output,
+                  record.label_output),
+        params=record.params,
+        tolerance=record.tolerance,
         # a domain matters only where activations are approximated
         input_min=domain[0] if degrees else (),
         input_max=domain[1] if degrees else (),
-        approximation=record["approximation"],
-        measured=Measured(**record["measured"]),
+        approximation=record.approximation,
+        measured=record.measured,
         extraction_risk=risk,
         calibration=rows,
-        fingerprint_strength=float(record["fingerprint_strength"]),
+        fingerprint_strength=record.fingerprint_strength,
         degrees=degrees,
-        plan_tolerance=float(record["plan_tolerance"]),
+        plan_tolerance=record.plan_tolerance,
         domain=domain,
     )
 
 
-def _compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
-                      security_bits: int, insecure_ring: int, capacity: Capacity
-                      ) -> dict[str, Any]:
+def compile_listing(request: Json, report: ProgressFn) -> Json:
+    """jobs.CompileListing, in its guarded worker: read the listing's files, check they
+    are the ones the gateway hashed, compile and self-test."""
+    job = jobs.job_from_json(jobs.CompileListing, request)
+    report({"stage": "reading the listing"})
+    spec = read_listing(Path(job.listing_path))
+    files = ListingFiles.read(spec)
+    if files.cache_key(job.security_bits, job.insecure_ring) != job.cache_key:
+        raise BadInput("its files changed while it was being loaded; restart serve to list "
+                       "the new version")
+    check_lockable(files.model)  # sold models are delivered Deep-Locked: nothing in the clear
+    rows = load_table(spec.calibration_path, spec.input_columns).rows
+    return jobs.to_json(compile_and_test(spec, files.model, rows, job, report))
+
+
+def compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
+                     job: jobs.CompileListing, report: ProgressFn) -> jobs.CompiledListing:
+    """The compiled, self-tested record of one listing (in CompileListing's worker: the
+    self-tests run in workers of their own, under `job.limits`)."""
+    report({"stage": "compiling"})
     compiled = compile_model(model_bytes, rows, degree=spec.activation_degree,
                              error_target=spec.max_error, domain=input_domain(spec, rows))
     if compiled.approximation_error > spec.max_error:
@@ -410,15 +622,19 @@ def _compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
             f"sigmoid) or x*x")
     # offers name the rows that leave the plan's ranges (common.he.plan: guaranteed ranges)
     compiled = dataclasses.replace(compiled, plan=compiled.plan.with_range_check())
+    compiled.plan.check()  # shapes chain, every weight and bias is finite
     largest = float(np.abs(compiled.plan.simulate(rows)).max())
     if compiled.fits:  # CKKS must hold every value a row of the offer's domain can produce;
         # exact plans declare no domain (their rows are not clipped): their rows size them
         largest = max(largest, compiled.value_bound)
-    params = choose_params(engine.levels_needed(compiled.plan), security_bits, largest,
-                           insecure_ring)
+    if not np.isfinite(largest):
+        raise Unsupported(f"the plan's values on the calibration rows are not finite "
+                          f"({largest}); check the model's constants")
+    params = choose_params(engine.levels_needed(compiled.plan), job.security_bits, largest,
+                           job.insecure_ring)
     test_rows = rows[: params.slots]
-    decrypted, measured = _self_test(spec, params, security_bits, compiled.plan, test_rows,
-                                     capacity)
+    decrypted, slots, packed, warnings = _self_test(spec, params, compiled.plan, test_rows,
+                                                    job, report)
     reference = run_model(model_bytes, test_rows, compiled.tail.probability_output,
                           compiled.tail.class_labels)
     # the tolerances cover every packing offered
@@ -430,19 +646,23 @@ def _compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
     planned = compiled.plan.simulate(test_rows)
     plan_error = max(float(np.abs(results - planned[:len(results)]).max())
                      for results in decrypted)
-    return {
-        "plan": base64.b64encode(compiled.plan.to_bytes()).decode(),
-        "tail": [list(compiled.tail.ops), list(compiled.tail.class_labels),
-                 compiled.tail.probability_output, compiled.tail.label_output],
-        "params": params.to_dict(),
-        "tolerance": max(TOLERANCE_FACTOR * max(he_error, compiled.approximation_error),
-                         TOLERANCE_FLOOR),
-        "plan_tolerance": max(TOLERANCE_FACTOR * plan_error, TOLERANCE_FLOOR),
-        "approximation": compiled.approximation,
-        "measured": dataclasses.asdict(Measured(**measured, he_error=he_error)),
-        "fingerprint_strength": (fingerprint_strength(model_bytes, rows, compiled.tail)
-                                 if spec.fingerprint else 0.0),
-    }
+    report({"stage": "sizing the fingerprint"})
+    return jobs.CompiledListing(
+        plan=base64.b64encode(compiled.plan.to_bytes()).decode(),
+        tail_ops=compiled.tail.ops,
+        class_labels=compiled.tail.class_labels,
+        probability_output=compiled.tail.probability_output,
+        label_output=compiled.tail.label_output,
+        params=params,
+        tolerance=max(TOLERANCE_FACTOR * max(he_error, compiled.approximation_error),
+                      TOLERANCE_FLOOR),
+        plan_tolerance=max(TOLERANCE_FACTOR * plan_error, TOLERANCE_FLOOR),
+        approximation=compiled.approximation,
+        measured=jobs.Measured.of(slots, packed, he_error),
+        fingerprint_strength=(fingerprint_strength(model_bytes, rows, compiled.tail)
+                              if spec.fingerprint else 0.0),
+        warnings=warnings,
+    )
 
 
 FINGERPRINT_STRENGTHS = (0.05, 0.03, 0.02, 0.01, 0.005)
@@ -456,6 +676,8 @@ def fingerprint_strength(model_bytes: bytes, rows: FloatArray, tail: Tail) -> fl
     """The strongest fingerprint whose copies change at most 0.25% of the model's
     predictions on the calibration rows, jittered to look like rows the model has not seen
     (the worst of a few throwaway keys)."""
+    from seller_server.audit import surrogate_pool  # here: it imports scikit-learn (~1 s)
+
     rows = surrogate_pool(rows, max(len(rows), 2000), seed=0)
     original = run_model(model_bytes, rows, tail.probability_output, tail.class_labels)
     for strength in FINGERPRINT_STRENGTHS:
@@ -473,34 +695,41 @@ def fingerprint_strength(model_bytes: bytes, rows: FloatArray, tail: Tail) -> fl
     return FINGERPRINT_STRENGTHS[-1]
 
 
-def _self_test(spec: ListingSpec, params: CkksParams, security_bits: int, plan: HEPlan,
-               rows: FloatArray, capacity: Capacity) -> tuple[list[FloatArray], dict[str, Any]]:
-    """The decrypted finished results of each packing tested, and the measurements. Feature
-    packing is offered only where its own self-test passes."""
+def _self_test(spec: ListingSpec, params: CkksParams, plan: HEPlan, rows: FloatArray,
+               job: jobs.CompileListing, report: ProgressFn
+               ) -> tuple[list[FloatArray], jobs.SlotsMeasured, jobs.PackedMeasured,
+                          tuple[str, ...]]:
+    """The decrypted finished results of each packing tested, the measurements, and what
+    the seller's log should say. Feature packing is offered only where its own self-test
+    passes."""
     with tempfile.TemporaryDirectory(prefix="gimme-selftest-") as tmp:
         plan_path, rows_path, out_path, packed_out_path = (
             Path(tmp) / n for n in ("plan", "rows.npz", "out.npy", "packed.npy"))
         plan_path.write_bytes(plan.to_bytes())
         np.savez(rows_path, rows=rows)
-        request = {
-            "params": params.to_dict(), "security_bits": security_bits,
-            "plan_path": str(plan_path), "rows_path": str(rows_path),
-            "out_path": str(out_path), "packed_out_path": str(packed_out_path),
-            "workers": capacity.workers_per_evaluation,
-            "circuit_privacy": spec.circuit_privacy, "flooding_bits": spec.flooding_bits,
-            "policy_noise_std": spec.output_policy.noise_std}
-        measured = run_guarded("seller_server.worker:self_test", request,
-                               limits=capacity.limits)
-        if not spec.feature_packing:
-            return [np.load(out_path)], measured
+        report({"stage": "self-testing slot-per-sample"})
         try:
-            measured |= run_guarded("seller_server.worker:self_test_packed",
-                                    request | {"flooding_std": measured["flooding_std"]},
-                                    limits=capacity.limits)
-        except GimmeError as exc:
-            log.warning("%s: feature packing is not offered: its self-test failed (%s)",
-                        spec.model_id, exc.message)
-        return [np.load(p) for p in (out_path, packed_out_path) if p.exists()], measured
+            slots = jobs.job_from_json(jobs.SlotsMeasured, jobs.run(jobs.SelfTest(
+                params, job.security_bits, str(plan_path), str(rows_path), str(out_path),
+                job.workers, spec.circuit_privacy, spec.flooding_bits,
+                spec.output_policy.noise_std), limits=job.limits))
+        except WorkerFailed as exc:  # e.g. "worker was killed by SIGABRT while evaluating"
+            raise WorkerFailed(f"the slot-per-sample self-test {exc.message}") from exc
+        packed = jobs.PackedMeasured()
+        warnings: tuple[str, ...] = ()
+        if spec.feature_packing:
+            report({"stage": "self-testing feature packing"})
+            try:
+                packed = jobs.job_from_json(jobs.PackedMeasured, jobs.run(jobs.SelfTestPacked(
+                    params, job.security_bits, str(plan_path), str(rows_path),
+                    str(packed_out_path), job.workers, slots.flooding_std,
+                    spec.output_policy.noise_std), limits=job.limits))
+            except GimmeError as exc:
+                warnings = (f"feature packing is not offered: its self-test failed "
+                            f"({exc.message})",)
+                log.warning("%s: %s", spec.model_id, warnings[0])
+        return ([np.load(p) for p in (out_path, packed_out_path) if p.exists()], slots,
+                packed, warnings)
 
 
 def extraction_risk(spec: ListingSpec, model_bytes: bytes, linear: bool) -> tuple[str, bool]:

@@ -19,12 +19,12 @@ from common.deeplock import key_id, lock, new_master_key
 from common.errors import BadInput
 from common.guarded import Limits
 from common.onnx_io import session
-from common.rpc import TlsFiles, check_health
+from common.rpc import CATALOG_SERVICE, SERVICE_NAME, TlsFiles, check_health
 from common.signing import Signer, fingerprint, public_key_arg
 from common.tabular import load_table
 from seller_server.audit import POLICIES, STRATEGIES, Victim, plot, run_audit
 from seller_server.bident import forwarded, run_torch, split, train_arguments
-from seller_server.catalog import read_listing
+from seller_server.catalog import LISTING_TIMEOUT, read_listing
 from seller_server.compiler import compile_model
 from seller_server.daemon import ServeOptions, serve
 from seller_server.fingerprint import trace
@@ -73,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                           workers_per_evaluation=args.workers_per_evaluation,
                           concurrent_evaluations=args.max_evaluations),
         port_file=args.port_file, key_ttl_hours=args.key_ttl_hours,
+        listing_timeout=_positive(args.listing_timeout, "--listing-timeout"),
         escrow_keys=tuple(public_key_arg(key, "--trust-escrow", "'gimme-escrow identity' "
                                          "prints the escrow's") for key in args.trust_escrow),
         streams=StreamLimits(_positive(args.stream_idle_seconds, "--stream-idle-seconds"),
@@ -252,7 +253,8 @@ def cmd_lock(args: argparse.Namespace) -> None:
 
 
 def cmd_health(args: argparse.Namespace) -> None:
-    status = check_health(args.address, _tls(args))
+    status = check_health(args.address, _tls(args),
+                          service=CATALOG_SERVICE if args.whole_catalog else SERVICE_NAME)
     print(status)
     if status != "SERVING":
         raise SystemExit(1)
@@ -275,14 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (env GIMME_LISTEN; port 0 picks one)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     p.add_argument("--max-evaluations", type=int, default=2,
-                   help="memory-heavy worker jobs (evaluations and key checks) run at once; "
-                        "others queue")
+                   help="memory-heavy worker jobs (evaluations, key checks, listing "
+                        "compiles) run at once; others queue. Listings compile up to one "
+                        "fewer at once (at least one), leaving a slot to trades (default 2)")
     p.add_argument("--workers-per-evaluation", type=int, default=os.cpu_count() or 1,
                    help="processes one evaluation is split over (default: CPU count)")
     p.add_argument("--worker-memory-mb", type=int, default=6144,
                    help="address-space limit of each worker process")
     p.add_argument("--worker-timeout", type=float, default=900.0,
-                   help="seconds before a worker is killed")
+                   help="seconds before a worker is killed (default 900)")
+    p.add_argument("--listing-timeout", type=float, default=LISTING_TIMEOUT,
+                   help="seconds one listing's compile and self-tests may take, in a worker "
+                        "of their own; a listing that takes longer is refused and the rest "
+                        f"are served (default {LISTING_TIMEOUT:g})")
     limits = StreamLimits()
     p.add_argument("--stream-idle-seconds", type=float, default=limits.idle_seconds,
                    help="end a streaming call whose client sends nothing, or takes no reply, "
@@ -386,8 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-out", type=Path, help="key file (default next to --out, .key)")
     p.set_defaults(func=cmd_lock)
 
-    p = sub.add_parser("health", help="exit 0 if a seller daemon is SERVING")
+    p = sub.add_parser("health", help="exit 0 if a seller daemon is SERVING (at least one "
+                                      "listing is ready)")
     p.add_argument("--address", default=os.environ.get("GIMME_SELLER", "localhost:50051"))
+    p.add_argument("--whole-catalog", action="store_true",
+                   help="SERVING only once every listing is listed or refused (none still "
+                        "compiling)")
     _add_tls(p)
     p.set_defaults(func=cmd_health)
     return parser

@@ -1,4 +1,11 @@
-"""`gimme-seller serve`: load the catalog, serve trades, stop cleanly on SIGTERM/SIGINT."""
+"""`gimme-seller serve`: load the catalog, serve trades, stop cleanly on SIGTERM/SIGINT.
+
+The catalog loads in the background (seller_server.catalog.CatalogLoad): health turns
+SERVING, and buyers see models, as soon as the first listing is ready; each other listing
+appears when its compile finishes; the CATALOG_SERVICE health name turns SERVING once every
+listing is listed or refused. A listing that fails is refused by name in the log and costs
+no other; only a catalog of which nothing could be listed stops the daemon.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +20,18 @@ from typing import IO
 from grpc_health.v1 import health_pb2
 
 from common.errors import BadInput
-from common.rpc import SERVICE_NAME, TlsFiles, add_service, make_server
+from common.rpc import CATALOG_SERVICE, SERVICE_NAME, TlsFiles, add_service, make_server
 from common.signing import Signer, fingerprint
-from seller_server.catalog import load_catalog
+from seller_server.catalog import LISTING_TIMEOUT, CatalogLoad, Listing
 from seller_server.service import SERVICE, UNARY_THREADS, SellerServicer, StreamLimits
 from seller_server.store import Store
 from seller_server.trade import Seller
-from seller_server.worker import Capacity
+from seller_server.worker import Capacity, WorkerSlots
 
 log = logging.getLogger(__name__)
 KEY_SWEEP_SECONDS = 600
 GRACE_SECONDS = 10.0
+LOADER_STOP_SECONDS = 30.0  # at shutdown: for the catalog's workers to be killed and reaped
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,7 @@ class ServeOptions:
     key_ttl_hours: float = 24.0  # unpaid trials' evaluation keys are deleted after this idle
     streams: StreamLimits = field(default_factory=StreamLimits)
     escrow_keys: tuple[bytes, ...] = ()  # escrows whose deposit receipts pay for a trial
+    listing_timeout: float = LISTING_TIMEOUT  # seconds one listing's compile may take
 
 
 def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
@@ -62,32 +71,71 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
     servicer = SellerServicer(require_tls_identity=options.tls is not None,
                               stream_limits=options.streams)
     add_service(server, servicer, SERVICE)
+    health.set(CATALOG_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.start()
-    log.info("listening on port %d (health NOT_SERVING until the catalog is loaded)", port)
+    log.info("listening on port %d (health NOT_SERVING until the first listing is ready)",
+             port)
     if options.port_file is not None:
         options.port_file.write_text(str(port))
+    slots = WorkerSlots(options.capacity.concurrent_evaluations)
+    seller = Seller([], store, signer, options.state / "spool", options.capacity,
+                    options.security_bits, options.escrow_keys, slots=slots)
+    cancel = threading.Event()  # kills the catalog's compiles at shutdown
+    failure: list[str] = []  # why nothing could be listed
+    first = threading.Lock()
+
+    def listed(listing: Listing) -> None:
+        seller.add_listing(listing)
+        seller.loading = frozenset(loader.pending())
+        if first.acquire(blocking=False):  # never released: the first listing only
+            servicer.ready(seller)
+            for service in ("", SERVICE_NAME):
+                health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            log.info("SERVING: %s is ready", listing.model_id)
+
+    def settled() -> None:  # a buyer asking for a model still compiling is told so
+        seller.loading = frozenset(loader.pending())
+
+    loader = CatalogLoad(options.catalog, store, security_bits=options.security_bits,
+                         insecure_ring=options.insecure_ring, capacity=options.capacity,
+                         listing_timeout=options.listing_timeout, slots=slots,
+                         on_listed=listed, on_settled=settled)
+
+    def load() -> None:
+        try:
+            listings, refused = loader.run(cancel)
+            if listings:
+                health.set(CATALOG_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+                log.info("catalog loaded: %d model(s) listed (%s)%s", len(listings),
+                         ", ".join(listing.model_id for listing in listings),
+                         f"; {len(refused)} refused: "
+                         f"{', '.join(r.split(':')[0] for r in refused)}" if refused else "")
+            elif not cancel.is_set():
+                failure.append("no model in the catalog could be listed:\n  "
+                               + "\n  ".join(refused))
+        except BadInput as exc:  # e.g. a catalog without listings
+            failure.append(exc.message)
+        except Exception as exc:  # the loader's own bug: the daemon stops, saying why
+            log.exception("loading the catalog failed")
+            failure.append(f"loading the catalog failed: {type(exc).__name__}: {exc}")
+        if failure:
+            stop.set()  # nothing to serve
+
+    loading = threading.Thread(target=load, name="catalog", daemon=True)
     try:
-        listings, refused = load_catalog(
-            options.catalog, store, security_bits=options.security_bits,
-            insecure_ring=options.insecure_ring, capacity=options.capacity,
-            on_model=lambda name, i, n: log.info("loading %s (%d/%d)", name, i + 1, n))
-        if not listings:
-            raise BadInput("no model in the catalog could be listed:\n  " + "\n  ".join(refused))
-        seller = Seller(listings, store, signer, options.state / "spool", options.capacity,
-                        options.security_bits, options.escrow_keys)
         seller.expire_keys(options.key_ttl_hours * 3600)
-        servicer.ready(seller)
-        for service in ("", SERVICE_NAME):
-            health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("SERVING %d model(s): %s%s", len(listings),
-                 ", ".join(listing.model_id for listing in listings),
-                 f"; refused {len(refused)}" if refused else "")
+        loading.start()
         while not stop.wait(KEY_SWEEP_SECONDS):
             seller.expire_keys(options.key_ttl_hours * 3600)
+        if failure:
+            raise BadInput(failure[0])
         log.info("shutting down: finishing in-flight calls (up to %.0fs)", GRACE_SECONDS)
     finally:
+        cancel.set()
         health.enter_graceful_shutdown()
         server.stop(GRACE_SECONDS).wait()
+        if loading.is_alive():
+            loading.join(LOADER_STOP_SECONDS)
         store.close()
         state_lock.close()
         log.info("stopped")

@@ -6,7 +6,10 @@ bytes; every uploaded file lives at a path derived from the SHA-256 of what was 
 bytes a later evaluation opens are the same bytes: two uploads to one trial at once write
 two directories, and one that fails its check is deleted before anything can refer to it.
 Jobs cross the process boundary as JSON (common.guarded); `to_json` and `job_from_json`
-are the only conversions, checked by mypy on both sides.
+are the only conversions, checked by mypy on both sides. The catalog's jobs are here too:
+`CompileListing` (one listing, in a worker of its own, under the listing's time limit) and
+the self-tests it runs in workers of their own (`SelfTest`, `SelfTestPacked`), each with its
+result type (`SlotsMeasured`, `PackedMeasured`, `CompiledListing`).
 """
 
 from __future__ import annotations
@@ -86,20 +89,141 @@ class EvaluateBatch:
     TARGET = "seller_server.worker:evaluate_batch"
 
 
-Job = CheckKeys | EvaluateBatch
+@dataclass(frozen=True)
+class SelfTest:
+    """Encrypt calibration rows with throwaway keys, evaluate the plan slot-per-sample,
+    finish as a trial would and decrypt; the finished results go to `out_path` (.npy)."""
+
+    params: CkksParams
+    security_bits: int
+    plan_path: str
+    rows_path: str  # .npz with the rows as "rows"
+    out_path: str
+    workers: int
+    circuit_privacy: bool
+    flooding_bits: int  # the flooding noise is 2^bits x the measured CKKS error
+    policy_noise_std: float
+
+    TARGET = "seller_server.worker:self_test"
+
+
+@dataclass(frozen=True)
+class SlotsMeasured:
+    """What `SelfTest` measured: the exact size of every object a trial moves, times,
+    errors."""
+
+    ciphertext_bytes: int
+    relin_key_bytes: int
+    public_key_bytes: int
+    result_bytes: int
+    evaluate_seconds: float
+    key_check_seconds: float  # per trial: byte templates of the relinearization + public key
+    encrypt_seconds: float  # one input ciphertext, on one core (the buyer's side)
+    computation_error: float  # max |decrypted - plan| before finishing
+    flooding_std: float
+
+
+@dataclass(frozen=True)
+class SelfTestPacked:
+    """The same for feature packing, in a process of its own (a CryptoNets-sized model
+    needs GBs for each packing)."""
+
+    params: CkksParams
+    security_bits: int
+    plan_path: str
+    rows_path: str
+    out_path: str
+    workers: int
+    flooding_std: float  # the one the slot-per-sample self-test sized
+    policy_noise_std: float
+
+    TARGET = "seller_server.worker:self_test_packed"
+
+
+@dataclass(frozen=True)
+class PackedMeasured:
+    """What `SelfTestPacked` measured; packed_period 0: feature packing is not offered."""
+
+    packed_period: int = 0
+    packed_rotation_key_bytes: int = 0
+    packed_rotation_keys: int = 0
+    packed_setup_seconds: float = 0.0  # per trial: generating + checking the rotation keys
+    packed_evaluate_seconds: float = 0.0  # one ciphertext, every worker busy
+
+
+@dataclass(frozen=True)
+class Measured(SlotsMeasured):
+    """What the encrypted self-tests measured at listing time (feature packing: see
+    PackedMeasured)."""
+
+    he_error: float  # max |tail(finished result) - onnxruntime| on the compared output
+    packed_period: int = 0
+    packed_rotation_key_bytes: int = 0
+    packed_rotation_keys: int = 0
+    packed_setup_seconds: float = 0.0
+    packed_evaluate_seconds: float = 0.0
+
+    @classmethod
+    def of(cls, slots: SlotsMeasured, packed: PackedMeasured, he_error: float) -> Measured:
+        return cls(**dataclasses.asdict(slots), **dataclasses.asdict(packed),
+                   he_error=he_error)
+
+
+@dataclass(frozen=True)
+class CompileListing:
+    """Read one listing and its files, compile its model to an HE plan, self-test it
+    (each packing in a `SelfTest*` worker of its own, under `limits`) and size its
+    fingerprint: everything that opens the seller's model (onnx, onnxruntime, OpenFHE)
+    happens in this job's worker, so a model that crashes or outgrows it costs only its
+    own listing. `cache_key` is what the gateway computed from the files; the worker
+    computes it again from the bytes it read, so what it compiled is what is served."""
+
+    listing_path: str
+    cache_key: str
+    security_bits: int
+    insecure_ring: int
+    limits: Limits  # of each self-test worker
+    workers: int  # processes one self-test evaluation is split over
+
+    TARGET = "seller_server.catalog:compile_listing"
+
+
+@dataclass(frozen=True)
+class CompiledListing:
+    """What `CompileListing` returns and the state database caches under its key."""
+
+    plan: str  # base64 of HEPlan.to_bytes()
+    tail_ops: tuple[str, ...]
+    class_labels: tuple[str, ...]
+    probability_output: str
+    label_output: str
+    params: CkksParams
+    tolerance: float
+    plan_tolerance: float  # max |decrypted result - plan(rows)| an offer guarantees
+    approximation: str
+    measured: Measured
+    fingerprint_strength: float  # 0: copies are not fingerprinted
+    warnings: tuple[str, ...] = ()  # for the seller's log (e.g. feature packing withdrawn)
+
+
+Job = CheckKeys | EvaluateBatch | SelfTest | SelfTestPacked | CompileListing
+Result = SlotsMeasured | PackedMeasured | CompiledListing
 T = TypeVar("T")
 
 
 def run(job: Job, *, limits: Limits, on_progress: ProgressFn | None = None,
         untrusted_stages: frozenset[str] = frozenset(),
         cancel: threading.Event | None = None) -> Json:
-    """`job` in a throwaway worker process (common.guarded.run_guarded)."""
+    """`job` in a throwaway worker process (common.guarded.run_guarded). A CompileListing's
+    time limit counts from its first progress report (its worker's imports excluded: many
+    compile workers start at once when serve starts)."""
     return run_guarded(job.TARGET, to_json(job), limits=limits, on_progress=on_progress,
                        untrusted_phase=lambda p: p.get("stage") in untrusted_stages,
-                       cancel=cancel)
+                       cancel=cancel,
+                       clock_from_first_progress=isinstance(job, CompileListing))
 
 
-def to_json(job: Job) -> Json:
+def to_json(job: Job | Result) -> Json:
     return dataclasses.asdict(job)
 
 

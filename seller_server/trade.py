@@ -19,7 +19,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common.deeplock import key_id, lock, new_master_key, seal
-from common.errors import BadInput, Exhausted, NotFound, Refused, WorkerFailed, WrongState
+from common.errors import (
+    BadInput,
+    Exhausted,
+    NotFound,
+    Refused,
+    Unavailable,
+    WorkerFailed,
+    WrongState,
+)
 from common.escrow import open_deposit
 from common.he import engine
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE, pack_plan
@@ -56,7 +64,7 @@ from seller_server.catalog import TOLERANCE_FACTOR, Listing
 from seller_server.compiler import compile_model
 from seller_server.fingerprint import fingerprint, new_key
 from seller_server.store import Store, TrialRow, budget_exhausted
-from seller_server.worker import UNTRUSTED_STAGES, Capacity
+from seller_server.worker import UNTRUSTED_STAGES, Capacity, WorkerSlots
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[Progress], None]
@@ -88,24 +96,35 @@ def _charged_rows(listing: Listing, encoding: EncodingSpec, rows: int) -> int:
 class Seller:
     def __init__(self, listings: Sequence[Listing], store: Store, signer: Signer,
                  spool: Path, capacity: Capacity, security_bits: int,
-                 escrow_keys: Sequence[bytes] = ()) -> None:
+                 escrow_keys: Sequence[bytes] = (), slots: WorkerSlots | None = None) -> None:
+        # replaced, never changed in place, as listings are added (readers need no lock)
         self.listings = {listing.model_id: listing for listing in listings}
+        self.loading: frozenset[str] = frozenset()  # model ids still compiling
+        self._listings_lock = threading.Lock()
         self.escrow_keys = list(escrow_keys)  # escrows whose deposit receipts pay here
         self.store = store
         self.signer = signer
         self.spool = spool
         self.capacity = capacity
         self.security_bits = security_bits
-        self._evaluation_slots = threading.BoundedSemaphore(capacity.concurrent_evaluations)
+        self._slots = slots or WorkerSlots(capacity.concurrent_evaluations)
         self._models: OrderedDict[str, TrialModel] = OrderedDict()  # recent trials' copies
         self._models_lock = threading.Lock()
 
     def _sign(self, kind: str, payload: bytes) -> Signed:
         return Signed(kind, payload, self.signer.sign(kind, payload))
 
+    def add_listing(self, listing: Listing) -> None:
+        """List one more model (the catalog lists each as soon as it is ready)."""
+        with self._listings_lock:
+            self.listings = {**self.listings, listing.model_id: listing}
+
     def listing(self, model_id: str) -> Listing:
         listing = self.listings.get(model_id)
         if listing is None:
+            if model_id in self.loading:
+                raise Unavailable(f"the seller is still loading model {model_id!r} (compiling "
+                                  f"and self-testing it); retry in a few minutes")
             raise NotFound(f"no model {model_id!r}; 'gimme-buyer models' lists what is "
                            f"offered ({', '.join(sorted(self.listings))})")
         return listing
@@ -245,7 +264,7 @@ class Seller:
             staging.mkdir()
             for name, data in keys.items():
                 upload.path(name).write_bytes(data)
-            with self._evaluation_slots:  # key checks are memory-heavy workers too
+            with self._slots.trade():  # key checks are memory-heavy workers too
                 jobs.run(jobs.CheckKeys(self._setup(trial, listing, encoding), upload,
                                         public_key_seed(trial_id, trial.key_tag).hex()),
                          limits=self.capacity.limits)
@@ -323,7 +342,7 @@ class Seller:
                 rows, listing.spec.circuit_privacy, listing.measured.flooding_std,
                 listing.spec.output_policy.noise_std, tuple(paths), str(results_dir),
                 self.capacity.workers_per_evaluation)
-            with self._evaluation_slots:
+            with self._slots.trade():
                 outcome = jobs.run(
                     job, limits=self.capacity.limits,
                     on_progress=lambda p: on_progress(Progress(

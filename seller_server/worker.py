@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +33,21 @@ from common.errors import BadInput
 from common.guarded import Json, Limits, ProgressFn
 from common.he import engine
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE, PackedPlan, Packing, pack_plan
-from common.he.params import CkksParams, new_key_tag
+from common.he.params import new_key_tag
 from common.he.plan import FloatArray, HEPlan
 from common.signing import keys_digest
-from seller_server.jobs import KEY_OBJECTS, CheckKeys, EvaluateBatch, TrialSetup, job_from_json
+from seller_server.jobs import (
+    KEY_OBJECTS,
+    CheckKeys,
+    EvaluateBatch,
+    PackedMeasured,
+    SelfTest,
+    SelfTestPacked,
+    SlotsMeasured,
+    TrialSetup,
+    job_from_json,
+    to_json,
+)
 
 
 @dataclass(frozen=True)
@@ -46,15 +59,66 @@ class Capacity:
     concurrent_evaluations: int = 2
 
 
+class WorkerSlots:
+    """The memory-heavy worker jobs running at once: Capacity.concurrent_evaluations in all.
+    A trade's job (key check, evaluation) takes any free slot; listing compiles take at most
+    `compile_limit` of them, one less than all when there are two or more, so that the
+    trades of the listings already served go on while others compile."""
+
+    def __init__(self, total: int) -> None:
+        self.total = max(1, total)
+        self.compile_limit = max(1, self.total - 1)
+        self._busy = 0
+        self._compiling = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def trade(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: self._busy < self.total)
+            self._busy += 1
+        try:
+            yield
+        finally:
+            self._release(compiling=0)
+
+    @contextmanager
+    def compile(self, cancel: threading.Event) -> Iterator[bool]:
+        """A slot for one listing's compile; yields False (no slot taken) once `cancel`
+        is set."""
+        def free() -> bool:
+            return self._busy < self.total and self._compiling < self.compile_limit
+
+        with self._changed:
+            while not free():
+                if cancel.is_set():
+                    break
+                self._changed.wait(0.5)
+            taken = not cancel.is_set() and free()
+            if taken:
+                self._busy += 1
+                self._compiling += 1
+        try:
+            yield taken
+        finally:
+            if taken:
+                self._release(compiling=1)
+
+    def _release(self, compiling: int) -> None:
+        with self._changed:
+            self._busy -= 1
+            self._compiling -= compiling
+            self._changed.notify_all()
+
+
 # Stages during which a crash is the upload's fault (see run_guarded's untrusted_phase).
 UNTRUSTED_STAGES = frozenset({"loading relinearization key", "loading ciphertexts",
                               "evaluating", "finishing"})
 
 
-def _setup(request: Json) -> tuple[Any, HEPlan]:
-    params = CkksParams(**request["params"])
-    plan = HEPlan.from_bytes(Path(request["plan_path"]).read_bytes())
-    return engine.build_context(params, int(request["security_bits"])), plan
+def _setup(job: SelfTest | SelfTestPacked) -> tuple[Any, HEPlan]:
+    plan = HEPlan.from_bytes(Path(job.plan_path).read_bytes())
+    return engine.build_context(job.params, job.security_bits), plan
 
 
 def _evaluation_progress(report: ProgressFn) -> engine.ProgressFn:
@@ -66,34 +130,38 @@ MAX_ROTATION_KEYS = 64
 
 
 def self_test(request: Json, report: ProgressFn) -> Json:
-    """Slot-per-sample: encrypt calibration rows with throwaway keys, evaluate, finish as a
-    trial would, decrypt: measures the real CKKS error, sizes the flooding noise, and
-    records the exact size of every object a trial moves and the evaluation time."""
-    cc, plan = _setup(request)
-    rows = np.load(request["rows_path"])["rows"]
+    """Slot-per-sample (jobs.SelfTest): encrypt calibration rows with throwaway keys,
+    evaluate, finish as a trial would, decrypt: measures the real CKKS error, sizes the
+    flooding noise, and records the exact size of every object a trial moves and the
+    evaluation time (jobs.SlotsMeasured)."""
+    job = job_from_json(SelfTest, request)
+    cc, plan = _setup(job)
+    rows = np.load(job.rows_path)["rows"]
     report({"stage": "generating keys"})
     secret, public = engine.generate_keys(cc, new_key_tag())
-    return _self_test_slots(request, report, cc, plan, rows, secret, public)
+    return to_json(_self_test_slots(job, report, cc, plan, rows, secret, public))
 
 
 def self_test_packed(request: Json, report: ProgressFn) -> Json:
-    """The same for feature packing, in a process of its own (a CryptoNets-sized model
-    needs GBs for each packing); {} when the model is not offered feature-packed."""
-    cc, plan = _setup(request)
+    """The same for feature packing (jobs.SelfTestPacked -> jobs.PackedMeasured, whose
+    packed_period 0 says the model is not offered feature-packed)."""
+    job = job_from_json(SelfTestPacked, request)
+    cc, plan = _setup(job)
     packed = pack_plan(plan)
     slots = cc.GetRingDimension() // 2
     indices = packed.rotation_indices(slots) if packed.d <= slots else []
     if not 0 < len(indices) <= MAX_ROTATION_KEYS:
-        return {}
-    rows = np.load(request["rows_path"])["rows"]
+        return to_json(PackedMeasured())
+    rows = np.load(job.rows_path)["rows"]
     report({"stage": "generating keys"})
     secret, public = engine.generate_keys(cc, new_key_tag())
-    noise = _noise(float(request["flooding_std"]), float(request["policy_noise_std"]))
-    return _self_test_packed(request, report, cc, packed, indices, rows, secret, public, noise)
+    noise = _noise(job.flooding_std, job.policy_noise_std)
+    return to_json(_self_test_packed(job, report, cc, packed, indices, rows, secret, public,
+                                     noise))
 
 
-def _self_test_slots(request: Json, report: ProgressFn, cc: Any, plan: HEPlan,
-                     rows: FloatArray, secret: Any, public: Any) -> Json:
+def _self_test_slots(job: SelfTest, report: ProgressFn, cc: Any, plan: HEPlan,
+                     rows: FloatArray, secret: Any, public: Any) -> SlotsMeasured:
     tag = secret.GetKeyTag()
     layout = Packing(SLOT_PER_SAMPLE, cc.GetRingDimension() // 2)
     report({"stage": "encrypting"})
@@ -101,40 +169,37 @@ def _self_test_slots(request: Json, report: ProgressFn, cc: Any, plan: HEPlan,
     inputs = [engine.encrypt_vector(cc, public, v) for v in layout.encode(rows)]
     encrypt_seconds = (time.perf_counter() - start) / len(inputs)
     start = time.perf_counter()
-    scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report),
-                             int(request["workers"]))
+    scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report), job.workers)
     seconds = time.perf_counter() - start
     raw = _decrypted(cc, secret, layout, scores, len(rows), len(scores))
     computation_error = float(np.abs(raw - plan.simulate(rows)).max())
-    flooding_std = (computation_error * 2.0 ** int(request["flooding_bits"])
-                    if request["circuit_privacy"] else 0.0)
+    flooding_std = (computation_error * 2.0 ** job.flooding_bits
+                    if job.circuit_privacy else 0.0)
     period = layout.fold_period(len(rows), len(scores))
-    noise = _noise(flooding_std, float(request["policy_noise_std"]))
+    noise = _noise(flooding_std, job.policy_noise_std)
     finished = engine.finish(cc, scores, layout.masks(len(rows), len(scores)), public, noise,
                              np.random.default_rng(), period)
-    np.save(request["out_path"], _opened(cc, secret, layout, finished, len(rows),
-                                          len(scores)))
+    np.save(job.out_path, _opened(cc, secret, layout, finished, len(rows), len(scores)))
     relin_key = engine.serialize_relin_key(tag)
-    measured: Json = {
-        "encrypt_seconds": encrypt_seconds,
-        "evaluate_seconds": seconds,
-        "computation_error": computation_error,
-        "flooding_std": flooding_std,
-        "ciphertext_bytes": len(engine.ciphertext_bytes(inputs[0])),
-        "relin_key_bytes": len(relin_key),
-        "public_key_bytes": len(engine.public_key_bytes(public)),
-        "result_bytes": len(finished[0]),
-    }
-    measured["key_check_seconds"] = _timed(lambda: (engine.relin_key_template(cc, tag),
-                                                    engine.public_key_template(cc, tag)))
+    key_check_seconds = _timed(lambda: (engine.relin_key_template(cc, tag),
+                                        engine.public_key_template(cc, tag)))
     engine.load_relin_key(relin_key)  # learning the template replaced it
-    return measured
+    return SlotsMeasured(
+        ciphertext_bytes=len(engine.ciphertext_bytes(inputs[0])),
+        relin_key_bytes=len(relin_key),
+        public_key_bytes=len(engine.public_key_bytes(public)),
+        result_bytes=len(finished[0]),
+        evaluate_seconds=seconds,
+        key_check_seconds=key_check_seconds,
+        encrypt_seconds=encrypt_seconds,
+        computation_error=computation_error,
+        flooding_std=flooding_std)
 
 
-def _self_test_packed(request: Json, report: ProgressFn, cc: Any, packed: PackedPlan,
+def _self_test_packed(job: SelfTestPacked, report: ProgressFn, cc: Any, packed: PackedPlan,
                       indices: list[int], rows: FloatArray, secret: Any, public: Any,
-                      noise: float) -> Json:
-    workers = int(request["workers"])
+                      noise: float) -> PackedMeasured:
+    workers = job.workers
     tag = secret.GetKeyTag()
     report({"stage": "feature-packed: generating rotation keys"})
     start = time.perf_counter()
@@ -153,16 +218,14 @@ def _self_test_packed(request: Json, report: ProgressFn, cc: Any, packed: Packed
     finished = engine.finish(cc, scores, layout.masks(len(sample), packed.scores), public,
                              noise, np.random.default_rng(),
                              layout.fold_period(len(sample), packed.scores))
-    np.save(request["packed_out_path"],
-            _opened(cc, secret, layout, finished, len(sample), packed.scores))
-    return {
-        "packed_period": packed.d,
-        "packed_rotation_key_bytes": len(rotation_keys),
-        "packed_rotation_keys": len(indices),
-        "packed_setup_seconds": setup_seconds,
+    np.save(job.out_path, _opened(cc, secret, layout, finished, len(sample), packed.scores))
+    return PackedMeasured(
+        packed_period=packed.d,
+        packed_rotation_key_bytes=len(rotation_keys),
+        packed_rotation_keys=len(indices),
+        packed_setup_seconds=setup_seconds,
         # per ciphertext with every worker busy (each takes one ciphertext at a time)
-        "packed_evaluate_seconds": seconds / (-(-len(inputs) // workers) * workers),
-    }
+        packed_evaluate_seconds=seconds / (-(-len(inputs) // workers) * workers))
 
 
 def _timed(work: Callable[[], object]) -> float:

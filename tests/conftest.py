@@ -19,7 +19,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 from common.certs import create_certificates
-from common.rpc import TlsFiles, check_health
+from common.rpc import CATALOG_SERVICE, SERVICE_NAME, TlsFiles, check_health
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -84,12 +84,15 @@ class Daemon:
     def tls(self, identity: str = "seller") -> TlsFiles | None:
         return TlsFiles.in_dir(self.tls_dir, identity) if self.tls_dir else None
 
-    def wait_serving(self, timeout: float = 300) -> None:
+    def wait_serving(self, timeout: float = 300, whole_catalog: bool = True) -> None:
+        """Until health says SERVING: once every listing is listed or refused, or (not
+        `whole_catalog`) once the first listing is ready."""
         deadline = time.monotonic() + timeout
+        service = CATALOG_SERVICE if whole_catalog else SERVICE_NAME
         while True:
             self._check_alive()
             try:
-                status = check_health(self.address, self.tls(), timeout=2)
+                status = check_health(self.address, self.tls(), timeout=2, service=service)
             except Exception:
                 status = "UNREACHABLE"
             if not self.statuses or self.statuses[-1] != status:

@@ -98,3 +98,26 @@ def softsign_by_division() -> bytes:
                   helper.make_node("Div", ["h", "d"], ["y"], name="softsign_ratio")],
                  3, {"y": 2}, {"w": weights(3, 2), "b": weights(1, 2)[0],
                                "one": np.ones(1, np.float32)})
+
+
+def memory_hog(width: int = 3 << 20) -> bytes:
+    """Tile the 3 input columns to `width` features, then add a constant: probing the Add
+    needs a (1024, width) float64 array (3 M features: 25 GB), beyond any worker's memory
+    limit (and any machine's RAM)."""
+    return build([helper.make_node("Tile", ["x", "repeats"], ["h"], name="widen"),
+                  helper.make_node("Add", ["h", "c"], ["y"], name="shift")],
+                 3, {"y": width}, {"repeats": np.array([1, width // 3], dtype=np.int64),
+                                   "c": np.ones(1, np.float32)})
+
+
+def slow_to_compile(nodes: int) -> bytes:
+    """Gemm, `nodes` Add nodes in a chain, Relu, Gemm: the compiler probes every node (a few
+    ms each) once per error bound it tries, and with a tight max_error (the Relu's fit
+    cannot meet) it tries all nine: about 9 x `nodes` x 2-5 ms."""
+    chain = [helper.make_node("Gemm", ["x", "w", "b"], ["h0"], name="dense")]
+    chain += [helper.make_node("Add", [f"h{i}", "c"], [f"h{i + 1}"], name=f"shift{i}")
+              for i in range(nodes)]
+    chain += [helper.make_node("Relu", [f"h{nodes}"], ["a"], name="relu"),
+              helper.make_node("Gemm", ["a", "v", "b"], ["y"], name="head")]
+    return build(chain, 3, {"y": 2}, {"w": weights(3, 2), "b": weights(1, 2)[0],
+                                      "v": weights(2, 2), "c": np.full(2, 1e-3, np.float32)})

@@ -3,6 +3,7 @@ digits MLP (approximated activations) trades end to end."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -15,9 +16,13 @@ import pytest
 from onnx import helper
 
 from common.errors import BadInput, WorkerFailed
-from common.guarded import run_guarded
+from common.guarded import Limits, run_guarded
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE
-from seller_server import catalog
+from common.he.params import CkksParams
+from common.he.plan import HEPlan, OutputStage, as_weights
+from common.rpc import CATALOG_SERVICE, check_health
+from common.tabular import load_table
+from seller_server import catalog, jobs
 from seller_server.catalog import read_listing
 from seller_server.store import Store
 from seller_server.worker import Capacity
@@ -25,10 +30,36 @@ from tests import onnx_graphs as g
 from tests.conftest import Daemon, buyer_cli, top_up
 
 
+@pytest.fixture(scope="module")
+def lr_record(lr_catalog: Path) -> jobs.CompiledListing:
+    """The breast-cancer listing compiled and self-tested (in this process; its self-tests
+    in workers), for tests that start from a cached compile."""
+    spec = read_listing(lr_catalog / "breast_cancer_lr.json")
+    files = catalog.ListingFiles.read(spec)
+    rows = load_table(spec.calibration_path, spec.input_columns).rows
+    return catalog.compile_and_test(spec, files.model, rows, _compile_job(spec), lambda _: None)
+
+
+def _compile_job(spec: catalog.ListingSpec) -> jobs.CompileListing:
+    return jobs.CompileListing(str(spec.path),
+                               catalog.ListingFiles.read(spec).cache_key(128, 0), 128, 0,
+                               Limits(), 2)
+
+
+def _cache(store: Store, listing: Path, record: jobs.CompiledListing) -> None:
+    store.save_compiled(catalog.ListingFiles.read(read_listing(listing)).cache_key(128, 0),
+                        json.dumps(jobs.to_json(record)).encode())
+
+
 def test_an_unevaluable_model_is_refused_by_name_and_the_rest_is_served(
-        lr_catalog: Path, tls_dir: Path, tmp_path: Path) -> None:
+        lr_catalog: Path, lr_record: jobs.CompiledListing, tls_dir: Path,
+        tmp_path: Path) -> None:
     """Also: a plan that misses its listing's max_error is refused with the figures, not
-    listed with a tolerance that hides the miss."""
+    listed with a tolerance that hides the miss; a division by an encrypted tensor (Div(x, x),
+    x / (1 + |x|): NaN plans once) is refused by node name; a compile that outgrows its
+    worker's memory and one that outlasts --listing-timeout are refused by name with the
+    reason; the cached listing is served at once, while the others still compile; a cached
+    plan holding a NaN is not served but compiled again."""
     catalog = tmp_path / "catalog"
     shutil.copytree(lr_catalog, catalog)
     (catalog / "relu.onnx").write_bytes(g.mlp("Relu"))
@@ -41,25 +72,72 @@ def test_an_unevaluable_model_is_refused_by_name_and_the_rest_is_served(
     model = g.build([helper.make_node("Gemm", ["x", "w", "b"], ["z"], name="dense"),
                      helper.make_node("Round", ["z"], ["y"], name="round_layer")],
                     3, {"y": 2}, {"w": g.weights(3, 2), "b": g.weights(1, 2)[0]})
-    (catalog / "bad.onnx").write_bytes(model)
-    np.savetxt(catalog / "bad.csv", g.calibration(3), delimiter=",", header="a,b,c",
+    np.savetxt(catalog / "three.csv", g.calibration(3), delimiter=",", header="a,b,c",
                comments="")
-    (catalog / "bad.json").write_text(json.dumps({
-        "name": "bad-model", "model": "bad.onnx", "calibration": "bad.csv",
-        "input_columns": ["a", "b", "c"], "price": "1", "trial_budget_rows": 10}))
-    daemon = Daemon(catalog, tmp_path / "state", tls_dir)
+    # listings compile in file order: the slow one first (minutes: see slow_to_compile),
+    # the others beside it
+    for stem, name, onnx_bytes in [("a_slow", "slow-listing", g.slow_to_compile(10_000)),
+                                   ("bad", "bad-model", model),
+                                   ("self_ratio", "self-ratio", g.self_ratio()),
+                                   ("softsign", "softsign", g.softsign_by_division()),
+                                   ("hog", "memory-hog", g.memory_hog())]:
+        (catalog / f"{stem}.onnx").write_bytes(onnx_bytes)
+        (catalog / f"{stem}.json").write_text(json.dumps({
+            "name": name, "model": f"{stem}.onnx", "calibration": "three.csv",
+            "input_columns": ["a", "b", "c"], "price": "1", "trial_budget_rows": 10,
+            "max_error": 1e-6}))
+    store = Store(tmp_path / "state" / "gimme.sqlite")
+    _cache(store, catalog / "breast_cancer_lr.json", lr_record)
+    _cache(store, catalog / "self_ratio.json", _nan_plan_record(3))
+    store.close()
+    daemon = Daemon(catalog, tmp_path / "state", tls_dir,
+                    ["--listing-timeout", "30", "--max-evaluations", "4"])
     try:
-        daemon.wait_serving()
+        daemon.wait_serving(whole_catalog=False)  # the cached listing is served at once...
+        # ...while the others still compile
+        assert check_health(daemon.address, daemon.tls(), service=CATALOG_SERVICE) == \
+            "NOT_SERVING"
+        listed = buyer_cli(daemon, tmp_path / "home", "alice", "models")
+        assert "breast-cancer-lr" in listed.stdout, listed.stdout + daemon.logs()
+        assert "slow-listing" not in listed.stdout
+        ready = re.search(r"listed breast-cancer-lr: .*; still compiling: (.*)", daemon.logs())
+        assert ready and "slow-listing" in ready.group(1), daemon.logs()
+        assert "compiling breast-cancer-lr" not in daemon.logs()
+        daemon.wait_serving()  # every listing is listed or refused
+        logs = daemon.logs()
+        assert "self_ratio.json: its cached compile is unusable (the plan's output stage " \
+               "has non-finite weights (NaN or infinity)" in logs
         listed = buyer_cli(daemon, tmp_path / "home", "alice", "models")
         assert "breast-cancer-lr" in listed.stdout and "bad-model" not in listed.stdout
-        assert "node 'round_layer': operator Round cannot be evaluated" in daemon.logs()
+        assert "node 'round_layer': operator Round cannot be evaluated" in logs
         assert "relu-strict" not in listed.stdout
         refusal = re.search(r"refused listing relu\.json: the best plan's error on the "
                             r"calibration rows is ([0-9.e-]+), above the listing's max_error "
-                            r"0\.001 \(relu at 'relu1': degree 4", daemon.logs())
-        assert refusal and float(refusal.group(1)) > 0.001, daemon.logs()
+                            r"0\.001 \(relu at 'relu1': degree 4", logs)
+        assert refusal and float(refusal.group(1)) > 0.001, logs
+        for stem, node in [("self_ratio", "self_ratio"), ("softsign", "softsign_ratio")]:
+            assert f"refused listing {stem}.json: node '{node}' (Div) divides by an " \
+                   f"encrypted tensor" in logs
+        assert "refused listing hog.json: its compile worker ran out of memory while " \
+               "compiling" in logs
+        assert "refused listing a_slow.json: its compile worker ran out of time (30 s) " \
+               "while compiling (serve's --listing-timeout)" in logs
+        assert "catalog loaded: 1 model(s) listed (breast-cancer-lr); 6 refused" in logs
+        for name in ("self-ratio", "softsign", "memory-hog", "slow-listing"):
+            assert name not in listed.stdout
+        assert daemon.stop() == 0  # serve was up all along and stops cleanly
     finally:
         daemon.stop()
+
+
+def _nan_plan_record(columns: int) -> jobs.CompiledListing:
+    """A compiled record whose plan holds NaN weights, as a corrupted cache would."""
+    plan = HEPlan(columns, (), OutputStage(as_weights(np.full((2, columns), np.nan)),
+                                           np.zeros(2)))
+    measured = jobs.Measured(1, 1, 1, 1, 0.1, 0.1, 0.1, 0.0, 0.0, he_error=0.0)
+    return jobs.CompiledListing(
+        base64.b64encode(plan.to_bytes()).decode(), (), ("0", "1"), "y", "",
+        CkksParams(8192, 2, 36, 54, 3), 0.01, 0.01, "exact", measured, 0.0)
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -105,11 +183,13 @@ def test_digits_mlp_trade_end_to_end(examples: Path, tls_dir: Path, tmp_path: Pa
 
 
 def test_a_failing_feature_packed_self_test_leaves_the_model_slot_per_sample_only(
-        lr_catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+        lr_catalog: Path, lr_record: jobs.CompiledListing, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The feature-packed self-test runs in its own worker; when it fails (here: the worker
     reports a crash), the listing is still served, offers only slot-per-sample, says so
-    in the log, and a buyer asking for feature packing is told what is offered."""
+    in the log, and a buyer asking for feature packing is told what is offered.
+    Then: a cached listing is listed at once, without a worker, and a compile worker that
+    crashes (SIGSEGV) costs only its own listing."""
     real = run_guarded
 
     def packed_fails(target: str, request: Any, **kwargs: Any) -> Any:
@@ -117,16 +197,41 @@ def test_a_failing_feature_packed_self_test_leaves_the_model_slot_per_sample_onl
             raise WorkerFailed("the evaluator process crashed (signal 9)")
         return real(target, request, **kwargs)
 
-    monkeypatch.setattr("seller_server.catalog.run_guarded", packed_fails)
+    monkeypatch.setattr("seller_server.jobs.run_guarded", packed_fails)
     spec = read_listing(lr_catalog / "breast_cancer_lr.json")
+    files = catalog.ListingFiles.read(spec)
+    rows = load_table(spec.calibration_path, spec.input_columns).rows
     with caplog.at_level(logging.WARNING):
-        listing = catalog.load_listing(spec, Store(tmp_path / "s.sqlite"), 128, 0, Capacity())
+        record = catalog.compile_and_test(spec, files.model, rows, _compile_job(spec),
+                                          lambda _: None)
+    listing = catalog.listing_from_record(spec, files.model, rows, record)
     assert [e.packing for e in listing.estimates()] == [SLOT_PER_SAMPLE]
+    assert record.warnings == ("feature packing is not offered: its self-test failed (the "
+                               "evaluator process crashed (signal 9))",)
     assert "feature packing is not offered: its self-test failed (the evaluator process " \
            "crashed" in caplog.text
     with pytest.raises(BadInput, match="is not offered 'feature-packed'; it is offered: "
                                        "slot-per-sample"):
         listing.estimate(FEATURE_PACKED)
-    monkeypatch.setattr("seller_server.catalog.run_guarded", real)
-    both = catalog.load_listing(spec, Store(tmp_path / "t.sqlite"), 128, 0, Capacity())
-    assert [e.packing for e in both.estimates()] == [SLOT_PER_SAMPLE, FEATURE_PACKED]
+    assert [e.packing for e in catalog.listing_from_record(
+        spec, files.model, rows, lr_record).estimates()] == [SLOT_PER_SAMPLE, FEATURE_PACKED]
+
+    directory = tmp_path / "catalog"
+    shutil.copytree(lr_catalog, directory)
+    crash = json.loads((directory / "breast_cancer_lr.json").read_text())
+    (directory / "crash.json").write_text(json.dumps({**crash, "name": "crashes"}))
+    store = Store(tmp_path / "state.sqlite")
+    _cache(store, directory / "breast_cancer_lr.json", lr_record)
+
+    def crashing_compile(job: jobs.Job, **kwargs: Any) -> Any:
+        assert isinstance(job, jobs.CompileListing) and job.listing_path.endswith("crash.json")
+        return real("tests.guarded_targets:crash", {"stage": "compiling"}, limits=Limits())
+
+    monkeypatch.setattr("seller_server.jobs.run", crashing_compile)
+    with caplog.at_level(logging.INFO):
+        listings, refused = catalog.CatalogLoad(directory, store, security_bits=128,
+                                                capacity=Capacity()).run()
+    assert [listing.model_id for listing in listings] == ["breast-cancer-lr"]
+    assert refused == ["crash.json: its compile worker was killed by SIGSEGV while "
+                       "compiling"]
+    assert "compiling breast-cancer-lr" not in caplog.text  # cached: listed at once
