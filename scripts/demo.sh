@@ -37,9 +37,9 @@ gimme-seller serve --catalog "$run/catalog" --state "$run/seller" --tls-dir "$ru
   >"$run/seller.log" 2>&1 &
 seller_pid=$!
 trap 'kill "$seller_pid" "$escrow_pid" 2>/dev/null || true' EXIT
-for _ in $(seq 1 600); do
+for _ in $(seq 1 600); do  # until every listing is listed or refused: the buyer trades both
   if [ -s "$run/port" ] && gimme-seller health --address "127.0.0.1:$(cat "$run/port")" \
-       --tls-dir "$run/tls" >/dev/null 2>&1; then
+       --tls-dir "$run/tls" --whole-catalog >/dev/null 2>&1; then
     break
   fi
   if ! kill -0 "$seller_pid" 2>/dev/null; then
@@ -47,7 +47,7 @@ for _ in $(seq 1 600); do
   fi
   sleep 0.5
 done
-gimme-seller health --address "127.0.0.1:$(cat "$run/port")" --tls-dir "$run/tls"
+gimme-seller health --address "127.0.0.1:$(cat "$run/port")" --tls-dir "$run/tls" --whole-catalog
 
 export GIMME_SELLER="127.0.0.1:$(cat "$run/port")" GIMME_TLS_DIR="$run/tls" GIMME_HOME="$run/buyer"
 export GIMME_ESCROW="127.0.0.1:$(cat "$run/escrow.port")"
