@@ -104,13 +104,15 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> None:
     def load() -> None:
         try:
             listings, refused = loader.run(cancel)
+            if cancel.is_set():
+                return  # stopping: what is left was not loaded
             if listings:
                 health.set(CATALOG_SERVICE, health_pb2.HealthCheckResponse.SERVING)
                 log.info("catalog loaded: %d model(s) listed (%s)%s", len(listings),
                          ", ".join(listing.model_id for listing in listings),
                          f"; {len(refused)} refused: "
                          f"{', '.join(r.split(':')[0] for r in refused)}" if refused else "")
-            elif not cancel.is_set():
+            else:
                 failure.append("no model in the catalog could be listed:\n  "
                                + "\n  ".join(refused))
         except BadInput as exc:  # e.g. a catalog without listings
