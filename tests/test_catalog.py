@@ -91,7 +91,7 @@ def test_an_unevaluable_model_is_refused_by_name_and_the_rest_is_served(
     _cache(store, catalog / "self_ratio.json", _nan_plan_record(3))
     store.close()
     daemon = Daemon(catalog, tmp_path / "state", tls_dir,
-                    ["--listing-timeout", "30", "--max-evaluations", "4"])
+                    ["--listing-timeout", "20", "--max-evaluations", "4"])
     try:
         daemon.wait_serving(whole_catalog=False)  # the cached listing is served at once...
         # ...while the others still compile
@@ -120,7 +120,7 @@ def test_an_unevaluable_model_is_refused_by_name_and_the_rest_is_served(
                    f"encrypted tensor" in logs
         assert "refused listing hog.json: its compile worker ran out of memory while " \
                "compiling" in logs
-        assert "refused listing a_slow.json: its compile worker ran out of time (30 s) " \
+        assert "refused listing a_slow.json: its compile worker ran out of time (20 s) " \
                "while compiling (serve's --listing-timeout)" in logs
         assert "catalog loaded: 1 model(s) listed (breast-cancer-lr); 6 refused" in logs
         for name in ("self-ratio", "softsign", "memory-hog", "slow-listing"):
