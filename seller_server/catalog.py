@@ -40,6 +40,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import tempfile
 from collections.abc import Callable
@@ -67,14 +68,14 @@ from common.tabular import load_table
 from common.tail import apply_tail
 from seller_server.audit import surrogate_pool
 from seller_server.compiler import Tail, compile_model
-from seller_server.fingerprint import fingerprint, new_key
+from seller_server.fingerprint import fingerprint, new_key, weights
 from seller_server.planner import choose_params
 from seller_server.store import Store
 from seller_server.worker import Capacity
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "gimme-he-16"  # bump when compiled results would change
+ENGINE_VERSION = "gimme-he-17"  # bump when compiled results would change
 TOLERANCE_FACTOR = 3.0
 TOLERANCE_FLOOR = 1e-4
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -144,6 +145,8 @@ class Listing:
     extraction_risk: str
     calibration: FloatArray  # the seller's rows (fingerprinted copies are compiled on them)
     fingerprint_strength: float  # 0: copies are not fingerprinted
+    fingerprint_note: str  # the strength chosen and what it costs, or why there is none
+    copy_check: CopyCheck | None  # what every sale's copy is checked on (None: unmarked)
     degrees: tuple[int, ...]  # Chebyshev degree of each approximated activation
     plan_tolerance: float  # max |decrypted result - plan(rows)| an offer guarantees
 
@@ -336,10 +339,10 @@ def load_catalog(
         listings.append(listing)
         m = listing.measured
         log.info("listed %s: %s; %s; tolerance %.2g; self-test %.2fs, CKKS error %.2g, "
-                 "flooding %.2g; extraction risk: %s", listing.model_id,
+                 "flooding %.2g; extraction risk: %s; %s", listing.model_id,
                  listing.params.describe(), listing.approximation, listing.tolerance,
                  m.evaluate_seconds, m.computation_error, m.flooding_std,
-                 listing.extraction_risk)
+                 listing.extraction_risk, listing.fingerprint_note)
     return listings, refused
 
 
@@ -370,12 +373,14 @@ def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_r
                        f"set extraction_criterion to 'warn'")
     degrees = tuple(s.degree for s in plan.stages if s.kind == "chebyshev")
     domain = input_domain(spec, rows)
+    tail = Tail(tuple(ops), tuple(labels), probability_output, label_output)
+    strength = float(record["fingerprint_strength"])
     return Listing(
         spec=spec,
         model_bytes=model_bytes,
         commitment=sha256(model_bytes),
         plan=plan,
-        tail=Tail(tuple(ops), tuple(labels), probability_output, label_output),
+        tail=tail,
         params=CkksParams(**record["params"]),
         tolerance=float(record["tolerance"]),
         # a domain matters only where activations are approximated
@@ -385,7 +390,9 @@ def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_r
         measured=Measured(**record["measured"]),
         extraction_risk=risk,
         calibration=rows,
-        fingerprint_strength=float(record["fingerprint_strength"]),
+        fingerprint_strength=strength,
+        fingerprint_note=str(record["fingerprint_note"]),
+        copy_check=CopyCheck.of(spec.model_id, model_bytes, rows, tail) if strength else None,
         degrees=degrees,
         plan_tolerance=float(record["plan_tolerance"]),
     )
@@ -428,37 +435,122 @@ def _compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
         "plan_tolerance": max(TOLERANCE_FACTOR * plan_error, TOLERANCE_FLOOR),
         "approximation": compiled.approximation,
         "measured": dataclasses.asdict(Measured(**measured, he_error=he_error)),
-        "fingerprint_strength": (fingerprint_strength(model_bytes, rows, compiled.tail)
-                                 if spec.fingerprint else 0.0),
+        **_fingerprint_record(spec, model_bytes, rows, compiled.tail),
     }
 
 
+def _fingerprint_record(spec: ListingSpec, model_bytes: bytes, rows: FloatArray, tail: Tail
+                        ) -> dict[str, Any]:
+    if not spec.fingerprint:
+        strength, note = 0.0, 'not fingerprinted (the listing says "fingerprint": false)'
+    else:
+        strength, note = fingerprint_strength(CopyCheck.of(spec.model_id, model_bytes, rows,
+                                                           tail))
+    return {"fingerprint_strength": strength, "fingerprint_note": note}
+
+
 FINGERPRINT_STRENGTHS = (0.05, 0.03, 0.02, 0.01, 0.005)
-# a copy may change at most 0.25% of the predictions on jittered calibration rows, which keeps
-# the accuracy cost under 0.5 points on held-out rows (bench/fingerprint.py measures it)
+# a classifier's copy may change at most 0.25% of the predictions on jittered calibration
+# rows, which keeps the accuracy cost under 0.5 points on held-out rows (bench/fingerprint.py
+# measures it)
 MAX_FINGERPRINT_DISAGREEMENT = 0.0025
+# a regressor's copy: its mean squared change at most 0.25% of the variance of the listed
+# model's predictions on those rows (R^2 >= 0.9975 against them, an RMS change of at most 5%
+# of their spread), which costs at most ~0.25% of the R^2 on held-out labels when the
+# change is unrelated to the residuals (bench/fingerprint.py measures it)
+MAX_FINGERPRINT_VARIANCE = 0.0025
 STRENGTH_TRIALS = 3  # throwaway keys each strength is tried with
+SALE_KEYS = 4  # keys a sale's copy is drawn with before the sale gets the unmarked model
+CHECK_ROWS = 2000  # at least this many jittered calibration rows
 
 
-def fingerprint_strength(model_bytes: bytes, rows: FloatArray, tail: Tail) -> float:
-    """The strongest fingerprint whose copies change at most 0.25% of the model's
-    predictions on the calibration rows, jittered to look like rows the model has not seen
-    (the worst of a few throwaway keys)."""
-    rows = surrogate_pool(rows, max(len(rows), 2000), seed=0)
-    original = run_model(model_bytes, rows, tail.probability_output, tail.class_labels)
+@dataclass(frozen=True)
+class CopyCheck:
+    """What a fingerprinted copy of a model is checked on: the seller's calibration rows,
+    jittered to look like rows the model has not seen, and the listed model's outputs on
+    them. A model with several outputs is a classifier (its prediction: the top output),
+    one with one output a regressor."""
+
+    model_id: str
+    model_bytes: bytes
+    tail: Tail
+    rows: FloatArray
+    original: FloatArray
+
+    @classmethod
+    def of(cls, model_id: str, model_bytes: bytes, calibration: FloatArray, tail: Tail
+           ) -> CopyCheck:
+        rows = surrogate_pool(calibration, max(len(calibration), CHECK_ROWS), seed=0)
+        return cls(model_id, model_bytes, tail, rows, run_model(
+            model_bytes, rows, tail.probability_output, tail.class_labels))
+
+    @property
+    def regression(self) -> bool:
+        return self.original.shape[1] == 1
+
+    @property
+    def limit(self) -> float:
+        return MAX_FINGERPRINT_VARIANCE if self.regression else MAX_FINGERPRINT_DISAGREEMENT
+
+    def cost(self, copy: bytes) -> float:
+        """A classifier copy's share of changed predictions; a regressor copy's mean squared
+        change over the variance of the listed model's predictions (1 - its R^2 against
+        them)."""
+        outputs = run_model(copy, self.rows, self.tail.probability_output,
+                            self.tail.class_labels)
+        if not self.regression:
+            return float(np.mean(outputs.argmax(1) != self.original.argmax(1)))
+        change = float(np.mean((outputs - self.original) ** 2))
+        spread = float(np.var(self.original))
+        return change / spread if spread > 0 else (0.0 if change == 0 else math.inf)
+
+    def describe(self, cost: float) -> str:
+        if self.regression:
+            return (f"mean squared change {cost:.3%} of the predictions' variance (limit "
+                    f"{self.limit:.2%})")
+        return f"{cost:.2%} of predictions changed (limit {self.limit:.2%})"
+
+
+def fingerprint_strength(check: CopyCheck) -> tuple[float, str]:
+    """The strongest fingerprint whose copies cost at most the limit on the check's rows
+    (the worst of a few throwaway keys), and a note saying what it costs; 0 and why, where
+    even the weakest costs more (the model is then sold unmarked) or nothing is marked."""
+    if not weights(onnx.load_model_from_string(check.model_bytes)):
+        note = ("not fingerprinted: the model has no trained weight tensor of a layer "
+                "(Gemm, MatMul, Conv) or linear model to mark")
+        log.warning("%s: %s", check.model_id, note)
+        return 0.0, note
+    worst = 0.0
     for strength in FINGERPRINT_STRENGTHS:
-        changed = 0.0
-        for _ in range(STRENGTH_TRIALS):
-            copy = fingerprint(model_bytes, new_key(), strength)
-            outputs = run_model(copy, rows, tail.probability_output, tail.class_labels)
-            if outputs.shape[1] > 1:
-                moved = np.mean(outputs.argmax(1) != original.argmax(1))
-            else:
-                moved = np.mean(np.abs(outputs - original) > 0.01 * np.abs(original))
-            changed = max(changed, float(moved))
-        if changed <= MAX_FINGERPRINT_DISAGREEMENT:
-            return strength
-    return FINGERPRINT_STRENGTHS[-1]
+        worst = max(check.cost(fingerprint(check.model_bytes, new_key(), strength))
+                    for _ in range(STRENGTH_TRIALS))
+        if worst <= check.limit:
+            return strength, (f"fingerprint strength {strength:g} (worst of "
+                              f"{STRENGTH_TRIALS} throwaway copies: {check.describe(worst)})")
+    note = (f"not fingerprinted: at the weakest strength {FINGERPRINT_STRENGTHS[-1]:g} a copy "
+            f"costs too much on jittered calibration rows ({check.describe(worst)}); its "
+            f"copies are sold unmarked and cannot be traced")
+    log.warning("%s: %s", check.model_id, note)
+    return 0.0, note
+
+
+def sale_key(check: CopyCheck | None, strength: float) -> bytes | None:
+    """The fingerprint key of a new sale's copy: the first of SALE_KEYS fresh keys whose
+    copy at `strength` costs at most the limit on the check's rows; None (the sale gets the
+    listed model, unmarked) where the listing is not fingerprinted or every copy costs
+    more."""
+    if not strength or check is None:
+        return None
+    costs = []
+    for _ in range(SALE_KEYS):
+        key = new_key()
+        costs.append(check.cost(fingerprint(check.model_bytes, key, strength)))
+        if costs[-1] <= check.limit:
+            return key
+    log.warning("%s: this sale gets the unmarked model: its %d fingerprinted copies (strength "
+                "%g) cost too much on jittered calibration rows (%s)", check.model_id,
+                SALE_KEYS, strength, "; ".join(check.describe(cost) for cost in costs))
+    return None
 
 
 def _self_test(spec: ListingSpec, params: CkksParams, security_bits: int, plan: HEPlan,
