@@ -522,7 +522,10 @@ def _elementwise(name: str) -> Handler:
             raise Unsupported(f"node {node.name!r} ({node.op_type}) needs one encrypted input "
                               f"and constant parameters")
         shape = value.shape
-        constants = {node.input[i]: a for i, a in enumerate(args) if i and a is not None}
+        # float constants in float64, like the probe rows (Max/Min refuse mixed types)
+        constants = {node.input[i]: np.asarray(a, dtype=np.float64)
+                     if np.asarray(a).dtype.kind == "f" else a
+                     for i, a in enumerate(args) if i and a is not None}
         evaluator = t._evaluator(node, [node.input[0], *constants])
 
         def evaluate(values: FloatArray) -> FloatArray:
@@ -567,6 +570,7 @@ def _mul(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
 
 
 ABS = Activation("abs", np.abs)
+RELU = Activation("relu", TAIL_OPS["relu"], exact_tail=True)
 
 
 def _extremum(sign: float) -> Handler:
@@ -574,12 +578,23 @@ def _extremum(sign: float) -> Handler:
     |.| a Chebyshev polynomial on the calibrated range of a - b; of one encrypted tensor
     and constants, an elementwise activation like any other."""
     def handler(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+        if sum(a is not None for a in args) == 1:
+            return [args[0]]  # the extremum of one tensor is that tensor
         pair = _encrypted_pair(t, node, args)
         if pair is None:
-            if not isinstance(args[0], Affine | Deferred):
-                args = [args[1], args[0], *args[2:]]
-                node = helper.make_node(node.op_type, [node.input[1], node.input[0]],
+            first = next((i for i, a in enumerate(args) if isinstance(a, Affine | Deferred)),
+                         0)
+            if first:  # Max and Min are symmetric: the encrypted input goes first
+                order = [first, *(i for i in range(len(args)) if i != first)]
+                args = [args[i] for i in order]
+                node = helper.make_node(node.op_type, [node.input[i] for i in order],
                                         list(node.output), node.name)
+            constants = [np.asarray(a) for a in args[1:] if a is not None]
+            if (sign > 0 and len(constants) == 1 and constants[0].size == 1
+                    and float(constants[0].reshape(-1)[0]) == 0.0
+                    and isinstance(args[0], Affine | Deferred)):
+                # Max(x, 0) is Relu: exact in the tail, approximated like it mid-network
+                return [_defer(t, node, args[0], RELU)]
             return _elementwise(node.op_type.lower())(t, node, args)
         a, b = pair
         origin = node.name or node.op_type
