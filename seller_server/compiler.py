@@ -606,6 +606,39 @@ def _extremum(sign: float) -> Handler:
     return handler
 
 
+def _exact_activations(value: Value) -> tuple[str, ...] | None:
+    """The names of a deferred value's ops if every one is an elementwise activation the
+    buyer applies exactly (the same function for every unit: no per-unit constants)."""
+    if not isinstance(value, Deferred) or not all(
+            isinstance(op, Activation) and op.tail_name for op in value.ops):
+        return None
+    return tuple(op.name for op in value.ops if isinstance(op, Activation))
+
+
+def _sub(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    """1 - sigmoid(z) = sigmoid(-z): the [1 - p, p] that skl2onnx writes for binary
+    classifiers stays in the exact tail instead of evaluating the sigmoid twice."""
+    one, value = args
+    if (isinstance(one, np.ndarray) and one.size == 1 and float(one.reshape(-1)[0]) == 1.0
+            and isinstance(value, Deferred) and one.ndim <= len(value.shape) + 1
+            and _exact_activations(value) == ("sigmoid",)):
+        base = value.base
+        return [Deferred(Affine(as_weights(-base.weights), -base.bias, base.shape),
+                         value.ops, node.name or node.op_type)]
+    return t._probe(node, args)
+
+
+def _concat(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    """Tensors that all end in the same exact activations are concatenated before it, so
+    the activations stay in the tail (they are the same function for every unit)."""
+    names = {_exact_activations(a) for a in args}
+    if len(names) == 1 and (chain := names.pop()):
+        (moved,) = t._probe(node, [a.base for a in args])
+        ops = tuple(Activation(name, TAIL_OPS[name], exact_tail=True) for name in chain)
+        return [Deferred(moved, ops, node.name or node.op_type)]
+    return t._probe(node, args)
+
+
 def _pow(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
     exponent = np.asarray(args[1]).reshape(-1)
     if exponent.size != 1 or float(exponent[0]) not in (1.0, 2.0):
@@ -728,6 +761,8 @@ ELEMENTWISE = {  # continuous elementwise activations, approximated on calibrate
 _HANDLERS: dict[str, Handler] = {
     **{op: _elementwise(name) for op, name in ELEMENTWISE.items()},
     "Mul": _mul,
+    "Sub": _sub,
+    "Concat": _concat,
     "Max": _extremum(1.0),
     "Min": _extremum(-1.0),
     "Pow": _pow,
