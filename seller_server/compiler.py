@@ -719,6 +719,129 @@ def _linear_classifier(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> l
     return [Labels(labels), Deferred(scores, ops, node.name) if ops else scores]
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _svm_scores(t: _Tracer, node: onnx.NodeProto, a: Affine, coefficients: FloatArray,
+                rho: float) -> Affine:
+    """sum_j coefficients[j] K(x, sv_j) + rho for the node's kernel K, exactly: affine for
+    a linear kernel (or a polynomial of degree 1), one exact squaring level for a
+    polynomial of degree 2."""
+    name = node.name or node.op_type
+    kernel = _text(_attr(node, "kernel_type", b"LINEAR")).upper()
+    gamma, coef0, power = [*_attr(node, "kernel_params", []), 0.0, 0.0, 0.0][:3]
+    vectors = np.asarray(_attr(node, "support_vectors", []), dtype=np.float64)
+    if len(a.shape) != 1 or vectors.size != coefficients.size * a.features:
+        raise Unsupported(f"node {name!r} ({node.op_type}): {coefficients.size} support "
+                          f"vectors of {vectors.size // max(coefficients.size, 1)} features "
+                          f"for rows shaped {list(a.shape)}")
+    sv = vectors.reshape(coefficients.size, a.features)
+    if kernel == "LINEAR":
+        gamma, coef0, power = 1.0, 0.0, 1
+    elif kernel != "POLY":
+        reason = {"RBF": "exp(-gamma |x - sv|^2) for every support vector is not a "
+                         "polynomial of the input",
+                  "SIGMOID": "tanh(gamma x.sv + coef0) for every support vector is not "
+                             "evaluated by this engine"}.get(kernel, "it is unknown")
+        raise Unsupported(f"node {name!r} ({node.op_type}): kernel {kernel}: {reason}; "
+                          f"use kernel='linear' or kernel='poly' with degree 2 (exact under "
+                          f"encryption), or LinearSVC/LinearSVR")
+    if power not in (0, 1, 2):
+        raise Unsupported(f"node {name!r} ({node.op_type}): polynomial kernel of degree "
+                          f"{power:g}; degree 1 and 2 are exact under encryption (one "
+                          f"squaring), higher degrees are not supported")
+    # K = (gamma x.sv + coef0)^power, expanded: quadratic + linear + constant in x
+    power = int(power)
+    linear_term = coefficients @ sv * {0: 0.0, 1: gamma, 2: 2 * gamma * coef0}[power]
+    constant = rho + float(coefficients.sum()) * coef0 ** power
+    weights = as_weights(sparse.csr_array(linear_term[None, :]) @ t._pad(a.weights))
+    bias = np.array([linear_term @ a.bias + constant])
+    if power != 2:
+        return Affine(weights, bias, (1,))
+    quadratic = _quadratic_form(t, node, a, gamma ** 2 * sv.T @ (coefficients[:, None] * sv))
+    return Affine(as_weights(t._pad(weights) + t._pad(quadratic.weights)),
+                  bias + quadratic.bias, (1,))
+
+
+def _quadratic_form(t: _Tracer, node: onnx.NodeProto, a: Affine, q: FloatArray) -> Affine:
+    """x' q x for a symmetric q, exactly: sum_k lambda_k (v_k . x)^2 over q's eigenvectors,
+    one exact square per direction (at most one per feature, however many support vectors
+    q sums)."""
+    eigenvalues, vectors = np.linalg.eigh(q)
+    keep = np.abs(eigenvalues) > 1e-12 * float(np.abs(eigenvalues).max(initial=0.0))
+    if not keep.any():
+        return Affine(as_weights((1, a.weights.shape[1])), np.zeros(1), (1,))
+    directions, scales = vectors[:, keep].T, eigenvalues[keep]
+    units = Affine(as_weights(sparse.csr_array(directions) @ t._pad(a.weights)),
+                   directions @ a.bias, (len(scales),))
+    squares = t.trunk(node, Deferred(units, (SQUARE,), node.name or node.op_type))
+    return Affine(as_weights(sparse.csr_array(scales[None, :]) @ t._pad(squares.weights)),
+                  np.array([scales @ squares.bias]), (1,))
+
+
+def _svm_classifier(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    """A binary SVC: onnxruntime's scores are [-s, s] with s the pairwise decision value,
+    and s > 0 means the first class, so column 0 scores the second class: the columns are
+    labelled (second, first) and the argmax is onnxruntime's label."""
+    name = node.name or node.op_type
+    a = t.trunk(node, args[0])
+    labels = _names(_attr(node, "classlabels_ints", None)
+                    or _attr(node, "classlabels_strings", None) or [])
+    per_class = [int(v) for v in _attr(node, "vectors_per_class", [])]
+    coefficients = np.asarray(_attr(node, "coefficients", []), dtype=np.float64)
+    rho = [float(v) for v in _attr(node, "rho", [])]
+    if _text(_attr(node, "post_transform", b"NONE")) != "NONE":
+        raise Unsupported(f"node {name!r} (SVMClassifier): only post_transform NONE is "
+                          f"supported")
+    if len(labels) > 2:
+        raise Unsupported(
+            f"node {name!r} (SVMClassifier) separates {len(labels)} classes one-vs-one: the "
+            f"class is a majority vote over {len(labels) * (len(labels) - 1) // 2} pairwise "
+            f"decisions (and the probabilities a pairwise coupling), which cannot be "
+            f"evaluated on ciphertexts; train LinearSVC (one-vs-rest, exact under "
+            f"encryption) or a binary SVC")
+    if len(labels) != 2 or not per_class or sum(per_class) != coefficients.size or len(rho) != 1:
+        raise Unsupported(f"node {name!r} (SVMClassifier): only binary classifiers with "
+                          f"support vectors are supported (LinearSVC exports as "
+                          f"LinearClassifier, which is)")
+    if coefficients.min() >= 0:  # onnxruntime then labels by another rule
+        raise Unsupported(f"node {name!r} (SVMClassifier): every dual coefficient is "
+                          f"non-negative (one class has no support vectors)")
+    if _attr(node, "prob_a", []) or _attr(node, "prob_b", []):
+        raise Unsupported(
+            f"node {name!r} (SVMClassifier) outputs probabilities (SVC(probability=True)): "
+            f"onnxruntime couples the pair's Platt sigmoid by an iteration that stops at a "
+            f"row-dependent step, a few thousandths away from the sigmoid, which cannot be "
+            f"reproduced exactly; export the SVC with probability=False: its decision "
+            f"values are exact under encryption and give sklearn's predict() labels")
+    s = _svm_scores(t, node, a, coefficients, rho[0])
+    t.class_labels = (labels[1], labels[0])
+    return [Labels(t.class_labels), Affine(as_weights(sparse.vstack([-s.weights, s.weights])),
+                                           np.concatenate([-s.bias, s.bias]), (2,))]
+
+
+def _svm_regressor(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    name = node.name or node.op_type
+    a = t.trunk(node, args[0])
+    coefficients = np.asarray(_attr(node, "coefficients", []), dtype=np.float64)
+    rho = [float(v) for v in _attr(node, "rho", [])] or [0.0]
+    if _attr(node, "one_class", 0):
+        raise Unsupported(f"node {name!r} (SVMRegressor): a one-class SVM outputs the sign "
+                          f"of its decision (+1/-1), a step that cannot be evaluated on "
+                          f"ciphertexts")
+    if _text(_attr(node, "post_transform", b"NONE")) != "NONE":
+        raise Unsupported(f"node {name!r} (SVMRegressor): only post_transform NONE is "
+                          f"supported")
+    if int(_attr(node, "n_supports", 0)) > 0:
+        return [_svm_scores(t, node, a, coefficients, rho[0])]
+    if len(a.shape) != 1 or coefficients.size != a.features:  # liblinear: x . w + rho
+        raise Unsupported(f"node {name!r} (SVMRegressor): {coefficients.size} coefficients "
+                          f"for rows shaped {list(a.shape)}")
+    return [Affine(as_weights(sparse.csr_array(coefficients[None, :]) @ t._pad(a.weights)),
+                   np.array([coefficients @ a.bias + rho[0]]), (1,))]
+
+
 def _zipmap(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
     labels = _attr(node, "classlabels_int64s", None) or _attr(node, "classlabels_strings", [])
     if labels and not t.class_labels:
@@ -777,6 +900,8 @@ _HANDLERS: dict[str, Handler] = {
     "Squeeze": _reshape,
     "Unsqueeze": _reshape,
     "LinearClassifier": _linear_classifier,
+    "SVMClassifier": _svm_classifier,
+    "SVMRegressor": _svm_regressor,
     "ZipMap": _zipmap,
     "ArgMax": _argmax,
     "ArrayFeatureExtractor": _feature_extractor,
