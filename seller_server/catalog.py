@@ -61,7 +61,7 @@ from common.he import engine
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE
 from common.he.params import CkksParams
 from common.he.plan import HEPlan, model_scores
-from common.onnx_io import parse_model, run_model
+from common.onnx_io import load_model_file, parse_model, run_model
 from common.protocol import EncodingSpec, Estimate, OutputPolicy, OutputSpec
 from common.signing import sha256
 from common.tabular import load_table
@@ -346,10 +346,16 @@ def load_catalog(
     return listings, refused
 
 
+def read_model(spec: ListingSpec) -> bytes:
+    """The listing's model as self-contained bytes (external data files read in from the
+    catalog directory only)."""
+    return load_model_file(spec.model_path, spec.path.parent)
+
+
 def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_ring: int,
                  capacity: Capacity) -> Listing:
+    model_bytes = read_model(spec)
     try:
-        model_bytes = spec.model_path.read_bytes()
         calibration_bytes = spec.calibration_path.read_bytes()
     except OSError as exc:
         raise BadInput(f"cannot read {exc.filename}: {exc.strerror}") from exc

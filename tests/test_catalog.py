@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
-from onnx import helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from common.errors import BadInput, WorkerFailed
 from common.guarded import run_guarded
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE
+from common.onnx_io import run_model
+from common.signing import sha256
 from seller_server import catalog
 from seller_server.catalog import read_listing
 from seller_server.store import Store
@@ -116,3 +119,54 @@ def test_a_failing_feature_packed_self_test_leaves_the_model_slot_per_sample_onl
     monkeypatch.setattr("seller_server.catalog.run_guarded", real)
     both = catalog.load_listing(spec, Store(tmp_path / "t.sqlite"), 128, 0, Capacity())
     assert [e.packing for e in both.estimates()] == [SLOT_PER_SAMPLE, FEATURE_PACKED]
+
+
+def _external_data_catalog(directory: Path) -> Path:
+    """A three-feature linear model saved the way newer torch.onnx.export saves one: its
+    weights in `linear.onnx.data` next to it; the listing file's path is returned."""
+    directory.mkdir()
+    model = onnx.load_model_from_string(g.build(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="dense")], 3, {"y": 2},
+        {"w": g.weights(3, 2), "b": g.weights(1, 2)[0]}))
+    onnx.save_model(model, str(directory / "linear.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="linear.onnx.data", size_threshold=0)
+    np.savetxt(directory / "calibration.csv", g.calibration(3), delimiter=",",
+               header="a,b,c", comments="")
+    listing = directory / "linear.json"
+    listing.write_text(json.dumps({
+        "name": "linear", "model": "linear.onnx", "calibration": "calibration.csv",
+        "input_columns": ["a", "b", "c"], "price": "1", "trial_budget_rows": 10,
+        "feature_packing": False, "fingerprint": False}))
+    return listing
+
+
+def test_a_model_with_external_data_is_listed_as_one_self_contained_model(
+        tmp_path: Path) -> None:
+    path = _external_data_catalog(tmp_path / "catalog")
+    listing = catalog.load_listing(read_listing(path), Store(tmp_path / "s.sqlite"), 128, 0,
+                                   Capacity())
+    model = onnx.load_model_from_string(listing.model_bytes)
+    assert not any(external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+    assert listing.commitment == sha256(listing.model_bytes)  # what is sold and delivered
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    rows = g.calibration(3)[:5]
+    assert np.allclose(run_model(listing.model_bytes, rows, "y", []),
+                       rows @ weights["w"] + weights["b"], atol=1e-5)
+
+
+def test_external_data_outside_the_catalog_or_missing_is_refused(tmp_path: Path) -> None:
+    path = _external_data_catalog(tmp_path / "catalog")
+    spec = read_listing(path)
+    model = onnx.load(str(spec.model_path), load_external_data=False)
+    data = (path.parent / "linear.onnx.data").read_bytes()
+    (tmp_path / "elsewhere.data").write_bytes(data)
+    for location, message in [("../elsewhere.data", "outside the catalog directory"),
+                              (str(tmp_path / "elsewhere.data"), "outside the catalog"),
+                              ("gone.data", r"external file 'gone.data', which is missing")]:
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        spec.model_path.write_bytes(model.SerializeToString())
+        with pytest.raises(BadInput, match=message):
+            catalog.read_model(spec)
