@@ -60,7 +60,7 @@ from common.guarded import run_guarded
 from common.he import engine
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE
 from common.he.params import CkksParams
-from common.he.plan import HEPlan, model_scores
+from common.he.plan import APPROXIMATING_KINDS, HEPlan, model_scores
 from common.onnx_io import parse_model, run_model
 from common.protocol import EncodingSpec, Estimate, OutputPolicy, OutputSpec
 from common.signing import sha256
@@ -370,7 +370,7 @@ def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_r
     if not safe and spec.extraction_criterion == "refuse":
         raise BadInput(f"extraction criterion not met ({risk}); lower trial_budget_rows or "
                        f"set extraction_criterion to 'warn'")
-    degrees = tuple(s.degree for s in plan.stages if s.kind == "chebyshev")
+    degrees = tuple(s.degree for s in plan.stages if s.kind in APPROXIMATING_KINDS)
     domain = input_domain(spec, rows)
     return Listing(
         spec=spec,

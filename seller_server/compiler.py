@@ -40,7 +40,14 @@ from onnx.reference import ReferenceEvaluator
 from scipy import sparse
 
 from common.errors import Unsupported
-from common.he.plan import HEPlan, OutputStage, PolyStage, Weights, as_weights
+from common.he.plan import (
+    HEPlan,
+    OutputStage,
+    PolyStage,
+    Weights,
+    as_weights,
+    chebyshev_series,
+)
 from common.onnx_io import parse_model, run_model
 from common.tail import TAIL_OPS, apply_tail, predicted_labels
 
@@ -52,7 +59,10 @@ MAX_CALIBRATION_ROWS = 4096
 RANGE_GUARD = 1e-3
 WORST_CASE_POINTS = 257  # grid on which an approximation's worst error over its range is read
 MAX_INPUT_FEATURES = 4096
-DEGREES = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32)
+DEGREES = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 48, 64, 96, 128, 192, 247)
+# up to this degree an activation adds T_1..T_D to the basis; above, one Paterson-Stockmeyer
+# series entry per unit (common.he.plan: "series"), which kinks on wide ranges need
+MAX_BASIS_DEGREE = 32
 # per-activation error bounds tried, loosest first, until the end-to-end target holds
 LOCAL_TOLERANCES = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 PROBE_CHUNK = 1024
@@ -431,11 +441,16 @@ class _Tracer:
         name = f"{activation.name} at {origin!r}"
         self.layer_errors.append((name, error))
         self.fits.append(Fit(name, degree, error, worst, widening))
-        label = (f"{name}: Chebyshev degree {degree} (max error {error:.1e}; guaranteed "
-                 f"ranges {widening:.1f}x the rows')")
-        stage = PolyStage(as_weights(sparse.diags_array(1.0 / half) @ weights),
-                          (z.bias - mid) / half, degree, label)
-        return self._add_stage(stage, coeffs[1:].T, coeffs[0], z.shape)
+        series = degree > MAX_BASIS_DEGREE
+        label = (f"{name}: Chebyshev {'series ' if series else ''}degree {degree} (max error "
+                 f"{error:.1e}; guaranteed ranges {widening:.1f}x the rows')")
+        weights, bias = as_weights(sparse.diags_array(1.0 / half) @ weights), (z.bias - mid) / half
+        if series:
+            stage = PolyStage(weights, bias, degree, label, "series", coeffs.T.copy())
+            return self._add_stage(stage, np.ones((z.features, 1)), np.zeros(z.features),
+                                   z.shape)
+        return self._add_stage(PolyStage(weights, bias, degree, label), coeffs[1:].T,
+                               coeffs[0], z.shape)
 
     def product(self, a: Affine, b: Affine, origin: str) -> Affine:
         """a * b elementwise, exactly: ((a + b)^2 - (a - b)^2) / 4, one squaring level."""
@@ -489,6 +504,8 @@ class _Tracer:
         if stage.kind == "square":  # u*u lies in [0, max u^2], or [min u^2, ...] off zero
             top = np.maximum(low * low, high * high)
             bottom = np.where((low > 0) | (high < 0), np.minimum(low * low, high * high), 0.0)
+        elif stage.coefficients is not None:
+            bottom, top = _series_range(stage.coefficients)
         else:  # |u| <= 1 by construction, so |T_k(u)| <= 1
             bottom, top = np.full(stage.units * stage.degree, -1.0), np.ones(
                 stage.units * stage.degree)
@@ -570,6 +587,19 @@ class _Tracer:
                 raise Unsupported(f"node {node.name!r} ({node.op_type}) is not affine in its "
                                   f"encrypted input (e.g. it multiplies two encrypted "
                                   f"tensors); only x*x and affine layers are supported")
+
+
+def _series_range(coefficients: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Per unit, an interval holding sum_k c_k T_k(u) for every |u| <= 1: its extremes on
+    8(D+1) Chebyshev points, widened by 3% (on that many points a degree-D polynomial's
+    deviation from any constant is within 1/cos(pi/16) = 1.02 of its deviation on them)."""
+    degree = coefficients.shape[1] - 1
+    grid = np.polynomial.chebyshev.chebpts1(8 * (degree + 1))[:, None] * np.ones(
+        coefficients.shape[0])
+    values = chebyshev_series(grid, coefficients)
+    center, radius = (values.max(axis=0) + values.min(axis=0)) / 2, (
+        values.max(axis=0) - values.min(axis=0)) / 2
+    return center - 1.03 * radius - 1e-12, center + 1.03 * radius + 1e-12
 
 
 def _chebyshev_values(u: FloatArray, coeffs: FloatArray) -> FloatArray:
