@@ -276,10 +276,12 @@ def _open(client: SellerClient, console: Console, key: bytes, listings: list[Mod
                       f"every row its results can carry ({layout.kind}: rows rounded up to "
                       f"the fold period); {charged - len(rows)} more rows would cost nothing")
     rows, clipped = _clip(rows, offer)
-    if clipped:
-        console.print(f"[yellow]note:[/yellow] {clipped} value(s) outside the seller's "
-                      f"calibrated input ranges were clipped to them (the approximation holds "
-                      f"there); the same clipped rows are used at verification")
+    if clipped.size:
+        shown = ", ".join(str(r) for r in clipped[:20]) + (", ..." if clipped.size > 20 else "")
+        console.print(f"[yellow]note:[/yellow] {clipped.size} row(s) have values outside the "
+                      f"offer's input domain and are clipped to it before encryption (rows "
+                      f"{shown}, counting from 0); the plan's ranges are guaranteed on the "
+                      f"domain, and verification uses the same clipped rows")
     return signed_offer, offer, rows, labels
 
 
@@ -332,14 +334,15 @@ def _evaluated(client: SellerClient, offer: Offer, index: int, rows: int,
                       f"{offer.model_id} --resume' once it is back")
 
 
-def _clip(rows: FloatArray, offer: Offer) -> tuple[FloatArray, int]:
-    """Clip to the seller's calibrated ranges (none are given for exact models)."""
+def _clip(rows: FloatArray, offer: Offer) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+    """Rows clipped to the offer's input domain (none is given for exact models), and the
+    indices of the rows that changed."""
     if not offer.encoding.input_min:
-        return rows, 0
+        return rows, np.zeros(0, dtype=np.int64)
     low = np.array(offer.encoding.input_min)
     high = np.array(offer.encoding.input_max)
     clipped = np.clip(rows, low, high)
-    return clipped, int(np.count_nonzero(clipped != rows))
+    return clipped, np.flatnonzero((clipped != rows).any(axis=1)).astype(np.int64)
 
 
 def _result_bytes_hint(offer: Offer) -> int:

@@ -24,7 +24,8 @@ A catalog directory holds one `NAME.json` listing per model:
     }                                            # or one [low, high] per column
 
 Offers of a model with approximated activations declare an input domain, to which buyers
-clip their rows: the listing's `input_domain`, or else the calibration rows' range widened
+clip their rows and on which the compiler guarantees every activation's range
+(seller_server.compiler): the listing's `input_domain`, or else the calibration rows' range widened
 by DOMAIN_MARGIN of its width on each side and rounded outward to two significant digits.
 The calibration rows' exact extremes are the seller's data and never leave it; a buyer
 learns each column's range only to about 5-10%.
@@ -55,12 +56,12 @@ import onnx
 from onnx import numpy_helper
 
 from common.deeplock import check_lockable
-from common.errors import BadInput, GimmeError
+from common.errors import BadInput, GimmeError, Unsupported
 from common.guarded import run_guarded
 from common.he import engine
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE
 from common.he.params import CkksParams
-from common.he.plan import HEPlan, model_scores
+from common.he.plan import APPROXIMATING_KINDS, HEPlan, model_scores
 from common.onnx_io import load_model_file, parse_model, run_model
 from common.protocol import EncodingSpec, Estimate, OutputPolicy, OutputSpec
 from common.signing import sha256
@@ -149,6 +150,7 @@ class Listing:
     copy_check: CopyCheck | None  # what every sale's copy is checked on (None: unmarked)
     degrees: tuple[int, ...]  # Chebyshev degree of each approximated activation
     plan_tolerance: float  # max |decrypted result - plan(rows)| an offer guarantees
+    domain: tuple[tuple[float, ...], tuple[float, ...]]  # the ranges the plan is compiled on
 
     @property
     def model_id(self) -> str:
@@ -377,7 +379,7 @@ def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_r
     if not safe and spec.extraction_criterion == "refuse":
         raise BadInput(f"extraction criterion not met ({risk}); lower trial_budget_rows or "
                        f"set extraction_criterion to 'warn'")
-    degrees = tuple(s.degree for s in plan.stages if s.kind == "chebyshev")
+    degrees = tuple(s.degree for s in plan.stages if s.kind in APPROXIMATING_KINDS)
     domain = input_domain(spec, rows)
     tail = Tail(tuple(ops), tuple(labels), probability_output, label_output)
     strength = float(record["fingerprint_strength"])
@@ -401,6 +403,7 @@ def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_r
         copy_check=CopyCheck.of(spec.model_id, model_bytes, rows, tail) if strength else None,
         degrees=degrees,
         plan_tolerance=float(record["plan_tolerance"]),
+        domain=domain,
     )
 
 
@@ -408,15 +411,24 @@ def _compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
                       security_bits: int, insecure_ring: int, capacity: Capacity
                       ) -> dict[str, Any]:
     compiled = compile_model(model_bytes, rows, degree=spec.activation_degree,
-                             error_target=spec.max_error)
+                             error_target=spec.max_error, domain=input_domain(spec, rows))
+    if compiled.approximation_error > spec.max_error:
+        fits = "; ".join(fit.describe() for fit in compiled.fits)
+        raise Unsupported(
+            f"the best plan's error on the calibration rows is "
+            f"{compiled.approximation_error:.3g}, above the listing's max_error "
+            f"{spec.max_error:g} ({fits}). To list it: set max_error to at least "
+            f"{compiled.approximation_error:.2g} (buyers see the looser tolerance), narrow "
+            f"input_domain to the rows the model is for, or use smooth activations (tanh, "
+            f"sigmoid) or x*x")
     # offers name the rows that leave the plan's ranges (common.he.plan: guaranteed ranges)
     compiled = dataclasses.replace(compiled, plan=compiled.plan.with_range_check())
-    if compiled.approximation_error > spec.max_error:
-        log.warning("%s: best approximation error %.3g exceeds max_error %.3g",
-                    spec.model_id, compiled.approximation_error, spec.max_error)
-    scores = compiled.plan.simulate(rows)
-    params = choose_params(engine.levels_needed(compiled.plan), security_bits,
-                           float(np.abs(scores).max()), insecure_ring)
+    largest = float(np.abs(compiled.plan.simulate(rows)).max())
+    if compiled.fits:  # CKKS must hold every value a row of the offer's domain can produce;
+        # exact plans declare no domain (their rows are not clipped): their rows size them
+        largest = max(largest, compiled.value_bound)
+    params = choose_params(engine.levels_needed(compiled.plan), security_bits, largest,
+                           insecure_ring)
     test_rows = rows[: params.slots]
     decrypted, measured = _self_test(spec, params, security_bits, compiled.plan, test_rows,
                                      capacity)

@@ -6,8 +6,7 @@ The compiler walks the graph once, tracking every tensor as one of:
   * an affine map followed by elementwise or row-wise operations not yet committed to
     (`Deferred`): if the graph ends there they become the output tail the buyer applies
     exactly after decryption; if a layer consumes them, the activations are
-    *materialized* as Chebyshev polynomial stages on per-unit ranges calibrated from the
-    seller's rows,
+    *materialized* as Chebyshev polynomial stages on per-unit guaranteed ranges (below),
   * class labels (`Labels`): argmax outputs, computed by the buyer.
 
 Every operator that is affine in its encrypted inputs (Gemm, MatMul, Conv, pooling by
@@ -16,6 +15,15 @@ averaging, BatchNormalization, Pad, Concat, Reshape, Transpose, Slice, sums of b
 evaluator on probe rows (zero, then one-hot rows per encrypted input), which yields its
 exact affine map; a random probe then confirms the node really is affine. Anything else is
 refused with the node's name and operator.
+
+Guaranteed ranges. Every basis entry has an interval that holds for *every* row of the
+offer's input domain (the box buyers clip their rows to), not only for the seller's rows:
+input columns their domain, Chebyshev entries [-1, 1], squares the square of their input's
+interval. An affine value's interval follows exactly from those (center +- |W| radius), so
+each activation is fitted on the interval its inputs can reach, and no row inside the
+domain can push a polynomial outside the range it was fitted on (where degree 24-32
+polynomials explode and garble the ciphertext). The price is a wider fit than the data
+needs: `Fit.widening` says how much, and the error is still measured on the seller's rows.
 """
 
 from __future__ import annotations
@@ -32,7 +40,14 @@ from onnx.reference import ReferenceEvaluator
 from scipy import sparse
 
 from common.errors import Unsupported
-from common.he.plan import HEPlan, OutputStage, PolyStage, Weights, as_weights
+from common.he.plan import (
+    HEPlan,
+    OutputStage,
+    PolyStage,
+    Weights,
+    as_weights,
+    chebyshev_series,
+)
 from common.onnx_io import parse_model, run_model
 from common.tail import TAIL_OPS, apply_tail, predicted_labels
 
@@ -40,8 +55,14 @@ FloatArray = npt.NDArray[np.float64]
 UnitFunction = Callable[[FloatArray], FloatArray]
 
 MAX_CALIBRATION_ROWS = 4096
+# relative slack on a guaranteed range, for the CKKS error on its inputs (~1e-6 relative)
+RANGE_GUARD = 1e-3
+WORST_CASE_POINTS = 257  # grid on which an approximation's worst error over its range is read
 MAX_INPUT_FEATURES = 4096
-DEGREES = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32)
+DEGREES = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 48, 64, 96, 128, 192, 247)
+# up to this degree an activation adds T_1..T_D to the basis; above, one Paterson-Stockmeyer
+# series entry per unit (common.he.plan: "series"), which kinks on wide ranges need
+MAX_BASIS_DEGREE = 32
 # per-activation error bounds tried, loosest first, until the end-to-end target holds
 LOCAL_TOLERANCES = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 PROBE_CHUNK = 1024
@@ -73,6 +94,24 @@ class CompiledModel:
     approximation_error: float  # max |tail(plan) - onnxruntime| on calibration rows
     calibration_agreement: float  # top-1 agreement with onnxruntime on calibration rows
     layer_errors: tuple[tuple[str, float], ...]  # per activation: max |p - f| on its inputs
+    fits: tuple[Fit, ...]  # per approximated activation
+    value_bound: float  # max |value| any stage input or score takes over the input domain
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One approximated activation, for the listing's log and refusals."""
+
+    label: str  # e.g. "tanh at 'Tanh'"
+    degree: int
+    error: float  # max |p - f| on the seller's rows
+    worst_error: float  # max |p - f| anywhere on the guaranteed ranges
+    widening: float  # guaranteed range / the seller's rows' range (median over units)
+
+    def describe(self) -> str:
+        return (f"{self.label}: degree {self.degree}, error {self.error:.2g} on the seller's "
+                f"rows, {self.worst_error:.2g} at worst on ranges {self.widening:.1f}x "
+                f"the rows' ranges")
 
 
 @dataclass(frozen=True)
@@ -130,23 +169,27 @@ def compile_model(
     degree: int | None = None,
     degrees: Sequence[int] | None = None,
     error_target: float = 0.01,
-    margin: float = 0.25,
+    domain: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
 ) -> CompiledModel:
     """Compile and validate against onnxruntime on the calibration rows.
 
-    Each approximated activation gets the smallest Chebyshev degree whose error on its own
-    calibrated inputs is within a local bound; the bound is tightened until the error on
+    `domain` is the (low, high) per input column that every row the plan will see lies in
+    (default: the calibration rows' own range); the activations' ranges are guaranteed on it.
+
+    Each approximated activation gets the smallest Chebyshev degree whose error on the
+    seller's rows is within a local bound; the bound is tightened until the error on
     the model's compared output meets `error_target`. `degree` fixes every degree;
     `degrees` fixes them one by one (to compile a variant of a model to the same depth).
     """
     model = parse_model(model_bytes, "the model")
     rows = np.asarray(calibration, dtype=np.float64)[:MAX_CALIBRATION_ROWS]
+    box = _domain_box(rows, domain)
     fixed = degree is not None or degrees is not None
     bounds: Sequence[float | None] = (None,) if fixed else LOCAL_TOLERANCES
     best: CompiledModel | None = None
     reference: FloatArray | None = None
     for bound in bounds:
-        tracer = _Tracer(model, rows, margin, degree, bound, degrees)
+        tracer = _Tracer(model, rows, box, degree, bound, degrees)
         plan, tail = tracer.run()
         if reference is None:
             reference = run_model(model_bytes, rows, tail.probability_output, tail.class_labels)
@@ -157,6 +200,20 @@ def compile_model(
             return compiled
     assert best is not None
     return best
+
+
+def _domain_box(rows: FloatArray, domain: tuple[npt.ArrayLike, npt.ArrayLike] | None
+                ) -> tuple[FloatArray, FloatArray]:
+    if rows.ndim != 2 or not rows.size:
+        raise Unsupported("the calibration data has no rows")
+    if domain is None:
+        return rows.min(axis=0), rows.max(axis=0)
+    low, high = (np.asarray(v, dtype=np.float64).reshape(-1) for v in domain)
+    if low.shape != (rows.shape[1],) or high.shape != low.shape or not (
+            np.all(np.isfinite(low)) and np.all(np.isfinite(high)) and np.all(low <= high)):
+        raise Unsupported(f"the input domain must give finite low <= high for each of the "
+                          f"{rows.shape[1]} columns")
+    return low, high
 
 
 def _measure(plan: HEPlan, tail: Tail, tracer: _Tracer, rows: FloatArray,
@@ -176,20 +233,25 @@ def _measure(plan: HEPlan, tail: Tail, tracer: _Tracer, rows: FloatArray,
     summary = "; ".join(s.label for s in plan.stages) or "exact"
     degrees = [s.degree for s in plan.stages if "Chebyshev" in s.label]
     return CompiledModel(plan, tail, max(degrees, default=0), summary, error, agreement,
-                         tuple(tracer.layer_errors))
+                         tuple(tracer.layer_errors), tuple(tracer.fits),
+                         max(tracer.value_bound, tracer.output_bound))
 
 
 class _Tracer:
-    def __init__(self, model: onnx.ModelProto, rows: FloatArray, margin: float,
-                 degree: int | None, local_bound: float | None,
-                 degrees: Sequence[int] | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, rows: FloatArray,
+                 domain: tuple[FloatArray, FloatArray], degree: int | None,
+                 local_bound: float | None, degrees: Sequence[int] | None = None) -> None:
         self.fixed_degrees = list(degrees) if degrees is not None else None
         self.model = model
         self.graph = model.graph
-        self.margin = margin
         self.degree = degree
         self.local_bound = local_bound
         self.basis_values = rows  # calibration values of every basis ciphertext so far
+        # every basis entry's guaranteed interval over the input domain
+        self.basis_low, self.basis_high = (np.array(v, dtype=np.float64) for v in domain)
+        self.fits: list[Fit] = []
+        self.value_bound = float(np.abs(np.concatenate(domain)).max(initial=0.0))
+        self.output_bound = 0.0
         self.input_count = rows.shape[1]
         self.stages: list[PolyStage] = []
         self.layer_errors: list[tuple[str, float]] = []
@@ -297,6 +359,8 @@ class _Tracer:
         name, value = probability
         base, ops = self._tail(value)
         weights = self._pad(base.weights)
+        low, high = self.interval(weights, base.bias)
+        self.output_bound = float(np.abs(np.concatenate([low, high])).max(initial=0.0))
         plan = HEPlan(self.input_count, tuple(self.stages), OutputStage(weights, base.bias.copy()))
         plan.check()
         labels = self.class_labels
@@ -345,6 +409,17 @@ class _Tracer:
             return current
         raise Unsupported(f"node {node.name!r} ({node.op_type}) needs a numeric tensor input")
 
+    def interval(self, weights: Weights, bias: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """The guaranteed (low, high) of weights @ basis + bias over the input domain."""
+        weights = self._pad(weights)
+        center = weights @ ((self.basis_low + self.basis_high) / 2) + bias
+        radius = abs(weights) @ ((self.basis_high - self.basis_low) / 2)
+        low, high = center - radius, center + radius
+        if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+            raise Unsupported("a layer's values are unbounded over the input domain (infinite "
+                              "or NaN weights?); check the model's constants")
+        return low, high
+
     def _materialize(self, z: Affine, activation: Activation, origin: str) -> Affine:
         weights = self._pad(z.weights)
         if activation.name == "square":  # exact: u*u joins the basis as it is
@@ -352,18 +427,30 @@ class _Tracer:
                                              f"square at {origin!r}: exact", "square"),
                                    np.ones((z.features, 1)), np.zeros(z.features), z.shape)
         pre = (weights @ self.basis_values.T).T + z.bias  # calibration values of the inputs
-        lo, hi = pre.min(axis=0), pre.max(axis=0)
+        lo, hi = self.interval(weights, z.bias)
         mid = (hi + lo) / 2
-        half = np.maximum((hi - lo) / 2 * (1 + self.margin), 1e-3)
+        half = np.maximum((hi - lo) / 2 * (1 + RANGE_GUARD), 1e-3)
         u = (pre - mid) / half
         target = activation.evaluate(pre)
         degree, coeffs, error = self._fit(activation, u, mid, half, target)
-        self.layer_errors.append((f"{activation.name} at {origin!r}", error))
-        label = (f"{activation.name} at {origin!r}: Chebyshev degree {degree} "
-                 f"(max error {error:.1e})")
-        stage = PolyStage(as_weights(sparse.diags_array(1.0 / half) @ weights),
-                          (z.bias - mid) / half, degree, label)
-        return self._add_stage(stage, coeffs[1:].T, coeffs[0], z.shape)
+        grid = np.linspace(-1.0, 1.0, WORST_CASE_POINTS)[:, None] * np.ones(z.features)
+        worst = float(np.abs(_chebyshev_values(grid, coeffs)
+                             - activation.evaluate(mid + grid * half)).max())
+        seen = (pre.max(axis=0) - pre.min(axis=0)) / 2
+        widening = float(np.median(half / np.maximum(seen, 1e-9 * half)))
+        name = f"{activation.name} at {origin!r}"
+        self.layer_errors.append((name, error))
+        self.fits.append(Fit(name, degree, error, worst, widening))
+        series = degree > MAX_BASIS_DEGREE
+        label = (f"{name}: Chebyshev {'series ' if series else ''}degree {degree} (max error "
+                 f"{error:.1e}; guaranteed ranges {widening:.1f}x the rows')")
+        weights, bias = as_weights(sparse.diags_array(1.0 / half) @ weights), (z.bias - mid) / half
+        if series:
+            stage = PolyStage(weights, bias, degree, label, "series", coeffs.T.copy())
+            return self._add_stage(stage, np.ones((z.features, 1)), np.zeros(z.features),
+                                   z.shape)
+        return self._add_stage(PolyStage(weights, bias, degree, label), coeffs[1:].T,
+                               coeffs[0], z.shape)
 
     def product(self, a: Affine, b: Affine, origin: str) -> Affine:
         """a * b elementwise, exactly: ((a + b)^2 - (a - b)^2) / 4, one squaring level."""
@@ -380,7 +467,7 @@ class _Tracer:
     def _fit(self, activation: Activation, u: FloatArray, mid: FloatArray, half: FloatArray,
              target: FloatArray) -> tuple[int, FloatArray, float]:
         """Chebyshev interpolants of every unit's function on its interval: the fixed degree,
-        or the smallest whose error on the calibrated inputs is within the local bound (the
+        or the smallest whose error on the seller's rows is within the local bound (the
         largest degree tried when none is). Returns (degree, coefficients (degree+1, units),
         error)."""
         if self.fixed_degrees is not None:
@@ -411,7 +498,19 @@ class _Tracer:
         constant[i] + combine[i] . (the entries unit i adds)."""
         offset = self.basis_values.shape[1]
         u = (stage.weights @ self.basis_values.T).T + stage.bias
+        low, high = self.interval(stage.weights, stage.bias)
         self.basis_values = np.concatenate([self.basis_values, stage.entries(u)], axis=1)
+        self.value_bound = max(self.value_bound, float(np.abs([low, high]).max(initial=0.0)))
+        if stage.kind == "square":  # u*u lies in [0, max u^2], or [min u^2, ...] off zero
+            top = np.maximum(low * low, high * high)
+            bottom = np.where((low > 0) | (high < 0), np.minimum(low * low, high * high), 0.0)
+        elif stage.coefficients is not None:
+            bottom, top = _series_range(stage.coefficients)
+        else:  # |u| <= 1 by construction, so |T_k(u)| <= 1
+            bottom, top = np.full(stage.units * stage.degree, -1.0), np.ones(
+                stage.units * stage.degree)
+        self.basis_low = np.concatenate([self.basis_low, bottom])
+        self.basis_high = np.concatenate([self.basis_high, top])
         self.stages.append(stage)
         units, width = stage.units, stage.width
         rows = np.repeat(np.arange(units), width)
@@ -488,6 +587,19 @@ class _Tracer:
                 raise Unsupported(f"node {node.name!r} ({node.op_type}) is not affine in its "
                                   f"encrypted input (e.g. it multiplies two encrypted "
                                   f"tensors); only x*x and affine layers are supported")
+
+
+def _series_range(coefficients: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Per unit, an interval holding sum_k c_k T_k(u) for every |u| <= 1: its extremes on
+    8(D+1) Chebyshev points, widened by 3% (on that many points a degree-D polynomial's
+    deviation from any constant is within 1/cos(pi/16) = 1.02 of its deviation on them)."""
+    degree = coefficients.shape[1] - 1
+    grid = np.polynomial.chebyshev.chebpts1(8 * (degree + 1))[:, None] * np.ones(
+        coefficients.shape[0])
+    values = chebyshev_series(grid, coefficients)
+    center, radius = (values.max(axis=0) + values.min(axis=0)) / 2, (
+        values.max(axis=0) - values.min(axis=0)) / 2
+    return center - 1.03 * radius - 1e-12, center + 1.03 * radius + 1e-12
 
 
 def _chebyshev_values(u: FloatArray, coeffs: FloatArray) -> FloatArray:
@@ -575,7 +687,7 @@ RELU = Activation("relu", TAIL_OPS["relu"], exact_tail=True)
 
 def _extremum(sign: float) -> Handler:
     """Max (sign +1) or Min (-1) of two encrypted tensors, as (a + b)/2 +- |a - b|/2 with
-    |.| a Chebyshev polynomial on the calibrated range of a - b; of one encrypted tensor
+    |.| a Chebyshev polynomial on the guaranteed range of a - b; of one encrypted tensor
     and constants, an elementwise activation like any other."""
     def handler(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
         if sum(a is not None for a in args) == 1:
@@ -874,7 +986,7 @@ def _shape(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
     return [np.array([-1, *value.shape], dtype=np.int64)]
 
 
-ELEMENTWISE = {  # continuous elementwise activations, approximated on calibrated ranges
+ELEMENTWISE = {  # continuous elementwise activations, approximated on guaranteed ranges
     "Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "Softplus": "softplus",
     "Softsign": "softsign", "LeakyRelu": "leaky_relu", "Elu": "elu", "Selu": "selu",
     "Celu": "celu", "PRelu": "prelu", "Clip": "clip", "HardSigmoid": "hard_sigmoid",

@@ -449,7 +449,8 @@ class Seller:
         if key is None:
             return TrialModel(listing.model_bytes, listing.plan, listing.tolerance)
         copy = fingerprint(listing.model_bytes, key, listing.fingerprint_strength)
-        compiled = compile_model(copy, listing.calibration, degrees=listing.degrees)
+        compiled = compile_model(copy, listing.calibration, degrees=listing.degrees,
+                                 domain=listing.domain)
         compiled = replace(compiled, plan=compiled.plan.with_range_check())
         if engine.levels_needed(compiled.plan) != listing.params.multiplicative_depth:
             raise WorkerFailed(f"the fingerprinted copy of {listing.model_id} compiled to "

@@ -30,8 +30,17 @@ from tests.conftest import Daemon, buyer_cli, top_up
 
 def test_an_unevaluable_model_is_refused_by_name_and_the_rest_is_served(
         lr_catalog: Path, tls_dir: Path, tmp_path: Path) -> None:
+    """Also: a plan that misses its listing's max_error is refused with the figures, not
+    listed with a tolerance that hides the miss."""
     catalog = tmp_path / "catalog"
     shutil.copytree(lr_catalog, catalog)
+    (catalog / "relu.onnx").write_bytes(g.mlp("Relu"))
+    np.savetxt(catalog / "relu.csv", g.calibration(), delimiter=",", header="a,b,c,d,e,f",
+               comments="")
+    (catalog / "relu.json").write_text(json.dumps({
+        "name": "relu-strict", "model": "relu.onnx", "calibration": "relu.csv",
+        "input_columns": list("abcdef"), "price": "1", "trial_budget_rows": 10,
+        "activation_degree": 4, "max_error": 0.001}))
     model = g.build([helper.make_node("Gemm", ["x", "w", "b"], ["z"], name="dense"),
                      helper.make_node("Round", ["z"], ["y"], name="round_layer")],
                     3, {"y": 2}, {"w": g.weights(3, 2), "b": g.weights(1, 2)[0]})
@@ -47,6 +56,11 @@ def test_an_unevaluable_model_is_refused_by_name_and_the_rest_is_served(
         listed = buyer_cli(daemon, tmp_path / "home", "alice", "models")
         assert "breast-cancer-lr" in listed.stdout and "bad-model" not in listed.stdout
         assert "node 'round_layer': operator Round cannot be evaluated" in daemon.logs()
+        assert "relu-strict" not in listed.stdout
+        refusal = re.search(r"refused listing relu\.json: the best plan's error on the "
+                            r"calibration rows is ([0-9.e-]+), above the listing's max_error "
+                            r"0\.001 \(relu at 'relu1': degree 4", daemon.logs())
+        assert refusal and float(refusal.group(1)) > 0.001, daemon.logs()
     finally:
         daemon.stop()
 
