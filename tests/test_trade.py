@@ -399,7 +399,7 @@ def test_restart_keeps_ledger_and_budgets(lr_catalog: Path, tls_dir: Path, examp
                                           tmp_path: Path) -> None:
     catalog = _budget_catalog(lr_catalog, tmp_path, 300)
     state, home = tmp_path / "state", tmp_path / "home"
-    first = Daemon(catalog, state, tls_dir)
+    first = Daemon(catalog, state, tls_dir, warm=False)
     first.wait_serving()
     assert "NOT_SERVING" in first.statuses  # while the catalog was compiling
     top_up(first, "bob", "60")
