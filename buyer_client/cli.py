@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="finish the newest interrupted trial of MODEL (its rows, keys and "
                         "finished batches are kept): fetch or evaluate the batches left")
-    p.add_argument("--label-column", help="CSV column with the true labels (for scoring)")
+    p.add_argument("--label-column", help="CSV column with the true labels, or the target "
+                   "values of a regression model (for scoring)")
     p.add_argument("--rows", type=int, help="test only the first N rows")
     p.add_argument("--min-security", type=int, default=128, choices=(0, 128, 192, 256),
                    help="refuse offers below this many bits of security (0: accept "

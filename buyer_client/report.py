@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from common.errors import BadInput
 
 
 def classification_metrics(truth: Sequence[str], predicted: Sequence[str],
@@ -27,8 +30,46 @@ def classification_metrics(truth: Sequence[str], predicted: Sequence[str],
             "support": support,
         }
     correct = sum(matrix[i][i] for i in range(len(labels)))
-    return {"accuracy": correct / len(truth), "rows": len(truth), "labels": labels,
-            "per_class": per_class, "confusion_matrix": matrix}
+    return {"kind": "classification", "accuracy": correct / len(truth), "rows": len(truth),
+            "labels": labels, "per_class": per_class, "confusion_matrix": matrix}
+
+
+def regression_targets(labels: Sequence[str], what: str) -> list[float]:
+    """The label column of a regression model's test rows, as numbers."""
+    targets = []
+    for row, label in enumerate(labels, start=1):
+        try:
+            value = float(label)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise BadInput(f"{what} is a regression model (one score, no classes): its labels "
+                           f"are the target values, but row {row}'s label {label!r} is not a "
+                           f"finite number")
+        targets.append(value)
+    return targets
+
+
+def regression_metrics(truth: Sequence[float], predicted: Sequence[float]) -> dict[str, Any]:
+    """RMSE, MAE and R^2 (scikit-learn's definitions; R^2 of constant targets is 1 for a
+    perfect fit and 0 otherwise, undefined below two rows)."""
+    n = len(truth)
+    errors = [p - t for t, p in zip(truth, predicted, strict=True)]
+    sse = sum(e * e for e in errors)
+    mean = sum(truth) / n
+    sst = sum((t - mean) ** 2 for t in truth)
+    r2 = None if n < 2 else (1 - sse / sst if sst > 0 else float(sse == 0))
+    return {"kind": "regression", "rows": n, "rmse": math.sqrt(sse / n),
+            "mae": sum(abs(e) for e in errors) / n, "r2": r2, "target_mean": mean,
+            "target_std": math.sqrt(sst / n)}
+
+
+def render_regression(console: Console, metrics: dict[str, Any], title: str) -> None:
+    r2 = "undefined" if metrics["r2"] is None else f"{metrics['r2']:.4f}"
+    console.print(f"\n[bold]{title}[/bold]: RMSE [bold]{metrics['rmse']:.4g}[/bold], MAE "
+                  f"{metrics['mae']:.4g}, R\u00b2 [bold]{r2}[/bold] on {metrics['rows']} rows "
+                  f"(targets: mean {metrics['target_mean']:.4g}, std "
+                  f"{metrics['target_std']:.4g})")
 
 
 def render_metrics(console: Console, metrics: dict[str, Any], title: str) -> None:

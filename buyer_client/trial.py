@@ -16,7 +16,13 @@ from rich.table import Table
 
 from buyer_client.client import SellerClient
 from buyer_client.planner import DEFAULT_MBPS, TrialCost, choose, trial_cost
-from buyer_client.report import classification_metrics, render_metrics
+from buyer_client.report import (
+    classification_metrics,
+    regression_metrics,
+    regression_targets,
+    render_metrics,
+    render_regression,
+)
 from buyer_client.ui import Bars
 from buyer_client.workspace import TrialFolder, Workspace
 from common.errors import BadInput, Exhausted, NotFound, Refused, Unavailable, WrongState
@@ -234,6 +240,8 @@ def _open(client: SellerClient, console: Console, key: bytes, listings: list[Mod
     rows, labels = table.rows, table.labels
     if max_rows is not None:
         rows, labels = rows[:max_rows], labels[:max_rows] if labels else labels
+    if labels and not listing.class_labels:  # scored against numbers: check them first
+        regression_targets(labels, model_id)
     costs = choose(listing.estimates, len(rows), len(listing.input_columns),
                    max(len(listing.class_labels), 1), link_mbps)
     chosen = _pick(costs, packing, model_id)
@@ -396,6 +404,11 @@ def _report(offer: Offer, scores: FloatArray, labels: tuple[str, ...] | None,
     }
     if labels and predicted:
         report["metrics"] = classification_metrics(labels, predicted, offer.output.class_labels)
+    elif outputs.shape[1] == 1 and not predicted:  # a regression: the predicted values
+        report["predictions"] = outputs[:, 0].tolist()
+        if labels:
+            report["metrics"] = regression_metrics(regression_targets(labels, offer.model_id),
+                                                   report["predictions"])
     if offer.output.range_check:  # above 1 only for rows outside the plan's ranges
         report["rows_outside_ranges"] = np.flatnonzero(
             scores[:, -1] > 1 + offer.plan_tolerance).tolist()
@@ -417,8 +430,11 @@ def _show(console: Console, offer: Offer, report: dict[str, Any], folder: TrialF
         f"(measured {m['upload_bytes'] / 1e6:.1f}), download {e['download_bytes'] / 1e6:.1f} "
         f"MB (measured {m['download_bytes'] / 1e6:.1f}), seller computing "
         f"{e['seller_compute_s']:.2f}s (measured round trip {m['evaluate_s']:.2f}s)")
-    if "metrics" in report:
-        render_metrics(console, report["metrics"], f"{offer.model_id} on your data (encrypted)")
+    title = f"{offer.model_id} on your data (encrypted)"
+    if report.get("metrics", {}).get("kind") == "regression":
+        render_regression(console, report["metrics"], title)
+    elif "metrics" in report:
+        render_metrics(console, report["metrics"], title)
     else:
         console.print("no labels given: predictions are in the report")
     outside = report.get("rows_outside_ranges", [])

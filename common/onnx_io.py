@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 import onnxruntime as ort
+from onnx import external_data_helper
 
 from common.errors import BadInput
 
@@ -25,6 +26,47 @@ def parse_model(data: bytes, what: str) -> onnx.ModelProto:
     except Exception as exc:  # onnx raises several unrelated types
         raise BadInput(f"{what} is not a valid ONNX model: {exc}") from exc
     return model
+
+
+PROTOBUF_LIMIT = 2**31 - 1  # bytes in one serialized model
+
+
+def load_model_file(path: Path, root: Path) -> bytes:
+    """The model at `path` as self-contained bytes. Tensors kept in external data files
+    (what torch.onnx.export writes for larger models: `model.onnx.data` next to it) are
+    read in from their location relative to the model, which must be a file inside `root`."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadInput(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception:  # not ONNX: parse_model says so where the bytes are used
+        return data
+    external = [t for t in external_data_helper._get_all_tensors(model)
+                if external_data_helper.uses_external_data(t)]
+    if not external:
+        return data
+    top = root.resolve()
+    for tensor in external:
+        location = external_data_helper.ExternalDataInfo(tensor).location
+        target = (path.parent / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(top):
+            raise BadInput(f"{path.name}: tensor {tensor.name!r} keeps its data in "
+                           f"{location!r}, outside the catalog directory {root}; external "
+                           f"data must be a file next to the model, inside the catalog")
+        if not target.is_file():
+            raise BadInput(f"{path.name}: tensor {tensor.name!r} keeps its data in the "
+                           f"external file {location!r}, which is missing (expected at "
+                           f"{target}); copy it next to the model")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:  # onnx raises ValueError, OSError, its own checker errors
+        raise BadInput(f"{path.name}: cannot read its external data: {exc}") from exc
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        raise BadInput(f"{path.name}: with its external data the model is "
+                       f"{model.ByteSize() / 2**30:.1f} GiB, more than one ONNX file holds")
+    return model.SerializeToString()
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> bytes:

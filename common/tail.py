@@ -60,9 +60,13 @@ def apply_tail(scores: FloatArray, ops: Sequence[str]) -> FloatArray:
 
 
 def predicted_labels(outputs: FloatArray, class_labels: Sequence[str]) -> list[str]:
-    """Argmax over the compared output, named by class label (index when unlabeled)."""
+    """Argmax over the compared output, named by class label (index when unlabeled). One
+    score for two classes is a decision function (e.g. LinearSVC's): positive means the
+    second class, as in scikit-learn."""
     if outputs.shape[1] == 1 and len(class_labels) <= 1:
         return []  # a regression: no labels
+    if outputs.shape[1] == 1 and len(class_labels) == 2:
+        return [class_labels[1] if score > 0 else class_labels[0] for score in outputs[:, 0]]
     index = np.argmax(outputs, axis=1)
     names = list(class_labels) or [str(i) for i in range(outputs.shape[1])]
     return [names[i] for i in index]

@@ -47,6 +47,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import queue
 import re
 import tempfile
@@ -68,15 +69,15 @@ from common.guarded import Json, Limits, ProgressFn
 from common.he import engine
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE
 from common.he.params import CkksParams
-from common.he.plan import HEPlan, model_scores
-from common.onnx_io import parse_model, run_model
+from common.he.plan import APPROXIMATING_KINDS, HEPlan, model_scores
+from common.onnx_io import load_model_file, parse_model, run_model
 from common.protocol import EncodingSpec, Estimate, OutputPolicy, OutputSpec
 from common.signing import sha256
 from common.tabular import load_table
 from common.tail import apply_tail
 from seller_server import jobs
 from seller_server.compiler import Tail, compile_model
-from seller_server.fingerprint import fingerprint, new_key
+from seller_server.fingerprint import fingerprint, new_key, weights
 from seller_server.jobs import Measured
 from seller_server.planner import choose_params
 from seller_server.store import Store
@@ -132,6 +133,8 @@ class Listing:
     extraction_risk: str
     calibration: FloatArray  # the seller's rows (fingerprinted copies are compiled on them)
     fingerprint_strength: float  # 0: copies are not fingerprinted
+    fingerprint_note: str  # the strength chosen and what it costs, or why there is none
+    copy_check: CopyCheck | None  # what every sale's copy is checked on (None: unmarked)
     degrees: tuple[int, ...]  # Chebyshev degree of each approximated activation
     plan_tolerance: float  # max |decrypted result - plan(rows)| an offer guarantees
     domain: tuple[tuple[float, ...], tuple[float, ...]]  # the ranges the plan is compiled on
@@ -299,6 +302,12 @@ def _output_policy(path: Path, raw: object) -> OutputPolicy:
     return OutputPolicy(str(raw["kind"]), noise if raw["kind"] == "noisy" else 0.0, 0.0)
 
 
+def read_model(spec: ListingSpec) -> bytes:
+    """The listing's model as self-contained bytes (external data files read in from the
+    catalog directory only)."""
+    return load_model_file(spec.model_path, spec.path.parent)
+
+
 LISTING_TIMEOUT = 900.0  # seconds one listing's compile and self-tests may take (serve's default)
 
 
@@ -307,13 +316,13 @@ class ListingFiles:
     """The bytes of a listing's files, read once: what is hashed is what is compiled."""
 
     listing: bytes
-    model: bytes
+    model: bytes  # self-contained (read_model): external data is hashed and compiled too
     calibration: bytes
 
     @classmethod
     def read(cls, spec: ListingSpec) -> ListingFiles:
         try:
-            return cls(spec.path.read_bytes(), spec.model_path.read_bytes(),
+            return cls(spec.path.read_bytes(), read_model(spec),
                        spec.calibration_path.read_bytes())
         except OSError as exc:
             raise BadInput(f"cannot read {exc.filename}: {exc.strerror}") from exc
@@ -428,10 +437,10 @@ class CatalogLoad:
             still = sorted(self._pending.values())
         m = listing.measured
         log.info("listed %s: %s; %s; tolerance %.2g; self-test %.2fs, CKKS error %.2g, "
-                 "flooding %.2g; extraction risk: %s%s", listing.model_id,
+                 "flooding %.2g; extraction risk: %s; %s%s", listing.model_id,
                  listing.params.describe(), listing.approximation, listing.tolerance,
                  m.evaluate_seconds, m.computation_error, m.flooding_std,
-                 listing.extraction_risk,
+                 listing.extraction_risk, listing.fingerprint_note,
                  f"; still compiling: {', '.join(still)}" if still else "")
         if self.on_listed is not None:
             self.on_listed(listing)
@@ -564,15 +573,17 @@ def listing_from_record(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
     if not safe and spec.extraction_criterion == "refuse":
         raise BadInput(f"extraction criterion not met ({risk}); lower trial_budget_rows or "
                        f"set extraction_criterion to 'warn'")
-    degrees = tuple(s.degree for s in plan.stages if s.kind == "chebyshev")
+    degrees = tuple(s.degree for s in plan.stages if s.kind in APPROXIMATING_KINDS)
     domain = input_domain(spec, rows)
+    tail = Tail(record.tail_ops, record.class_labels, record.probability_output,
+                record.label_output)
+    strength = record.fingerprint_strength
     return Listing(
         spec=spec,
         model_bytes=model_bytes,
         commitment=sha256(model_bytes),
         plan=plan,
-        tail=Tail(record.tail_ops, record.class_labels, record.probability_output,
-                  record.label_output),
+        tail=tail,
         params=record.params,
         tolerance=record.tolerance,
         # a domain matters only where activations are approximated
@@ -582,7 +593,9 @@ def listing_from_record(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
         measured=record.measured,
         extraction_risk=risk,
         calibration=rows,
-        fingerprint_strength=record.fingerprint_strength,
+        fingerprint_strength=strength,
+        fingerprint_note=record.fingerprint_note,
+        copy_check=CopyCheck.of(spec.model_id, model_bytes, rows, tail) if strength else None,
         degrees=degrees,
         plan_tolerance=record.plan_tolerance,
         domain=domain,
@@ -647,6 +660,9 @@ def compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
     plan_error = max(float(np.abs(results - planned[:len(results)]).max())
                      for results in decrypted)
     report({"stage": "sizing the fingerprint"})
+    strength, note = _fingerprint(spec, model_bytes, rows, compiled.tail)
+    if spec.fingerprint and not strength:  # for the seller's log: this worker's is not it
+        warnings += (note,)
     return jobs.CompiledListing(
         plan=base64.b64encode(compiled.plan.to_bytes()).decode(),
         tail_ops=compiled.tail.ops,
@@ -659,40 +675,123 @@ def compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
         plan_tolerance=max(TOLERANCE_FACTOR * plan_error, TOLERANCE_FLOOR),
         approximation=compiled.approximation,
         measured=jobs.Measured.of(slots, packed, he_error),
-        fingerprint_strength=(fingerprint_strength(model_bytes, rows, compiled.tail)
-                              if spec.fingerprint else 0.0),
+        fingerprint_strength=strength,
+        fingerprint_note=note,
         warnings=warnings,
     )
 
 
+def _fingerprint(spec: ListingSpec, model_bytes: bytes, rows: FloatArray, tail: Tail
+                 ) -> tuple[float, str]:
+    if not spec.fingerprint:
+        return 0.0, 'not fingerprinted (the listing says "fingerprint": false)'
+    return fingerprint_strength(CopyCheck.of(spec.model_id, model_bytes, rows, tail))
+
+
 FINGERPRINT_STRENGTHS = (0.05, 0.03, 0.02, 0.01, 0.005)
-# a copy may change at most 0.25% of the predictions on jittered calibration rows, which keeps
-# the accuracy cost under 0.5 points on held-out rows (bench/fingerprint.py measures it)
+# a classifier's copy may change at most 0.25% of the predictions on jittered calibration
+# rows, which keeps the accuracy cost under 0.5 points on held-out rows (bench/fingerprint.py
+# measures it)
 MAX_FINGERPRINT_DISAGREEMENT = 0.0025
+# a regressor's copy: its mean squared change at most 0.25% of the variance of the listed
+# model's predictions on those rows (R^2 >= 0.9975 against them, an RMS change of at most 5%
+# of their spread), which costs at most ~0.25% of the R^2 on held-out labels when the
+# change is unrelated to the residuals (bench/fingerprint.py measures it)
+MAX_FINGERPRINT_VARIANCE = 0.0025
 STRENGTH_TRIALS = 3  # throwaway keys each strength is tried with
+SALE_KEYS = 4  # keys a sale's copy is drawn with before the sale gets the unmarked model
+CHECK_ROWS = 2000  # at least this many jittered calibration rows
 
 
-def fingerprint_strength(model_bytes: bytes, rows: FloatArray, tail: Tail) -> float:
-    """The strongest fingerprint whose copies change at most 0.25% of the model's
-    predictions on the calibration rows, jittered to look like rows the model has not seen
-    (the worst of a few throwaway keys)."""
-    from seller_server.audit import surrogate_pool  # here: it imports scikit-learn (~1 s)
+@dataclass(frozen=True)
+class CopyCheck:
+    """What a fingerprinted copy of a model is checked on: the seller's calibration rows,
+    jittered to look like rows the model has not seen, and the listed model's outputs on
+    them. A model with several outputs is a classifier (its prediction: the top output),
+    one with one output a regressor."""
 
-    rows = surrogate_pool(rows, max(len(rows), 2000), seed=0)
-    original = run_model(model_bytes, rows, tail.probability_output, tail.class_labels)
+    model_id: str
+    model_bytes: bytes
+    tail: Tail
+    rows: FloatArray
+    original: FloatArray
+
+    @classmethod
+    def of(cls, model_id: str, model_bytes: bytes, calibration: FloatArray, tail: Tail
+           ) -> CopyCheck:
+        from seller_server.audit import surrogate_pool  # here: it imports scikit-learn (~1 s)
+
+        rows = surrogate_pool(calibration, max(len(calibration), CHECK_ROWS), seed=0)
+        return cls(model_id, model_bytes, tail, rows, run_model(
+            model_bytes, rows, tail.probability_output, tail.class_labels))
+
+    @property
+    def regression(self) -> bool:
+        return self.original.shape[1] == 1
+
+    @property
+    def limit(self) -> float:
+        return MAX_FINGERPRINT_VARIANCE if self.regression else MAX_FINGERPRINT_DISAGREEMENT
+
+    def cost(self, copy: bytes) -> float:
+        """A classifier copy's share of changed predictions; a regressor copy's mean squared
+        change over the variance of the listed model's predictions (1 - its R^2 against
+        them)."""
+        outputs = run_model(copy, self.rows, self.tail.probability_output,
+                            self.tail.class_labels)
+        if not self.regression:
+            return float(np.mean(outputs.argmax(1) != self.original.argmax(1)))
+        change = float(np.mean((outputs - self.original) ** 2))
+        spread = float(np.var(self.original))
+        return change / spread if spread > 0 else (0.0 if change == 0 else math.inf)
+
+    def describe(self, cost: float) -> str:
+        if self.regression:
+            return (f"mean squared change {cost:.3%} of the predictions' variance (limit "
+                    f"{self.limit:.2%})")
+        return f"{cost:.2%} of predictions changed (limit {self.limit:.2%})"
+
+
+def fingerprint_strength(check: CopyCheck) -> tuple[float, str]:
+    """The strongest fingerprint whose copies cost at most the limit on the check's rows
+    (the worst of a few throwaway keys), and a note saying what it costs; 0 and why, where
+    even the weakest costs more (the model is then sold unmarked) or nothing is marked."""
+    if not weights(onnx.load_model_from_string(check.model_bytes)):
+        note = ("not fingerprinted: the model has no trained weight tensor of a layer "
+                "(Gemm, MatMul, Conv) or linear model to mark")
+        log.warning("%s: %s", check.model_id, note)
+        return 0.0, note
+    worst = 0.0
     for strength in FINGERPRINT_STRENGTHS:
-        changed = 0.0
-        for _ in range(STRENGTH_TRIALS):
-            copy = fingerprint(model_bytes, new_key(), strength)
-            outputs = run_model(copy, rows, tail.probability_output, tail.class_labels)
-            if outputs.shape[1] > 1:
-                moved = np.mean(outputs.argmax(1) != original.argmax(1))
-            else:
-                moved = np.mean(np.abs(outputs - original) > 0.01 * np.abs(original))
-            changed = max(changed, float(moved))
-        if changed <= MAX_FINGERPRINT_DISAGREEMENT:
-            return strength
-    return FINGERPRINT_STRENGTHS[-1]
+        worst = max(check.cost(fingerprint(check.model_bytes, new_key(), strength))
+                    for _ in range(STRENGTH_TRIALS))
+        if worst <= check.limit:
+            return strength, (f"fingerprint strength {strength:g} (worst of "
+                              f"{STRENGTH_TRIALS} throwaway copies: {check.describe(worst)})")
+    note = (f"not fingerprinted: at the weakest strength {FINGERPRINT_STRENGTHS[-1]:g} a copy "
+            f"costs too much on jittered calibration rows ({check.describe(worst)}); its "
+            f"copies are sold unmarked and cannot be traced")
+    log.warning("%s: %s", check.model_id, note)
+    return 0.0, note
+
+
+def sale_key(check: CopyCheck | None, strength: float) -> bytes | None:
+    """The fingerprint key of a new sale's copy: the first of SALE_KEYS fresh keys whose
+    copy at `strength` costs at most the limit on the check's rows; None (the sale gets the
+    listed model, unmarked) where the listing is not fingerprinted or every copy costs
+    more."""
+    if not strength or check is None:
+        return None
+    costs = []
+    for _ in range(SALE_KEYS):
+        key = new_key()
+        costs.append(check.cost(fingerprint(check.model_bytes, key, strength)))
+        if costs[-1] <= check.limit:
+            return key
+    log.warning("%s: this sale gets the unmarked model: its %d fingerprinted copies (strength "
+                "%g) cost too much on jittered calibration rows (%s)", check.model_id,
+                SALE_KEYS, strength, "; ".join(check.describe(cost) for cost in costs))
+    return None
 
 
 def _self_test(spec: ListingSpec, params: CkksParams, plan: HEPlan, rows: FloatArray,

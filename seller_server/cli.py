@@ -24,7 +24,7 @@ from common.signing import Signer, fingerprint, public_key_arg
 from common.tabular import load_table
 from seller_server.audit import POLICIES, STRATEGIES, Victim, plot, run_audit
 from seller_server.bident import forwarded, run_torch, split, train_arguments
-from seller_server.catalog import LISTING_TIMEOUT, read_listing
+from seller_server.catalog import LISTING_TIMEOUT, read_listing, read_model
 from seller_server.compiler import compile_model
 from seller_server.daemon import ServeOptions, serve
 from seller_server.fingerprint import trace
@@ -127,7 +127,7 @@ def cmd_trace(args: argparse.Namespace) -> None:
         sales = {trial: key for trial, _buyer, key, _paid
                  in store.fingerprinted_sales(spec.model_id)}
         try:
-            matches = trace(suspect, spec.model_path.read_bytes(), sales)
+            matches = trace(suspect, read_model(spec), sales)
         except BadInput:
             continue  # another model's structure
         tried.append(spec.model_id)
@@ -160,7 +160,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     spec = next((s for s in specs if s.model_id == args.model), None)
     if spec is None:
         raise BadInput(f"no listing named {args.model!r} in {args.catalog} ({path.name}?)")
-    model = spec.model_path.read_bytes()
+    model = read_model(spec)
     calibration = load_table(spec.calibration_path, spec.input_columns).rows
     evaluation = load_table(args.eval, spec.input_columns, args.label_column)
     tail = compile_model(model, calibration, degree=2).tail  # only the output names matter

@@ -44,7 +44,14 @@ from onnx.reference import ReferenceEvaluator
 from scipy import sparse
 
 from common.errors import Unsupported
-from common.he.plan import HEPlan, OutputStage, PolyStage, Weights, as_weights
+from common.he.plan import (
+    HEPlan,
+    OutputStage,
+    PolyStage,
+    Weights,
+    as_weights,
+    chebyshev_series,
+)
 from common.onnx_io import parse_model, run_model
 from common.tail import TAIL_OPS, apply_tail, predicted_labels
 
@@ -56,7 +63,10 @@ MAX_CALIBRATION_ROWS = 4096
 RANGE_GUARD = 1e-3
 WORST_CASE_POINTS = 257  # grid on which an approximation's worst error over its range is read
 MAX_INPUT_FEATURES = 4096
-DEGREES = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32)
+DEGREES = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 48, 64, 96, 128, 192, 247)
+# up to this degree an activation adds T_1..T_D to the basis; above, one Paterson-Stockmeyer
+# series entry per unit (common.he.plan: "series"), which kinks on wide ranges need
+MAX_BASIS_DEGREE = 32
 # per-activation error bounds tried, loosest first, until the end-to-end target holds
 LOCAL_TOLERANCES = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 PROBE_CHUNK = 1024
@@ -462,11 +472,16 @@ class _Tracer:
         name = f"{activation.name} at {origin!r}"
         self.layer_errors.append((name, error))
         self.fits.append(Fit(name, degree, error, worst, widening))
-        label = (f"{name}: Chebyshev degree {degree} (max error {error:.1e}; guaranteed "
-                 f"ranges {widening:.1f}x the rows')")
-        stage = PolyStage(as_weights(sparse.diags_array(1.0 / half) @ weights),
-                          (z.bias - mid) / half, degree, label)
-        return self._add_stage(stage, coeffs[1:].T, coeffs[0], z.shape)
+        series = degree > MAX_BASIS_DEGREE
+        label = (f"{name}: Chebyshev {'series ' if series else ''}degree {degree} (max error "
+                 f"{error:.1e}; guaranteed ranges {widening:.1f}x the rows')")
+        weights, bias = as_weights(sparse.diags_array(1.0 / half) @ weights), (z.bias - mid) / half
+        if series:
+            stage = PolyStage(weights, bias, degree, label, "series", coeffs.T.copy())
+            return self._add_stage(stage, np.ones((z.features, 1)), np.zeros(z.features),
+                                   z.shape)
+        return self._add_stage(PolyStage(weights, bias, degree, label), coeffs[1:].T,
+                               coeffs[0], z.shape)
 
     def product(self, a: Affine, b: Affine, origin: str) -> Affine:
         """a * b elementwise, exactly: ((a + b)^2 - (a - b)^2) / 4, one squaring level."""
@@ -520,6 +535,8 @@ class _Tracer:
         if stage.kind == "square":  # u*u lies in [0, max u^2], or [min u^2, ...] off zero
             top = np.maximum(low * low, high * high)
             bottom = np.where((low > 0) | (high < 0), np.minimum(low * low, high * high), 0.0)
+        elif stage.coefficients is not None:
+            bottom, top = _series_range(stage.coefficients)
         else:  # |u| <= 1 by construction, so |T_k(u)| <= 1
             bottom, top = np.full(stage.units * stage.degree, -1.0), np.ones(
                 stage.units * stage.degree)
@@ -609,6 +626,19 @@ class _Tracer:
                                   f"tensors); only x*x and affine layers are supported")
 
 
+def _series_range(coefficients: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Per unit, an interval holding sum_k c_k T_k(u) for every |u| <= 1: its extremes on
+    8(D+1) Chebyshev points, widened by 3% (on that many points a degree-D polynomial's
+    deviation from any constant is within 1/cos(pi/16) = 1.02 of its deviation on them)."""
+    degree = coefficients.shape[1] - 1
+    grid = np.polynomial.chebyshev.chebpts1(8 * (degree + 1))[:, None] * np.ones(
+        coefficients.shape[0])
+    values = chebyshev_series(grid, coefficients)
+    center, radius = (values.max(axis=0) + values.min(axis=0)) / 2, (
+        values.max(axis=0) - values.min(axis=0)) / 2
+    return center - 1.03 * radius - 1e-12, center + 1.03 * radius + 1e-12
+
+
 def _chebyshev_values(u: FloatArray, coeffs: FloatArray) -> FloatArray:
     """sum_k coeffs[k, i] T_k(u[:, i]) for every unit i (u: (n, units))."""
     previous, current = np.ones_like(u), u
@@ -641,7 +671,10 @@ def _elementwise(name: str) -> Handler:
             raise Unsupported(f"node {node.name!r} ({node.op_type}) needs one encrypted input "
                               f"and constant parameters")
         shape = value.shape
-        constants = {node.input[i]: a for i, a in enumerate(args) if i and a is not None}
+        # float constants in float64, like the probe rows (Max/Min refuse mixed types)
+        constants = {node.input[i]: np.asarray(a, dtype=np.float64)
+                     if np.asarray(a).dtype.kind == "f" else a
+                     for i, a in enumerate(args) if i and a is not None}
         evaluator = t._evaluator(node, [node.input[0], *constants])
 
         def evaluate(values: FloatArray) -> FloatArray:
@@ -686,6 +719,7 @@ def _mul(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
 
 
 ABS = Activation("abs", np.abs)
+RELU = Activation("relu", TAIL_OPS["relu"], exact_tail=True)
 
 
 def _extremum(sign: float) -> Handler:
@@ -693,12 +727,23 @@ def _extremum(sign: float) -> Handler:
     |.| a Chebyshev polynomial on the guaranteed range of a - b; of one encrypted tensor
     and constants, an elementwise activation like any other."""
     def handler(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+        if sum(a is not None for a in args) == 1:
+            return [args[0]]  # the extremum of one tensor is that tensor
         pair = _encrypted_pair(t, node, args)
         if pair is None:
-            if not isinstance(args[0], Affine | Deferred):
-                args = [args[1], args[0], *args[2:]]
-                node = helper.make_node(node.op_type, [node.input[1], node.input[0]],
+            first = next((i for i, a in enumerate(args) if isinstance(a, Affine | Deferred)),
+                         0)
+            if first:  # Max and Min are symmetric: the encrypted input goes first
+                order = [first, *(i for i in range(len(args)) if i != first)]
+                args = [args[i] for i in order]
+                node = helper.make_node(node.op_type, [node.input[i] for i in order],
                                         list(node.output), node.name)
+            constants = [np.asarray(a) for a in args[1:] if a is not None]
+            if (sign > 0 and len(constants) == 1 and constants[0].size == 1
+                    and float(constants[0].reshape(-1)[0]) == 0.0
+                    and isinstance(args[0], Affine | Deferred)):
+                # Max(x, 0) is Relu: exact in the tail, approximated like it mid-network
+                return [_defer(t, node, args[0], RELU)]
             return _elementwise(node.op_type.lower())(t, node, args)
         a, b = pair
         origin = node.name or node.op_type
@@ -708,6 +753,39 @@ def _extremum(sign: float) -> Handler:
         return [Affine(as_weights(weights), 0.5 * (a.bias + b.bias) + sign * 0.5 * gap.bias,
                        a.shape)]
     return handler
+
+
+def _exact_activations(value: Value) -> tuple[str, ...] | None:
+    """The names of a deferred value's ops if every one is an elementwise activation the
+    buyer applies exactly (the same function for every unit: no per-unit constants)."""
+    if not isinstance(value, Deferred) or not all(
+            isinstance(op, Activation) and op.tail_name for op in value.ops):
+        return None
+    return tuple(op.name for op in value.ops if isinstance(op, Activation))
+
+
+def _sub(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    """1 - sigmoid(z) = sigmoid(-z): the [1 - p, p] that skl2onnx writes for binary
+    classifiers stays in the exact tail instead of evaluating the sigmoid twice."""
+    one, value = args
+    if (isinstance(one, np.ndarray) and one.size == 1 and float(one.reshape(-1)[0]) == 1.0
+            and isinstance(value, Deferred) and one.ndim <= len(value.shape) + 1
+            and _exact_activations(value) == ("sigmoid",)):
+        base = value.base
+        return [Deferred(Affine(as_weights(-base.weights), -base.bias, base.shape),
+                         value.ops, node.name or node.op_type)]
+    return t._probe(node, args)
+
+
+def _concat(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    """Tensors that all end in the same exact activations are concatenated before it, so
+    the activations stay in the tail (they are the same function for every unit)."""
+    names = {_exact_activations(a) for a in args}
+    if len(names) == 1 and (chain := names.pop()):
+        (moved,) = t._probe(node, [a.base for a in args])
+        ops = tuple(Activation(name, TAIL_OPS[name], exact_tail=True) for name in chain)
+        return [Deferred(moved, ops, node.name or node.op_type)]
+    return t._probe(node, args)
 
 
 def _pow(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
@@ -790,6 +868,129 @@ def _linear_classifier(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> l
     return [Labels(labels), Deferred(scores, ops, node.name) if ops else scores]
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _svm_scores(t: _Tracer, node: onnx.NodeProto, a: Affine, coefficients: FloatArray,
+                rho: float) -> Affine:
+    """sum_j coefficients[j] K(x, sv_j) + rho for the node's kernel K, exactly: affine for
+    a linear kernel (or a polynomial of degree 1), one exact squaring level for a
+    polynomial of degree 2."""
+    name = node.name or node.op_type
+    kernel = _text(_attr(node, "kernel_type", b"LINEAR")).upper()
+    gamma, coef0, power = [*_attr(node, "kernel_params", []), 0.0, 0.0, 0.0][:3]
+    vectors = np.asarray(_attr(node, "support_vectors", []), dtype=np.float64)
+    if len(a.shape) != 1 or vectors.size != coefficients.size * a.features:
+        raise Unsupported(f"node {name!r} ({node.op_type}): {coefficients.size} support "
+                          f"vectors of {vectors.size // max(coefficients.size, 1)} features "
+                          f"for rows shaped {list(a.shape)}")
+    sv = vectors.reshape(coefficients.size, a.features)
+    if kernel == "LINEAR":
+        gamma, coef0, power = 1.0, 0.0, 1
+    elif kernel != "POLY":
+        reason = {"RBF": "exp(-gamma |x - sv|^2) for every support vector is not a "
+                         "polynomial of the input",
+                  "SIGMOID": "tanh(gamma x.sv + coef0) for every support vector is not "
+                             "evaluated by this engine"}.get(kernel, "it is unknown")
+        raise Unsupported(f"node {name!r} ({node.op_type}): kernel {kernel}: {reason}; "
+                          f"use kernel='linear' or kernel='poly' with degree 2 (exact under "
+                          f"encryption), or LinearSVC/LinearSVR")
+    if power not in (0, 1, 2):
+        raise Unsupported(f"node {name!r} ({node.op_type}): polynomial kernel of degree "
+                          f"{power:g}; degree 1 and 2 are exact under encryption (one "
+                          f"squaring), higher degrees are not supported")
+    # K = (gamma x.sv + coef0)^power, expanded: quadratic + linear + constant in x
+    power = int(power)
+    linear_term = coefficients @ sv * {0: 0.0, 1: gamma, 2: 2 * gamma * coef0}[power]
+    constant = rho + float(coefficients.sum()) * coef0 ** power
+    weights = as_weights(sparse.csr_array(linear_term[None, :]) @ t._pad(a.weights))
+    bias = np.array([linear_term @ a.bias + constant])
+    if power != 2:
+        return Affine(weights, bias, (1,))
+    quadratic = _quadratic_form(t, node, a, gamma ** 2 * sv.T @ (coefficients[:, None] * sv))
+    return Affine(as_weights(t._pad(weights) + t._pad(quadratic.weights)),
+                  bias + quadratic.bias, (1,))
+
+
+def _quadratic_form(t: _Tracer, node: onnx.NodeProto, a: Affine, q: FloatArray) -> Affine:
+    """x' q x for a symmetric q, exactly: sum_k lambda_k (v_k . x)^2 over q's eigenvectors,
+    one exact square per direction (at most one per feature, however many support vectors
+    q sums)."""
+    eigenvalues, vectors = np.linalg.eigh(q)
+    keep = np.abs(eigenvalues) > 1e-12 * float(np.abs(eigenvalues).max(initial=0.0))
+    if not keep.any():
+        return Affine(as_weights((1, a.weights.shape[1])), np.zeros(1), (1,))
+    directions, scales = vectors[:, keep].T, eigenvalues[keep]
+    units = Affine(as_weights(sparse.csr_array(directions) @ t._pad(a.weights)),
+                   directions @ a.bias, (len(scales),))
+    squares = t.trunk(node, Deferred(units, (SQUARE,), node.name or node.op_type))
+    return Affine(as_weights(sparse.csr_array(scales[None, :]) @ t._pad(squares.weights)),
+                  np.array([scales @ squares.bias]), (1,))
+
+
+def _svm_classifier(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    """A binary SVC: onnxruntime's scores are [-s, s] with s the pairwise decision value,
+    and s > 0 means the first class, so column 0 scores the second class: the columns are
+    labelled (second, first) and the argmax is onnxruntime's label."""
+    name = node.name or node.op_type
+    a = t.trunk(node, args[0])
+    labels = _names(_attr(node, "classlabels_ints", None)
+                    or _attr(node, "classlabels_strings", None) or [])
+    per_class = [int(v) for v in _attr(node, "vectors_per_class", [])]
+    coefficients = np.asarray(_attr(node, "coefficients", []), dtype=np.float64)
+    rho = [float(v) for v in _attr(node, "rho", [])]
+    if _text(_attr(node, "post_transform", b"NONE")) != "NONE":
+        raise Unsupported(f"node {name!r} (SVMClassifier): only post_transform NONE is "
+                          f"supported")
+    if len(labels) > 2:
+        raise Unsupported(
+            f"node {name!r} (SVMClassifier) separates {len(labels)} classes one-vs-one: the "
+            f"class is a majority vote over {len(labels) * (len(labels) - 1) // 2} pairwise "
+            f"decisions (and the probabilities a pairwise coupling), which cannot be "
+            f"evaluated on ciphertexts; train LinearSVC (one-vs-rest, exact under "
+            f"encryption) or a binary SVC")
+    if len(labels) != 2 or not per_class or sum(per_class) != coefficients.size or len(rho) != 1:
+        raise Unsupported(f"node {name!r} (SVMClassifier): only binary classifiers with "
+                          f"support vectors are supported (LinearSVC exports as "
+                          f"LinearClassifier, which is)")
+    if coefficients.min() >= 0:  # onnxruntime then labels by another rule
+        raise Unsupported(f"node {name!r} (SVMClassifier): every dual coefficient is "
+                          f"non-negative (one class has no support vectors)")
+    if _attr(node, "prob_a", []) or _attr(node, "prob_b", []):
+        raise Unsupported(
+            f"node {name!r} (SVMClassifier) outputs probabilities (SVC(probability=True)): "
+            f"onnxruntime couples the pair's Platt sigmoid by an iteration that stops at a "
+            f"row-dependent step, a few thousandths away from the sigmoid, which cannot be "
+            f"reproduced exactly; export the SVC with probability=False: its decision "
+            f"values are exact under encryption and give sklearn's predict() labels")
+    s = _svm_scores(t, node, a, coefficients, rho[0])
+    t.class_labels = (labels[1], labels[0])
+    return [Labels(t.class_labels), Affine(as_weights(sparse.vstack([-s.weights, s.weights])),
+                                           np.concatenate([-s.bias, s.bias]), (2,))]
+
+
+def _svm_regressor(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    name = node.name or node.op_type
+    a = t.trunk(node, args[0])
+    coefficients = np.asarray(_attr(node, "coefficients", []), dtype=np.float64)
+    rho = [float(v) for v in _attr(node, "rho", [])] or [0.0]
+    if _attr(node, "one_class", 0):
+        raise Unsupported(f"node {name!r} (SVMRegressor): a one-class SVM outputs the sign "
+                          f"of its decision (+1/-1), a step that cannot be evaluated on "
+                          f"ciphertexts")
+    if _text(_attr(node, "post_transform", b"NONE")) != "NONE":
+        raise Unsupported(f"node {name!r} (SVMRegressor): only post_transform NONE is "
+                          f"supported")
+    if int(_attr(node, "n_supports", 0)) > 0:
+        return [_svm_scores(t, node, a, coefficients, rho[0])]
+    if len(a.shape) != 1 or coefficients.size != a.features:  # liblinear: x . w + rho
+        raise Unsupported(f"node {name!r} (SVMRegressor): {coefficients.size} coefficients "
+                          f"for rows shaped {list(a.shape)}")
+    return [Affine(as_weights(sparse.csr_array(coefficients[None, :]) @ t._pad(a.weights)),
+                   np.array([coefficients @ a.bias + rho[0]]), (1,))]
+
+
 def _zipmap(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
     labels = _attr(node, "classlabels_int64s", None) or _attr(node, "classlabels_strings", [])
     if labels and not t.class_labels:
@@ -832,6 +1033,8 @@ ELEMENTWISE = {  # continuous elementwise activations, approximated on guarantee
 _HANDLERS: dict[str, Handler] = {
     **{op: _elementwise(name) for op, name in ELEMENTWISE.items()},
     "Mul": _mul,
+    "Sub": _sub,
+    "Concat": _concat,
     "Max": _extremum(1.0),
     "Min": _extremum(-1.0),
     "Pow": _pow,
@@ -846,6 +1049,8 @@ _HANDLERS: dict[str, Handler] = {
     "Squeeze": _reshape,
     "Unsqueeze": _reshape,
     "LinearClassifier": _linear_classifier,
+    "SVMClassifier": _svm_classifier,
+    "SVMRegressor": _svm_regressor,
     "ZipMap": _zipmap,
     "ArgMax": _argmax,
     "ArrayFeatureExtractor": _feature_extractor,

@@ -5,6 +5,25 @@ strength * scale_t * s, with s = +1/-1 drawn from a keyed pseudo-random stream (
 of the sale's secret key and the tensor's name) and scale_t the tensor's standard
 deviation. The seller commits to that copy, so the buyer tests exactly what it receives.
 
+Which tensors are trained weights is read from the graph, by what consumes them: a float
+initializer of MIN_WEIGHTS values or more is marked only if every node that reads it
+reads it as a layer's weight or bias, namely
+  * input 0 or 1 (A, B) or 2 (C, the bias) of Gemm, input 0 or 1 of MatMul, input 1 (the
+    kernels) or 2 (the bias) of Conv and ConvTranspose;
+  * either input of an Add whose other input is the output of one of those nodes (the
+    bias of a MatMul, as skl2onnx and PyTorch export it);
+  * through Identity, Cast, Transpose, Reshape, Flatten, Squeeze or Unsqueeze (input 0),
+    whose output is itself read only as above (a weight stored transposed or reshaped);
+and of the ML operators, the `coefficients` of LinearClassifier, LinearRegressor,
+SVMClassifier and SVMRegressor. Everything else is left exactly as listed: constants of
+elementwise preprocessing (a scaler's per-column Mul / Add / Sub / Div constants, the
+`x - mean` and `/ std` of a normalization layer, Scaler's offset and scale), and
+BatchNormalization's scale, bias, mean and variance. Moving those by a fraction of their
+spread shifts every row's inputs at once (a MinMaxScaler's Mul constants hold 1/range per
+column, and their spread is as large as the constants themselves) and can break the model
+outright; a weight's move is averaged over the many inputs of its unit. A tensor read as a
+weight by one node and elementwise by another is not marked.
+
 Tracing a suspect copy: d = (w_suspect - w_original) / scale, per tensor, and for each
 sale's key the normalized correlation z = <d, s> / ||d|| (~ N(0, 1) for a key that did not
 make the copy, since s is independent of d; ~ strength * sqrt(n) / spread for the key that
@@ -60,22 +79,70 @@ def new_key() -> bytes:
     return secrets.token_bytes(KEY_BYTES)
 
 
-def weights(model: onnx.ModelProto) -> dict[str, FloatArray]:
-    """The model's trained float weights by name: initializers, and the coefficients ML
-    operators keep as attributes ("node/attribute")."""
+# (op type, input position) at which a node reads a trained weight or bias
+_WEIGHT_READS = {("Gemm", 0), ("Gemm", 1), ("Gemm", 2), ("MatMul", 0), ("MatMul", 1),
+                 ("Conv", 1), ("Conv", 2), ("ConvTranspose", 1), ("ConvTranspose", 2)}
+_LAYERS = {op for op, _ in _WEIGHT_READS}  # an Add of a constant to their output: a bias
+_LAYOUTS = {"Identity", "Cast", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+_COEFFICIENT_OPS = {"LinearClassifier", "LinearRegressor", "SVMClassifier", "SVMRegressor"}
+_ONNX_DOMAINS = ("", "ai.onnx")
+COEFFICIENTS = "coefficients"
+
+
+def trained_tensors(model: onnx.ModelProto) -> set[str]:
+    """The names of the initializers that only layers read as their weights or biases,
+    and "node/coefficients" of the ML operators whose coefficients are trained (see the
+    module's docstring for the rule)."""
+    graph = model.graph
+    producers = {output: node for node in graph.node for output in node.output}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            readers[name].append((node, position))
+    outputs = {o.name for o in graph.output}
+
+    def bias(node: onnx.NodeProto, position: int) -> bool:
+        other = node.input[1 - position] if len(node.input) == 2 else ""
+        producer = producers.get(other)
+        return (node.op_type == "Add" and producer is not None
+                and producer.domain in _ONNX_DOMAINS and producer.op_type in _LAYERS)
+
+    def read_as_weight(value: str) -> bool:
+        if value in outputs or not readers[value]:
+            return False
+        return all(node.domain in _ONNX_DOMAINS and (
+            (node.op_type, position) in _WEIGHT_READS or bias(node, position) or
+            (node.op_type in _LAYOUTS and position == 0 and read_as_weight(node.output[0])))
+            for node, position in readers[value])
+
+    names = {init.name for init in graph.initializer if read_as_weight(init.name)}
+    names |= {f"{node.name or index}/{COEFFICIENTS}" for index, node in enumerate(graph.node)
+              if node.domain == "ai.onnx.ml" and node.op_type in _COEFFICIENT_OPS}
+    return names
+
+
+def _tensors(model: onnx.ModelProto, names: set[str]) -> dict[str, FloatArray]:
+    """The float initializers and float-list attributes ("node/attribute") of `model` that
+    `names` names, flattened."""
     found: dict[str, FloatArray] = {}
     for init in model.graph.initializer:
-        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
-            array = numpy_helper.to_array(init).astype(np.float64)
-            if array.size >= MIN_WEIGHTS:
-                found[init.name] = array.reshape(-1)
+        if init.name in names and init.data_type in _FLOATS:
+            found[init.name] = numpy_helper.to_array(init).astype(np.float64).reshape(-1)
     for index, node in enumerate(model.graph.node):
         for attribute in node.attribute:
-            if (attribute.type == onnx.AttributeProto.FLOATS and
-                    len(attribute.floats) >= MIN_WEIGHTS and attribute.name == "coefficients"):
-                found[f"{node.name or index}/{attribute.name}"] = np.array(
-                    attribute.floats, dtype=np.float64)
+            name = f"{node.name or index}/{attribute.name}"
+            if name in names and attribute.type == onnx.AttributeProto.FLOATS:
+                found[name] = np.array(attribute.floats, dtype=np.float64)
     return found
+
+
+def weights(model: onnx.ModelProto) -> dict[str, FloatArray]:
+    """The tensors a fingerprint moves, by name: the trained tensors (`trained_tensors`)
+    of at least MIN_WEIGHTS values, float or double."""
+    other_types = {init.name for init in model.graph.initializer
+                   if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)}
+    return {name: values for name, values in _tensors(
+        model, trained_tensors(model) - other_types).items() if values.size >= MIN_WEIGHTS}
 
 
 def _signs(key: bytes, name: str, count: int) -> FloatArray:
@@ -405,8 +472,12 @@ def trace(suspect_bytes: bytes, original_bytes: bytes, sales: dict[str, bytes]) 
     except Exception as exc:
         raise BadInput(f"the suspect file is not an ONNX model: {exc}") from exc
     listed = onnx.load_model_from_string(original_bytes)
-    suspect = weights(align(suspect_model, listed))
     original = weights(listed)
+    if not original:
+        raise BadInput("the listed model has no trained weights a fingerprint marks: its "
+                       "copies are not fingerprinted")
+    # the listed model's marked tensors, read from the suspect (whose graph may differ)
+    suspect = _tensors(align(suspect_model, listed), set(original))
     if suspect.keys() != original.keys() or any(
             suspect[n].shape != original[n].shape for n in original):
         raise BadInput("the suspect model's weights do not have the listed model's names and "

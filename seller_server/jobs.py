@@ -203,6 +203,7 @@ class CompiledListing:
     approximation: str
     measured: Measured
     fingerprint_strength: float  # 0: copies are not fingerprinted
+    fingerprint_note: str  # the strength chosen and what it costs, or why there is none
     warnings: tuple[str, ...] = ()  # for the seller's log (e.g. feature packing withdrawn)
 
 

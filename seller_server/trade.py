@@ -60,9 +60,9 @@ from common.wire import (
     receipt_payload,
 )
 from seller_server import jobs
-from seller_server.catalog import TOLERANCE_FACTOR, Listing
+from seller_server.catalog import TOLERANCE_FACTOR, Listing, sale_key
 from seller_server.compiler import compile_model
-from seller_server.fingerprint import fingerprint, new_key
+from seller_server.fingerprint import fingerprint
 from seller_server.store import Store, TrialRow, budget_exhausted
 from seller_server.worker import UNTRUSTED_STAGES, Capacity, WorkerSlots
 
@@ -170,7 +170,8 @@ class Seller:
             raise Exhausted(f"trial budget for {model_id!r} is used up "
                             f"({listing.spec.trial_budget_rows} rows); buy the model for "
                             f"{listing.spec.price_cents / 100:.2f} or ask the seller for more")
-        key = new_key() if listing.fingerprint_strength else None
+        # None: the listed model (not fingerprinted, or no copy passed its check)
+        key = sale_key(listing.copy_check, listing.fingerprint_strength)
         model = self._copy(listing, key)
         rotation_indices = (tuple(pack_plan(model.plan).rotation_indices(listing.params.slots))
                             if estimate.packing == FEATURE_PACKED else ())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 from common.certs import create_certificates
 from common.rpc import CATALOG_SERVICE, SERVICE_NAME, TlsFiles, check_health
+from seller_server.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -50,13 +53,26 @@ def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+# Compiled listings the daemons of this session made, under the seller's own cache keys
+# (engine version, model, listing file, calibration rows, security): a new daemon starts
+# with them, as a restarted seller does, instead of compiling and self-testing the same
+# listing again. `warm=False` starts a daemon that compiles everything itself.
+_COMPILED: dict[str, bytes] = {}
+
+
 class Daemon:
     """`gimme-seller serve` in its own process, exactly as a user runs it."""
 
     def __init__(self, catalog: Path, state: Path, tls_dir: Path | None,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, *, warm: bool = True) -> None:
         self.catalog = catalog
         self.state = state
+        if warm and _COMPILED and not (state / "gimme.sqlite").exists():
+            state.mkdir(parents=True, exist_ok=True)
+            store = Store(state / "gimme.sqlite")
+            for key, payload in _COMPILED.items():
+                store.save_compiled(key, payload)
+            store.close()
         self.tls_dir = tls_dir
         self.log_path = state.parent / f"{state.name}.log"
         port_file = state.parent / f"{state.name}.port"
@@ -98,10 +114,15 @@ class Daemon:
             if not self.statuses or self.statuses[-1] != status:
                 self.statuses.append(status)
             if status == "SERVING":
+                self._keep_compiled()
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"seller not SERVING: {self.log_path.read_text()}")
             time.sleep(0.05)
+
+    def _keep_compiled(self) -> None:
+        with contextlib.closing(sqlite3.connect(self.state / "gimme.sqlite")) as db:
+            _COMPILED.update(db.execute("SELECT cache_key, payload FROM compiled"))
 
     def stop(self) -> int:
         if self.process.poll() is None:

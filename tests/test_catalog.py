@@ -12,15 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
-from onnx import helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from common.errors import BadInput, WorkerFailed
 from common.guarded import Limits, run_guarded
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE
 from common.he.params import CkksParams
 from common.he.plan import HEPlan, OutputStage, as_weights
+from common.onnx_io import run_model
 from common.rpc import CATALOG_SERVICE, check_health
+from common.signing import sha256
 from common.tabular import load_table
 from seller_server import catalog, jobs
 from seller_server.catalog import read_listing
@@ -137,7 +140,8 @@ def _nan_plan_record(columns: int) -> jobs.CompiledListing:
     measured = jobs.Measured(1, 1, 1, 1, 0.1, 0.1, 0.1, 0.0, 0.0, he_error=0.0)
     return jobs.CompiledListing(
         base64.b64encode(plan.to_bytes()).decode(), (), ("0", "1"), "y", "",
-        CkksParams(8192, 2, 36, 54, 3), 0.01, 0.01, "exact", measured, 0.0)
+        CkksParams(8192, 2, 36, 54, 3), 0.01, 0.01, "exact", measured, 0.0,
+        "not fingerprinted")
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -235,3 +239,59 @@ def test_a_failing_feature_packed_self_test_leaves_the_model_slot_per_sample_onl
     assert refused == ["crash.json: its compile worker was killed by SIGSEGV while "
                        "compiling"]
     assert "compiling breast-cancer-lr" not in caplog.text  # cached: listed at once
+
+
+def _external_data_catalog(directory: Path) -> Path:
+    """A three-feature linear model saved the way newer torch.onnx.export saves one: its
+    weights in `linear.onnx.data` next to it; the listing file's path is returned."""
+    directory.mkdir()
+    model = onnx.load_model_from_string(g.build(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="dense")], 3, {"y": 2},
+        {"w": g.weights(3, 2), "b": g.weights(1, 2)[0]}))
+    onnx.save_model(model, str(directory / "linear.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="linear.onnx.data", size_threshold=0)
+    np.savetxt(directory / "calibration.csv", g.calibration(3), delimiter=",",
+               header="a,b,c", comments="")
+    listing = directory / "linear.json"
+    listing.write_text(json.dumps({
+        "name": "linear", "model": "linear.onnx", "calibration": "calibration.csv",
+        "input_columns": ["a", "b", "c"], "price": "1", "trial_budget_rows": 10,
+        "feature_packing": False, "fingerprint": False}))
+    return listing
+
+
+def test_a_model_with_external_data_is_listed_as_one_self_contained_model(
+        tmp_path: Path) -> None:
+    """Read in by the gateway and by its compile worker alike: both hash the same bytes."""
+    path = _external_data_catalog(tmp_path / "catalog")
+    (listing,), refused = catalog.CatalogLoad(path.parent, Store(tmp_path / "s.sqlite"),
+                                              security_bits=128, capacity=Capacity()).run()
+    assert refused == []
+    model = onnx.load_model_from_string(listing.model_bytes)
+    assert not any(external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+    assert listing.commitment == sha256(listing.model_bytes)  # what is sold and delivered
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    rows = g.calibration(3)[:5]
+    assert np.allclose(run_model(listing.model_bytes, rows, "y", []),
+                       rows @ weights["w"] + weights["b"], atol=1e-5)
+
+
+def test_external_data_outside_the_catalog_or_missing_is_refused(tmp_path: Path) -> None:
+    path = _external_data_catalog(tmp_path / "catalog")
+    spec = read_listing(path)
+    model = onnx.load(str(spec.model_path), load_external_data=False)
+    data = (path.parent / "linear.onnx.data").read_bytes()
+    (tmp_path / "elsewhere.data").write_bytes(data)
+    for location, message in [("../elsewhere.data", "outside the catalog directory"),
+                              (str(tmp_path / "elsewhere.data"), "outside the catalog"),
+                              ("gone.data", r"external file 'gone.data', which is missing")]:
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        spec.model_path.write_bytes(model.SerializeToString())
+        with pytest.raises(BadInput, match=message):
+            catalog.read_model(spec)
+    listed, (refused,) = catalog.CatalogLoad(path.parent, Store(tmp_path / "s.sqlite"),
+                                             security_bits=128, capacity=Capacity()).run()
+    assert listed == [] and re.match(r"linear\.json: .*'gone\.data', which is missing", refused)

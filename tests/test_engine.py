@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.errors import BadInput, Refused
+from common.errors import BadInput, Refused, Unsupported
 from common.he import engine, rns
 from common.he.packing import SLOT_PER_SAMPLE, Packing, pack_plan
 from common.he.params import CkksParams, new_key_tag
+from common.he.plan import HEPlan
 from common.he.template import learn_template
 from common.tabular import FloatArray
 from common.trust import check_security
@@ -283,6 +284,32 @@ def test_feature_packed_evaluation_matches_the_plan(model: str, degree: int,
         scores = engine.decrypt_vector(cc, secret, evaluator.evaluate(sample), slots)
         got = layout.decode([np.array(scores)], count, packed.scores)
         assert np.abs(got - expected[:count]).max() < 1e-3
+
+
+@pytest.mark.parametrize(("degree", "security_bits"), [(48, 128), (128, 0)])
+def test_high_degree_activations_are_openfhe_series_at_the_planned_depth(
+        degree: int, security_bits: int) -> None:
+    """Above degree 32 an activation adds one Paterson-Stockmeyer series entry per unit:
+    OpenFHE evaluates it within the levels the plan counts (`settle` refuses a result
+    above the plan's depth) and to the plan's values; the plan keeps its coefficients
+    through storage; feature packing refuses it by name. Degree 128 runs on a small
+    insecure ring (security 0): it checks the depth table, not security."""
+    rows = g.calibration()[:64]
+    compiled = compile_model(g.mlp("Relu"), rows, degree=degree)
+    (stage,) = compiled.plan.stages
+    assert stage.kind == "series" and stage.width == 1
+    stored = HEPlan.from_bytes(compiled.plan.to_bytes())
+    assert np.array_equal(stored.simulate(rows), compiled.plan.simulate(rows))
+    with pytest.raises(Unsupported, match="feature packing does not evaluate"):
+        pack_plan(compiled.plan)
+    params = choose_params(engine.levels_needed(compiled.plan), security_bits,
+                           compiled.value_bound, insecure_ring=0 if security_bits else 4096)
+    cc = engine.build_context(params, security_bits)
+    secret, public = engine.generate_keys(cc, new_key_tag())
+    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    scores = engine.evaluate(cc, compiled.plan, inputs, lambda done, total: None)
+    decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
+    assert np.abs(decrypted - compiled.plan.simulate(rows)).max() < 1e-3
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -15,18 +15,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from skl2onnx import to_onnx
+from sklearn.datasets import load_diabetes
+from sklearn.linear_model import Ridge
+from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from buyer_client.client import SellerClient
+from buyer_client.report import regression_metrics, regression_targets
 from common import errors
 from common.deeplock import unlock, unseal
 from common.evidence import LOCKED_MODEL, SEALED_MODEL
 from common.he import engine
 from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE
 from common.he.params import public_key_seed
-from common.onnx_io import run_model
+from common.onnx_io import run_model, save_model
 from common.protocol import Progress
 from common.signing import Signer, sha256
-from common.tabular import FloatArray, load_table
+from common.tabular import FloatArray, load_table, write_csv
 from common.tail import apply_tail, predicted_labels
 from common.trust import open_key_release, open_offer
 from seller_server.catalog import load_catalog
@@ -392,7 +399,7 @@ def test_restart_keeps_ledger_and_budgets(lr_catalog: Path, tls_dir: Path, examp
                                           tmp_path: Path) -> None:
     catalog = _budget_catalog(lr_catalog, tmp_path, 300)
     state, home = tmp_path / "state", tmp_path / "home"
-    first = Daemon(catalog, state, tls_dir)
+    first = Daemon(catalog, state, tls_dir, warm=False)
     first.wait_serving()
     assert "NOT_SERVING" in first.statuses  # while the catalog was compiling
     top_up(first, "bob", "60")
@@ -602,3 +609,76 @@ def test_a_buyer_asking_for_a_packing_the_seller_does_not_offer_is_told_what_is(
         assert not (tmp_path / "home" / "trials").exists()  # nothing was sent or kept
     finally:
         daemon.stop()
+
+
+def test_a_regression_trial_reports_rmse_mae_and_r2_and_verifies(
+        tls_dir: Path, tmp_path: Path) -> None:
+    """A Ridge regression trades like a classifier: the trial report scores its decrypted
+    predictions against the label column with scikit-learn's RMSE, MAE and R^2."""
+    x, y = load_diabetes(return_X_y=True)
+    y = y / 100  # targets near 1: onnxruntime's float32 agrees with sklearn to ~1e-7
+    columns = [f"x{i}" for i in range(x.shape[1])]
+    ridge = make_pipeline(StandardScaler(), Ridge()).fit(x[:300], y[:300])
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    exported = to_onnx(ridge, x[:1].astype(np.float32), target_opset={"": 17, "ai.onnx.ml": 3})
+    save_model(exported, catalog / "ridge.onnx")
+    write_csv(catalog / "ridge_calibration.csv", columns, x[:300])
+    (catalog / "ridge.json").write_text(json.dumps({
+        "name": "diabetes-ridge", "model": "ridge.onnx",
+        "calibration": "ridge_calibration.csv", "input_columns": columns, "price": "5",
+        "trial_budget_rows": 500, "feature_packing": False}))
+    test = tmp_path / "test.csv"
+    write_csv(test, columns, x[300:], "target", list(y[300:]))
+    daemon = Daemon(catalog, tmp_path / "state", tls_dir)
+    try:
+        daemon.wait_serving()
+        top_up(daemon, "dave", "20")
+        home = tmp_path / "home"
+        trial = buyer_cli(daemon, home, "dave", "trial", "diabetes-ridge", "--data",
+                          str(test), "--label-column", "target")
+        assert trial.returncode == 0, trial.stdout + trial.stderr
+        assert "RMSE" in trial.stdout and "MAE" in trial.stdout
+        folder = next(home.glob("trials/diabetes-ridge/*/report.json")).parent
+        report = json.loads((folder / "report.json").read_text())
+        metrics, tolerance = report["metrics"], report["tolerance"]
+        assert metrics["kind"] == "regression" and metrics["rows"] == len(x) - 300
+        assert f"{metrics['rmse']:.4g}" in trial.stdout
+        bought = buyer_cli(daemon, home, "dave", "buy", "diabetes-ridge")
+        assert bought.returncode == 0, bought.stdout + bought.stderr
+        # the trial evaluated dave's own (fingerprinted) copy: what he bought
+        predicted = run_model(_bought_model(folder), x[300:], "variable", [])[:, 0]
+        assert np.abs(np.array(report["predictions"]) - predicted).max() <= tolerance
+        truth = y[300:]
+        rmse = mean_squared_error(truth, predicted) ** 0.5
+        # each decrypted prediction is within the tolerance: RMSE and MAE move by at most
+        # that much, R^2 by at most tolerance (2 RMSE + tolerance) / var(y)
+        assert metrics["rmse"] == pytest.approx(rmse, abs=tolerance)
+        assert metrics["mae"] == pytest.approx(mean_absolute_error(truth, predicted),
+                                               abs=tolerance)
+        assert metrics["r2"] == pytest.approx(
+            r2_score(truth, predicted), abs=tolerance * (2 * rmse + tolerance) / np.var(truth))
+        # and the copy scores like the listed model: the fingerprint moves few predictions
+        assert metrics["r2"] == pytest.approx(r2_score(truth, ridge.predict(x[300:])),
+                                              abs=0.01)
+        verified = buyer_cli(daemon, home, "dave", "verify", "diabetes-ridge")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert "PASS" in verified.stdout
+    finally:
+        daemon.stop()
+
+
+def test_regression_metrics_are_sklearns_and_labels_must_be_numbers() -> None:
+    rng = np.random.default_rng(0)
+    truth, predicted = rng.normal(size=50), rng.normal(size=50)
+    metrics = regression_metrics(list(truth), list(predicted))
+    assert metrics["rmse"] == pytest.approx(mean_squared_error(truth, predicted) ** 0.5)
+    assert metrics["mae"] == pytest.approx(mean_absolute_error(truth, predicted))
+    assert metrics["r2"] == pytest.approx(r2_score(truth, predicted))
+    assert regression_metrics([2.0, 2.0], [2.0, 2.0])["r2"] == 1.0  # as sklearn: constant
+    assert regression_metrics([2.0, 2.0], [2.0, 3.0])["r2"] == 0.0  # targets
+    assert regression_targets(["1.5", "2", "-3e-2"], "m") == [1.5, 2.0, -0.03]
+    for bad in ("low", "nan", "inf"):
+        with pytest.raises(errors.BadInput, match=rf"m is a regression model .* row 2's label "
+                                                  rf"'{bad}' is not a finite number"):
+            regression_targets(["1", bad], "m")

@@ -480,7 +480,8 @@ class _Rank:
             lazy = offset in self.lazy
             spent = frozenset(j for j, use in enumerate(last_use) if use == index)
             for unit, u in self._rows(stage.weights, stage.bias, spent).items():
-                for k, entry in enumerate(_stage_entries(self.cc, stage, u, relinearize=not lazy)):
+                for k, entry in enumerate(_stage_entries(self.cc, stage, u, relinearize=not lazy,
+                                                         unit=unit)):
                     self.basis.put(offset + unit * stage.width + k, entry)
                 done += 1
                 progress(done, total)
@@ -547,13 +548,17 @@ class _Rank:
 
 
 def _stage_entries(cc: Context, stage: PolyStage | PackedStage, u: Ciphertext,
-                   relinearize: bool = True) -> list[Ciphertext]:
+                   relinearize: bool = True, unit: int = 0) -> list[Ciphertext]:
     """The basis entries one unit of `stage` adds (or, feature-packed, one block per entry
-    kind over all units at once): u*u, or T_1(u)..T_D(u)."""
+    kind over all units at once): u*u, T_1(u)..T_D(u), or the unit's Chebyshev series."""
     if stage.kind == "square":
         square = cc.EvalMult(u, u) if relinearize else cc.EvalMultNoRelin(u, u)
         cc.RescaleInPlace(square)
         return [square]
+    if isinstance(stage, PolyStage) and stage.coefficients is not None:
+        coefficients = stage.coefficients[unit].copy()
+        coefficients[0] *= 2  # OpenFHE's series halves the T_0 coefficient
+        return [cc.EvalChebyshevSeries(u, [float(c) for c in coefficients], -1.0, 1.0)]
     powers: list[Ciphertext] = [None, u]
     for k in range(2, stage.degree + 1):
         a, b = chebyshev_split(k)

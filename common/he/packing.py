@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.errors import Unsupported
 from common.he.plan import FloatArray, HEPlan, chebyshev_basis
 
 SLOT_PER_SAMPLE = "slot-per-sample"
@@ -227,6 +228,10 @@ class PackedPlan:
 
 
 def pack_plan(plan: HEPlan) -> PackedPlan:
+    if any(stage.kind == "series" for stage in plan.stages):
+        raise Unsupported("feature packing does not evaluate Chebyshev series stages "
+                          "(activations of degree above 32); the model is offered "
+                          "slot-per-sample")
     widths = [plan.input_count, plan.score_count, *(s.units for s in plan.stages)]
     d = 1 << max(w - 1 for w in widths).bit_length()
     baby = 1 << math.ceil(math.log2(d) / 2)

@@ -8,6 +8,12 @@ T_1(u) .. T_D(u) (kind "chebyshev") or u*u alone (kind "square"); the activation
 sum_k c_k T_k(u), is folded by the compiler into the weights of the next stage, so it
 costs no level of its own. The `OutputStage` forms the scores the same way.
 
+A third kind, "series", serves activations that need high degrees (a kink such as ReLU's
+on a wide guaranteed range): each unit adds one entry, sum_k c_k T_k(u) with the unit's
+own coefficients, which OpenFHE evaluates by Paterson-Stockmeyer (about 2 sqrt(D)
+multiplications instead of D, one entry in memory instead of D). It costs one level more
+than T_D itself (`series_depth`).
+
 Weights are sparse (CSR): a convolution's map touches a few inputs per output. Everything
 here is numpy/scipy: the gateway, the compiler and the buyer use it without OpenFHE.
 
@@ -49,7 +55,11 @@ from common.errors import BadInput
 
 FloatArray = npt.NDArray[np.float64]
 Weights = Any  # scipy.sparse.csr_array of float64, (rows, basis size)
-STAGE_KINDS = ("chebyshev", "square")
+STAGE_KINDS = ("chebyshev", "square", "series")
+APPROXIMATING_KINDS = ("chebyshev", "series")
+# OpenFHE's Paterson-Stockmeyer series: levels consumed by degree (upper bounds of each band,
+# measured at 1.6.1 and as its documentation tabulates)
+SERIES_DEPTHS = ((5, 3), (13, 4), (27, 5), (59, 6), (119, 7), (247, 8), (495, 9))
 RANGE_CHECK_DEGREE = 8  # see "Guaranteed ranges" above
 
 
@@ -73,14 +83,16 @@ def row_terms(weights: Weights, row: int) -> tuple[npt.NDArray[np.int64], FloatA
 
 @dataclass(frozen=True)
 class PolyStage:
-    """u = weights @ basis + bias per unit; then T_1(u)..T_degree(u) (kind "chebyshev") or
-    u*u (kind "square", degree 2) join the basis."""
+    """u = weights @ basis + bias per unit; then T_1(u)..T_degree(u) (kind "chebyshev"),
+    u*u (kind "square", degree 2) or sum_k coefficients[unit, k] T_k(u) (kind "series")
+    join the basis."""
 
     weights: Weights  # (units, basis size before this stage)
     bias: FloatArray  # (units,)
     degree: int
     label: str = ""  # e.g. "tanh at 'Tanh': Chebyshev degree 12"
     kind: str = "chebyshev"
+    coefficients: FloatArray | None = None  # series: (units, degree + 1), T_0 first
 
     @property
     def units(self) -> int:
@@ -89,17 +101,24 @@ class PolyStage:
     @property
     def width(self) -> int:
         """Basis entries each unit adds."""
-        return 1 if self.kind == "square" else self.degree
+        return self.degree if self.kind == "chebyshev" else 1
 
     def entry_depths(self, u_depth: int) -> list[int]:
         """Depth of each entry a unit adds, given the depth of its u."""
         if self.kind == "square":
             return [u_depth + 1]
+        if self.kind == "series":
+            return [u_depth + series_depth(self.degree)]
         return [u_depth + chebyshev_depth(k) for k in range(1, self.degree + 1)]
 
     def entries(self, u: FloatArray) -> FloatArray:
         """Plaintext values of the entries the stage adds, unit-major."""
-        return np.square(u) if self.kind == "square" else chebyshev_basis(u, self.degree)
+        if self.kind == "square":
+            return np.square(u)
+        if self.kind == "series":
+            assert self.coefficients is not None
+            return chebyshev_series(u, self.coefficients)
+        return chebyshev_basis(u, self.degree)
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,12 @@ class HEPlan:
                     stage.kind == "square" and stage.degree != 2):
                 raise BadInput(f"plan stage '{stage.label}' has kind {stage.kind!r} and "
                                f"degree {stage.degree}")
+            if (stage.kind == "series") != (stage.coefficients is not None) or (
+                    stage.coefficients is not None and (
+                        stage.coefficients.shape != (stage.units, stage.degree + 1)
+                        or stage.degree > SERIES_DEPTHS[-1][0])):
+                raise BadInput(f"plan stage '{stage.label}' has series coefficients that do "
+                               f"not match its kind, units and degree")
             size += stage.units * stage.width
         _check_finite(self.output.weights, self.output.bias, "the plan's output stage")
         if self.output.weights.shape[1] != size:
@@ -184,7 +209,7 @@ class HEPlan:
         excess = np.zeros(basis.shape[0])
         for stage in self.stages:
             u = (stage.weights @ basis.T).T + stage.bias
-            if stage.kind == "chebyshev" and stage.units:
+            if stage.kind in APPROXIMATING_KINDS and stage.units:
                 excess = np.maximum(excess, np.abs(u).max(axis=1))
             basis = np.concatenate([basis, stage.entries(u)], axis=1)
         return excess
@@ -207,8 +232,13 @@ class HEPlan:
         return max(_combination_depth(weights, row, depths) for row in range(weights.shape[0]))
 
     def ciphertext_multiplications(self) -> int:
-        return sum(stage.units * (1 if stage.kind == "square" else max(stage.degree - 1, 0))
-                   for stage in self.stages)
+        def per_unit(stage: PolyStage) -> int:
+            if stage.kind == "square":
+                return 1
+            if stage.kind == "series":  # Paterson-Stockmeyer: ~2 sqrt(D) + log2 D
+                return 2 * math.isqrt(stage.degree) + stage.degree.bit_length()
+            return max(stage.degree - 1, 0)
+        return sum(stage.units * per_unit(stage) for stage in self.stages)
 
     def scalar_multiplications(self) -> int:
         return sum(int(s.weights.nnz) for s in self.stages) + int(self.output.weights.nnz)
@@ -242,6 +272,9 @@ class HEPlan:
             arrays |= {f"{name}_data": weights.data, f"{name}_indices": weights.indices,
                        f"{name}_indptr": weights.indptr,
                        f"{name}_shape": np.array(weights.shape), f"{name}_bias": bias}
+        for i, stage in enumerate(self.stages):
+            if stage.coefficients is not None:
+                arrays[f"stage{i}_coefficients"] = stage.coefficients
         for stage in self.stages:
             meta["stages"].append({"degree": stage.degree,  # type: ignore[attr-defined]
                                    "label": stage.label, "kind": stage.kind})
@@ -265,7 +298,10 @@ class HEPlan:
 
                 stages = tuple(
                     PolyStage(*matrix(f"stage{i}"), degree=int(s["degree"]),
-                              label=str(s["label"]), kind=str(s["kind"]))
+                              label=str(s["label"]), kind=str(s["kind"]),
+                              coefficients=(np.asarray(npz[f"stage{i}_coefficients"],
+                                                       dtype=np.float64)
+                                            if f"stage{i}_coefficients" in npz else None))
                     for i, s in enumerate(meta["stages"]))
                 output = OutputStage(*matrix("output"))
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
@@ -287,6 +323,21 @@ def model_scores(scores: FloatArray, range_check: bool) -> FloatArray:
 def chebyshev_depth(k: int) -> int:
     """Depth of T_k from T_1 by the doubling recurrences: ceil(log2 k)."""
     return math.ceil(math.log2(k)) if k > 1 else 0
+
+
+def series_depth(degree: int) -> int:
+    """Levels OpenFHE's Chebyshev series evaluation of `degree` consumes."""
+    for top, depth in SERIES_DEPTHS:
+        if degree <= top:
+            return depth
+    raise ValueError(f"series degree {degree} above {SERIES_DEPTHS[-1][0]}")
+
+
+def chebyshev_series(u: FloatArray, coefficients: FloatArray) -> FloatArray:
+    """sum_k coefficients[i, k] T_k(u[:, i]) for every unit i (u: (n, units))."""
+    values = np.polynomial.chebyshev.chebvander(u, coefficients.shape[1] - 1)
+    result: FloatArray = np.einsum("nik,ik->ni", values, coefficients)
+    return result
 
 
 def chebyshev_split(k: int) -> tuple[int, int]:

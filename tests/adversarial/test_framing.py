@@ -1,11 +1,12 @@
 """Finding 8: step 9 cannot frame an honest seller, and cannot excuse a dishonest one.
 
-Unusual rows inside the signed input box (inverted digits: 16 - pixel) push digits-mlp's
-pre-activations outside the ranges its Chebyshev approximations are fitted on. The trial
-names those rows before any payment; after payment `verify` and `gimme-arbiter` tell the
-plan the seller committed to (computed faithfully: no fault) from the model's distance to
-it outside the guaranteed ranges (reported, not a fault). A seller that evaluates another
-plan is at fault even on such rows. A buyer may cap the tolerance it accepts.
+Unusual rows inside the signed input box (inverted digits: 16 - pixel) used to push
+digits-mlp's pre-activations outside the ranges its Chebyshev approximations were fitted
+on, where the buyer could blame the seller for the approximation's failure. The ranges are
+now guaranteed on the whole box (seller_server.compiler), so such rows stay inside them:
+the trial names none, and after payment `verify` and `gimme-arbiter` find the committed
+plan computed faithfully and the model within the tolerance. A seller that evaluates
+another plan is at fault. A buyer may cap the tolerance it accepts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import sqlite3
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +27,6 @@ import pytest
 from common.evidence import ROWS
 from common.he.plan import HEPlan, OutputStage, as_weights
 from common.protocol import EncodingSpec
-from common.tabular import load_table
 from common.wire import envelope_from_json, key_release_from_payload
 from seller_server.catalog import Listing
 from seller_server.jobs import TrialSetup
@@ -76,7 +75,7 @@ def _disclosed_plan(folder: Path) -> HEPlan:
     return HEPlan.from_bytes(key_release_from_payload(release.payload).plan)
 
 
-def test_rows_outside_the_ranges_are_named_and_do_not_frame_an_honest_seller(
+def test_unusual_rows_inside_the_box_stay_in_the_ranges_and_cannot_frame_the_seller(
         mlp_seller: Daemon, examples: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     trial = buyer_cli(mlp_seller, home, "alice", "trial", MLP, "--data",
@@ -84,32 +83,27 @@ def test_rows_outside_the_ranges_are_named_and_do_not_frame_an_honest_seller(
                       "y", "--packing", "slot-per-sample")
     assert trial.returncode == 0, trial.stdout + trial.stderr
     said = " ".join(trial.stdout.split())
-    named = json.loads((_only_trial(home) / "report.json").read_text())["rows_outside_ranges"]
-    assert f"{len(named)} of {ROWS_TESTED} rows left the ranges" in said, said
+    report = json.loads((_only_trial(home) / "report.json").read_text())
+    assert report.get("rows_outside_ranges", []) == [] and "left the ranges" not in said, said
 
     bought = buyer_cli(mlp_seller, home, "alice", "buy", MLP)
     assert bought.returncode == 0, bought.stdout + bought.stderr
     folder = _only_trial(home)
     plan = _disclosed_plan(folder)
     with np.load(folder / ROWS) as data:
-        excess = plan.range_excess(data["X"])
-    outside = set(np.flatnonzero(excess > 1).tolist())
-    # named at trial time: only rows that really left the ranges (the range check misses
-    # rows that leave them by little: 47-77% of them named over runs, each trial's model
-    # being its own fingerprinted copy)
-    assert set(named) <= outside and len(named) >= 0.25 * len(outside) > 0
+        # the guarantee, on the disclosed plan: inverted digits are far from the seller's
+        # rows (they left the calibrated ranges by up to 3x) yet inside every fitted range
+        assert plan.range_excess(data["X"]).max() <= 1.0
 
     verified = buyer_cli(mlp_seller, home, "alice", "verify", MLP)
     said = " ".join(verified.stdout.split())
-    assert verified.returncode == 0, said
-    assert "the seller computed the committed plan faithfully" in said, said
-    assert f"{len(outside)} of your rows were outside the plan's guaranteed ranges" in said
+    assert verified.returncode == 0 and "PASS" in said, said
+    assert "outside the plan's guaranteed ranges" not in said, said
     ruling = _arbiter(next(folder.glob("evidence-*.zip")), "--seller-key",
                       _seller_key(mlp_seller))
     said = " ".join(ruling.stdout.split())
     assert ruling.returncode == 0, said
     assert "NO FAULT FOUND: no seller fault" in said, said
-    assert f"{len(outside)} rows were outside them" in said, said
 
 
 class _OtherPlanSeller(Seller):
@@ -126,7 +120,7 @@ class _OtherPlanSeller(Seller):
         return dataclasses.replace(setup, plan_path=str(path))
 
 
-def test_a_seller_computing_another_plan_is_at_fault_even_outside_the_ranges(
+def test_a_seller_computing_another_plan_is_at_fault_on_unusual_rows(
         mlp_seller: Daemon, examples: Path, tls_dir: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
@@ -136,17 +130,10 @@ def test_a_seller_computing_another_plan_is_at_fault_even_outside_the_ranges(
         source.backup(copy)
     with _in_process(_OtherPlanSeller, mlp_seller.catalog, tls_dir, state, "dave") as (
             endpoint, seller):
-        # only rows far outside the ranges: the model may differ from the trial there, so
-        # only the plan check can find this seller out
-        columns = seller.listing(MLP).spec.input_columns
-        rows = load_table(_inverted(examples, tmp_path / "all.csv", 540), columns, "y")
-        far = np.flatnonzero(seller.listing(MLP).plan.range_excess(rows.rows) > 1.2)[:40]
-        _write_csv(tmp_path / "far.csv", columns, rows.rows[far],
-                   [rows.labels[i] for i in far] if rows.labels else [])
         home = tmp_path / "home"
         trial = buyer_cli(endpoint, home, "dave", "trial", MLP, "--data",
-                          str(tmp_path / "far.csv"), "--label-column", "y", "--packing",
-                          "slot-per-sample")
+                          str(_inverted(examples, tmp_path / "few.csv", 40)), "--label-column",
+                          "y", "--packing", "slot-per-sample")
         assert trial.returncode == 0, trial.stdout + trial.stderr
         bought = buyer_cli(endpoint, home, "dave", "buy", MLP)
         assert bought.returncode == 0, bought.stdout + bought.stderr
@@ -182,10 +169,3 @@ def test_a_tolerance_above_the_buyers_cap_is_refused_before_anything_is_sent(
     assert f"trial {offered.group(1)}: keys accepted" not in mlp_seller.logs()
     assert not (home / "trials" / MLP).exists() or not any((home / "trials" / MLP).iterdir())
 
-
-def _write_csv(path: Path, columns: tuple[str, ...], rows: Any, labels: list[str]) -> None:
-    with path.open("w", newline="") as target:
-        writer = csv.writer(target)
-        writer.writerow([*columns, "y"])
-        for row, label in zip(rows, labels, strict=True):
-            writer.writerow([*(f"{v:g}" for v in row), label])
