@@ -18,9 +18,11 @@ finish (circuit-privacy flooding at the listing default), the buyer's opening of
 folded result and the output tail, compared with onnxruntime on the same rows.
 
 Outcomes: match (top-1 agreement >= 99% and max |error| <= the listing's max_error; for a
-regression, max |error| relative to the held-out targets' spread), refused (the listing
-or compiler refused it, with its message), wrong (it ran, but missed: the figures say
-by how much), crash, timeout, skipped (no torch and no cached export). The exit status is
+regression, max |error| relative to the held-out targets' spread), refused (listing it
+failed, with the message: an operator the compiler cannot evaluate, or a plan whose error
+on the calibration rows misses max_error), wrong (it was listed and ran, but missed on the
+held-out rows: the figures say by how much and whether the plan alone already did), crash,
+timeout, skipped (no torch and no cached export). The exit status is
 0 whatever the outcomes (a measurement, not a test); nonzero only on an error of the
 script itself. Progress goes to stderr.
 """
@@ -58,7 +60,6 @@ from common.guarded import worker_environment  # noqa: E402
 
 if TYPE_CHECKING:
     from seller_server.catalog import ListingSpec
-    from seller_server.compiler import Tail
 
 FloatArray = npt.NDArray[np.float64]
 Split = tuple[FloatArray, FloatArray, npt.NDArray[Any], npt.NDArray[Any]]
@@ -361,32 +362,27 @@ def _trade(kind: Kind, built: Built, rows: int, workers: int, result: Result,
     from common.he import engine
     from common.he.packing import SLOT_PER_SAMPLE, Packing
     from common.he.params import new_key_tag
-    from common.he.plan import model_scores
+    from common.he.plan import APPROXIMATING_KINDS, model_scores
     from common.onnx_io import run_model
-    from common.tail import apply_tail
-    from seller_server.catalog import input_domain
-    from seller_server.compiler import compile_model
-    from seller_server.planner import choose_params
+    from common.tail import apply_tail, predicted_labels
+    from seller_server.catalog import compile_listing, input_domain
 
     spec = _listing_defaults(built.calibration.shape[1])
     check_lockable(built.model)  # load_listing's first check
     _stage("compiling")
     start = time.perf_counter()
-    compiled = compile_model(built.model, built.calibration, degree=spec.activation_degree,
-                             error_target=spec.max_error)
-    plan = compiled.plan.with_range_check()
-    result.compile_s = time.perf_counter() - start
+    compiled, params = compile_listing(spec, built.model, built.calibration, SECURITY_BITS)
+    result.compile_s = time.perf_counter() - start  # with the planner's choice
+    plan = compiled.plan
     result.approximation = compiled.approximation
     result.calibration_error = compiled.approximation_error
-    params = choose_params(engine.levels_needed(plan), SECURITY_BITS,
-                           float(np.abs(plan.simulate(built.calibration)).max()))
     result.depth, result.ring, result.slots = (params.multiplicative_depth,
                                                params.ring_dimension, params.slots)
     result.features = plan.input_count
     save(result)
     tail = compiled.tail
     test = built.rows[:min(rows, params.slots)]
-    if any(s.kind == "chebyshev" for s in plan.stages):  # the offer declares a domain
+    if any(s.kind in APPROXIMATING_KINDS for s in plan.stages):  # offers declare a domain
         low, high = input_domain(spec, built.calibration)
         clipped = np.clip(test, np.array(low), np.array(high))
         result.clipped_values = int(np.count_nonzero(clipped != test))
@@ -439,9 +435,10 @@ def _trade(kind: Kind, built: Built, rows: int, workers: int, result: Result,
         met = result.relative_error <= spec.max_error
         missed = f"max err {result.relative_error:.2%} of the spread > {spec.max_error:.0%}"
     else:
-        expected = _labels(reference, tail)
-        result.agreement = _agreement(_labels(ours, tail), expected)
-        result.plan_agreement = _agreement(_labels(planned, tail), expected)
+        expected = predicted_labels(reference, tail.class_labels)
+        result.agreement = _agreement(predicted_labels(ours, tail.class_labels), expected)
+        result.plan_agreement = _agreement(predicted_labels(planned, tail.class_labels),
+                                           expected)
         result.accuracy = _agreement(expected, [str(v) for v in labels])
         met = result.agreement >= MIN_AGREEMENT and result.max_error <= spec.max_error
         missed = ", ".join(
@@ -456,19 +453,6 @@ def _trade(kind: Kind, built: Built, rows: int, workers: int, result: Result,
         result.detail = (f"{missed}; plan alone {result.plan_error:.2g} (calibration rows "
                          f"{compiled.approximation_error:.2g}); CKKS {computation_error:.1g}, "
                          f"flooding σ {flooding_std:.1g}{outside}")
-
-
-def _labels(outputs: FloatArray, tail: Tail) -> list[str]:
-    """Predicted labels; a binary model with one output column (e.g. LinearSVC's decision
-    score) predicts its second class above 0 (0.5 after a sigmoid). common.tail's
-    predicted_labels takes the argmax of that one column: always the first class."""
-    from common.tail import predicted_labels
-
-    names = tail.class_labels
-    if outputs.shape[1] == 1 and len(names) == 2:
-        threshold = 0.5 if tail.ops[-1:] == ("sigmoid",) else 0.0
-        return [names[int(v > threshold)] for v in outputs[:, 0]]
-    return predicted_labels(outputs, names)
 
 
 def _agreement(ours: Sequence[str], theirs: Sequence[str]) -> float:
@@ -494,6 +478,9 @@ REPLACEMENTS = (
     (re.compile(r" cannot be evaluated under encryption by this engine"), " unsupported"),
     (re.compile(r" cannot be evaluated under encryption"), " impossible under HE"),
     (re.compile(r"node '[^']*': operator "), ""),
+    (re.compile(r"the best plan's error on the calibration rows is (\S+), above the listing's "
+                r"max_error (\S+) \((.*?): degree (\d+), error.*"),
+     r"approximation error \1 > max_error \2 on the calibration rows (\3: degree \4)"),
     (re.compile(r"; it has no bounded range, use a bounded activation in the model instead"),
      " (unbounded)"),
     (re.compile(r"node '([^']*)' \(([A-Za-z]+)\)"), r"\2"),

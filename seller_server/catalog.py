@@ -68,7 +68,7 @@ from common.signing import sha256
 from common.tabular import load_table
 from common.tail import apply_tail
 from seller_server.audit import surrogate_pool
-from seller_server.compiler import Tail, compile_model
+from seller_server.compiler import CompiledModel, Tail, compile_model
 from seller_server.fingerprint import fingerprint, new_key, weights
 from seller_server.planner import choose_params
 from seller_server.store import Store
@@ -407,9 +407,12 @@ def load_listing(spec: ListingSpec, store: Store, security_bits: int, insecure_r
     )
 
 
-def _compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
-                      security_bits: int, insecure_ring: int, capacity: Capacity
-                      ) -> dict[str, Any]:
+def compile_listing(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
+                    security_bits: int, insecure_ring: int = 0
+                    ) -> tuple[CompiledModel, CkksParams]:
+    """What listing decides before anything is encrypted: the plan under the listing's
+    settings (with its range check), or Unsupported where its error on the calibration
+    rows misses max_error; and the CKKS parameters. (bench/zoo.py trades models this way.)"""
     compiled = compile_model(model_bytes, rows, degree=spec.activation_degree,
                              error_target=spec.max_error, domain=input_domain(spec, rows))
     if compiled.approximation_error > spec.max_error:
@@ -429,6 +432,13 @@ def _compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
         largest = max(largest, compiled.value_bound)
     params = choose_params(engine.levels_needed(compiled.plan), security_bits, largest,
                            insecure_ring)
+    return compiled, params
+
+
+def _compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
+                      security_bits: int, insecure_ring: int, capacity: Capacity
+                      ) -> dict[str, Any]:
+    compiled, params = compile_listing(spec, model_bytes, rows, security_bits, insecure_ring)
     test_rows = rows[: params.slots]
     decrypted, measured = _self_test(spec, params, security_bits, compiled.plan, test_rows,
                                      capacity)
