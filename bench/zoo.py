@@ -297,6 +297,7 @@ class Result:
     accuracy: float | None = None  # plaintext model vs labels (R^2 for a regression)
     approximation: str = ""
     calibration_error: float | None = None  # the compiler's, on the calibration rows
+    params: str = ""  # the CKKS parameters chosen
     depth: int = 0
     ring: int = 0
     compile_s: float = 0.0
@@ -376,6 +377,7 @@ def _trade(kind: Kind, built: Built, rows: int, workers: int, result: Result,
     plan = compiled.plan
     result.approximation = compiled.approximation
     result.calibration_error = compiled.approximation_error
+    result.params = params.describe()
     result.depth, result.ring, result.slots = (params.multiplicative_depth,
                                                params.ring_dimension, params.slots)
     result.features = plan.input_count
