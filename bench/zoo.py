@@ -345,7 +345,7 @@ def run_kind(kind: Kind, rows: int, cache: Path, torch_python: str, workers: int
     try:
         built = kind.build(cache, torch_python)
     except NoTorch as exc:
-        result.outcome, result.detail = SKIPPED, f"skipped (no torch): {exc}"
+        result.outcome, result.detail = SKIPPED, str(exc)
         return result
     except ExportFailed as exc:
         result.outcome, result.detail = CRASH, str(exc)
@@ -626,6 +626,8 @@ def _cells(r: Result) -> list[str]:
     outcome = r.outcome + ("" if r.as_expected or r.outcome == SKIPPED else " ✗")
     if r.outcome == REFUSED and r.expect == REFUSED:
         outcome = "refused (expected)"
+    elif r.outcome == SKIPPED:
+        outcome = "skipped (no torch)"
     detail = r.detail or (r.approximation if r.outcome == MATCH else "")
     return [
         r.name, r.dataset, outcome, fmt(r.agreement, ".1%") if ran else "",
@@ -719,9 +721,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                    help="directory of cached PyTorch exports")
     p.add_argument("--torch-python", default=None,
-                   help="interpreter with torch and onnxscript (default: .venv-torch next to "
-                        "the checkout or the running venv; without one, torch kinds with no "
-                        "cached export are skipped)")
+                   help="interpreter with torch and onnxscript; if not given, .venv-torch "
+                        "next to the checkout or the running venv; without one, torch kinds "
+                        "with no cached export are skipped")
     p.add_argument("--workers", type=_positive(int), default=1,
                    help="processes per evaluation")
     p.add_argument("--memory-gb", type=_positive(float), default=6.0,
