@@ -76,7 +76,7 @@ from common.signing import sha256
 from common.tabular import load_table
 from common.tail import apply_tail
 from seller_server import jobs
-from seller_server.compiler import Tail, compile_model
+from seller_server.compiler import CompiledModel, Tail, compile_model
 from seller_server.fingerprint import fingerprint, new_key, weights
 from seller_server.jobs import Measured
 from seller_server.planner import choose_params
@@ -617,11 +617,12 @@ def compile_listing(request: Json, report: ProgressFn) -> Json:
     return jobs.to_json(compile_and_test(spec, files.model, rows, job, report))
 
 
-def compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
-                     job: jobs.CompileListing, report: ProgressFn) -> jobs.CompiledListing:
-    """The compiled, self-tested record of one listing (in CompileListing's worker: the
-    self-tests run in workers of their own, under `job.limits`)."""
-    report({"stage": "compiling"})
+def plan_listing(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
+                 security_bits: int, insecure_ring: int = 0
+                 ) -> tuple[CompiledModel, CkksParams]:
+    """What listing decides before anything is encrypted: the plan under the listing's
+    settings (with its range check), or Unsupported where its error on the calibration
+    rows misses max_error; and the CKKS parameters (bench/zoo.py plans models this way)."""
     compiled = compile_model(model_bytes, rows, degree=spec.activation_degree,
                              error_target=spec.max_error, domain=input_domain(spec, rows))
     if compiled.approximation_error > spec.max_error:
@@ -643,8 +644,17 @@ def compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
     if not np.isfinite(largest):
         raise Unsupported(f"the plan's values on the calibration rows are not finite "
                           f"({largest}); check the model's constants")
-    params = choose_params(engine.levels_needed(compiled.plan), job.security_bits, largest,
-                           job.insecure_ring)
+    return compiled, choose_params(engine.levels_needed(compiled.plan), security_bits,
+                                   largest, insecure_ring)
+
+
+def compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
+                     job: jobs.CompileListing, report: ProgressFn) -> jobs.CompiledListing:
+    """The compiled, self-tested record of one listing (in CompileListing's worker: the
+    self-tests run in workers of their own, under `job.limits`)."""
+    report({"stage": "compiling"})
+    compiled, params = plan_listing(spec, model_bytes, rows, job.security_bits,
+                                    job.insecure_ring)
     test_rows = rows[: params.slots]
     decrypted, slots, packed, warnings = _self_test(spec, params, compiled.plan, test_rows,
                                                     job, report)

@@ -61,6 +61,7 @@ UnitFunction = Callable[[FloatArray], FloatArray]
 MAX_CALIBRATION_ROWS = 4096
 # relative slack on a guaranteed range, for the CKKS error on its inputs (~1e-6 relative)
 RANGE_GUARD = 1e-3
+NEGLIGIBLE = 1e-12  # relative size of a Chebyshev coefficient below which it is rounding noise
 WORST_CASE_POINTS = 257  # grid on which an approximation's worst error over its range is read
 MAX_INPUT_FEATURES = 4096
 DEGREES = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 48, 64, 96, 128, 192, 247)
@@ -515,6 +516,9 @@ class _Tracer:
             coeffs = np.polynomial.chebyshev.chebvander(nodes, degree).T @ samples
             coeffs[0] /= degree + 1
             coeffs[1:] /= (degree + 1) / 2
+            # rounding noise (e.g. an odd function's even terms) is zero: a plaintext that
+            # tiny cannot be encoded at all (OpenFHE: "Scaling factor too small")
+            coeffs[np.abs(coeffs) < NEGLIGIBLE * np.abs(coeffs).max(axis=0)] = 0.0
             error = float(np.abs(_chebyshev_values(u, coeffs) - target).max())
             if best is None or error < best[2]:
                 best = (degree, coeffs, error)

@@ -52,7 +52,7 @@ def test_a_second_daemon_on_a_busy_port_fails_and_the_first_keeps_every_client(
     try:
         with pytest.raises(RuntimeError, match=r"seller exited \(2\)[\s\S]*port in use"):
             second = Daemon(lr_catalog, tmp_path / "second", lr_seller.tls_dir,
-                            ["--listen", lr_seller.address])
+                            ["--listen", lr_seller.address], warm=False)
     finally:
         if second is not None:
             second.stop()
