@@ -22,16 +22,18 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.neural_network import MLPClassifier, MLPRegressor
-from sklearn.preprocessing import StandardScaler
 
 from common.errors import BadInput
 from common.onnx_io import run_model
 from common.tail import predicted_labels
+
+if TYPE_CHECKING:  # scikit-learn takes ~1 s to import: only audits load it (`_sklearn`)
+    from sklearn.neural_network import MLPClassifier, MLPRegressor
+    from sklearn.preprocessing import StandardScaler
 
 FloatArray = npt.NDArray[np.float64]
 POLICIES = ("full", "noisy", "rounded", "label-only")
@@ -96,8 +98,15 @@ def surrogate_pool(calibration: FloatArray, size: int, seed: int) -> FloatArray:
     return pool
 
 
+def _is_classifier(model: MLPClassifier | MLPRegressor) -> bool:
+    from sklearn.neural_network import MLPClassifier
+    return isinstance(model, MLPClassifier)
+
+
 def _fit(queries: FloatArray, answers: FloatArray, policy: str, seed: int
          ) -> tuple[StandardScaler, MLPClassifier | MLPRegressor]:
+    from sklearn.neural_network import MLPClassifier, MLPRegressor
+    from sklearn.preprocessing import StandardScaler
     """The attacker's surrogate. With soft outputs it fits both a classifier on the labels
     and a regressor on the log-probabilities, and keeps whichever agrees better with the
     victim on a fifth of its own queries held out (it loses nothing over label-only)."""
@@ -117,21 +126,21 @@ def _fit(queries: FloatArray, answers: FloatArray, policy: str, seed: int
     scores = []
     for candidate in candidates:
         if held.any() and (~held).sum() >= 2 and len(np.unique(labels[~held])) > 1:
-            candidate.fit(x[~held], labels[~held] if isinstance(candidate, MLPClassifier)
+            candidate.fit(x[~held], labels[~held] if _is_classifier(candidate)
                           else targets[~held])
             scores.append(float(np.mean(_predict((scaler, candidate), queries[held],
                                                  answers.shape[1]) == labels[held])))
         else:
             scores.append(0.0)
     best = candidates[int(np.argmax(scores))]
-    return scaler, best.fit(x, labels if isinstance(best, MLPClassifier) else targets)
+    return scaler, best.fit(x, labels if _is_classifier(best) else targets)
 
 
 def _predict(fitted: tuple[StandardScaler, MLPClassifier | MLPRegressor], rows: FloatArray,
              classes: int) -> npt.NDArray[np.int64]:
     scaler, model = fitted
     x = scaler.transform(rows)
-    if isinstance(model, MLPClassifier):
+    if _is_classifier(model):
         return np.asarray(model.predict(x), dtype=np.int64)
     return np.asarray(model.predict(x).reshape(len(rows), classes).argmax(1), dtype=np.int64)
 
@@ -140,7 +149,7 @@ def _margin(fitted: tuple[StandardScaler, MLPClassifier | MLPRegressor], rows: F
             ) -> FloatArray:
     scaler, model = fitted
     x = scaler.transform(rows)
-    scores = model.predict_proba(x) if isinstance(model, MLPClassifier) else model.predict(x)
+    scores = model.predict_proba(x) if _is_classifier(model) else model.predict(x)
     scores = np.asarray(scores, dtype=np.float64).reshape(len(rows), -1)
     top = np.sort(scores, axis=1)
     result: FloatArray = top[:, -1] - top[:, -2] if top.shape[1] > 1 else np.abs(top[:, 0])
@@ -182,6 +191,7 @@ def run_audit(model_id: str, victim: Victim, calibration: FloatArray, eval_rows:
     truth = np.array([names.index(label) if label in names else -1 for label in eval_labels])
     points = []
     with warnings.catch_warnings():
+        from sklearn.exceptions import ConvergenceWarning
         warnings.simplefilter("ignore", ConvergenceWarning)
         for pol in POLICIES:
             for strategy in STRATEGIES:
