@@ -60,6 +60,16 @@ def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 _COMPILED: dict[str, bytes] = {}
 
 
+def seed_compiled(state: Path) -> None:
+    """A new seller state directory holding the listings compiled so far (see above)."""
+    if _COMPILED and not (state / "gimme.sqlite").exists():
+        state.mkdir(parents=True, exist_ok=True)
+        store = Store(state / "gimme.sqlite")
+        for key, payload in _COMPILED.items():
+            store.save_compiled(key, payload)
+        store.close()
+
+
 class Daemon:
     """`gimme-seller serve` in its own process, exactly as a user runs it."""
 
@@ -67,12 +77,8 @@ class Daemon:
                  extra: list[str] | None = None, *, warm: bool = True) -> None:
         self.catalog = catalog
         self.state = state
-        if warm and _COMPILED and not (state / "gimme.sqlite").exists():
-            state.mkdir(parents=True, exist_ok=True)
-            store = Store(state / "gimme.sqlite")
-            for key, payload in _COMPILED.items():
-                store.save_compiled(key, payload)
-            store.close()
+        if warm:
+            seed_compiled(state)
         self.tls_dir = tls_dir
         self.log_path = state.parent / f"{state.name}.log"
         port_file = state.parent / f"{state.name}.port"

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from common.certs import create_certificates
+from tests.conftest import seed_compiled
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +43,7 @@ def test_compose_services_trade_on_loopback(examples: Path, tmp_path: Path) -> N
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     env = {**os.environ, "PATH": path}
     seller_cmd = [*local(services["seller"]["command"]), "--port-file", str(port_file)]
+    seed_compiled(Path(seller_cmd[seller_cmd.index("--state") + 1]))
     seller = subprocess.Popen(seller_cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
