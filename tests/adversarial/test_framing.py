@@ -1,8 +1,9 @@
 """Finding 8: step 9 cannot frame an honest seller, and cannot excuse a dishonest one.
 
-Unusual rows inside the signed input box (inverted digits: 16 - pixel) used to push
-digits-mlp's pre-activations outside the ranges its Chebyshev approximations were fitted
-on, where the buyer could blame the seller for the approximation's failure. The ranges are
+Unusual rows inside the signed input box (inverted digits on digits-mlp; here, on the
+smallest approximated model, the corners of the box) used to push pre-activations outside
+the ranges the Chebyshev approximations were fitted on, where the buyer could blame the
+seller for the approximation's failure. The ranges are
 now guaranteed on the whole box (seller_server.compiler), so such rows stay inside them:
 the trial names none, and after payment `verify` and `gimme-arbiter` find the committed
 plan computed faithfully and the model within the tolerance. A seller that evaluates
@@ -11,11 +12,9 @@ another plan is at fault. A buyer may cap the tolerance it accepts.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import re
-import shutil
 import sqlite3
 import zipfile
 from collections.abc import Iterator
@@ -27,24 +26,29 @@ import pytest
 from common.evidence import ROWS
 from common.he.plan import HEPlan, OutputStage, as_weights
 from common.protocol import EncodingSpec
+from common.tabular import load_table, write_csv
 from common.wire import envelope_from_json, key_release_from_payload
-from seller_server.catalog import Listing
+from seller_server.catalog import Listing, input_domain, read_listing
 from seller_server.jobs import TrialSetup
 from seller_server.store import TrialRow
 from seller_server.trade import Seller
+from tests import onnx_graphs as g
 from tests.conftest import Daemon, buyer_cli, top_up
 from tests.test_arbiter import _arbiter, _in_process, _seller_key
 
-MLP = "digits-mlp"
+MLP = "tanh-mlp"  # the smallest approximated model: a 6-5-3 tanh MLP
+COLUMNS = [f"x{i}" for i in range(6)]
 ROWS_TESTED = 200
 
 
 @pytest.fixture(scope="module")
-def mlp_seller(examples: Path, tls_dir: Path, tmp_path_factory: pytest.TempPathFactory
-               ) -> Iterator[Daemon]:
+def mlp_seller(tls_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     catalog = tmp_path_factory.mktemp("mlp-catalog")
-    for path in (examples / "catalog").glob("digits_mlp*"):
-        shutil.copy(path, catalog)
+    (catalog / "tanh_mlp.onnx").write_bytes(g.mlp("Tanh"))
+    write_csv(catalog / "tanh_mlp_calibration.csv", COLUMNS, g.calibration())
+    (catalog / "tanh_mlp.json").write_text(json.dumps({
+        "name": MLP, "model": "tanh_mlp.onnx", "calibration": "tanh_mlp_calibration.csv",
+        "input_columns": COLUMNS, "price": "10.00", "trial_budget_rows": 100_000}))
     daemon = Daemon(catalog, tmp_path_factory.mktemp("mlp-seller") / "state", tls_dir)
     daemon.wait_serving()
     top_up(daemon, "alice", "100")
@@ -52,16 +56,14 @@ def mlp_seller(examples: Path, tls_dir: Path, tmp_path_factory: pytest.TempPathF
     daemon.stop()
 
 
-def _inverted(examples: Path, out: Path, keep: int = ROWS_TESTED) -> Path:
-    """Test digits as 16 - pixel: every value stays inside the signed 0..16 box."""
-    with (examples / "data" / "digits_mlp_test.csv").open() as source:
-        table = list(csv.reader(source))
-    header, label = table[0], table[0].index("y")
-    with out.open("w", newline="") as target:
-        writer = csv.writer(target)
-        writer.writerow(header)
-        for row in table[1:keep + 1]:
-            writer.writerow([v if i == label else f"{16 - float(v):g}" for i, v in enumerate(row)])
+def _corners(daemon: Daemon, out: Path, count: int = ROWS_TESTED) -> Path:
+    """Rows at the corners of the offer's input box: inside what the buyer may send, far
+    from the seller's uniform calibration rows (the pre-activations they reach left the
+    ranges calibrated on those rows by 1.5x)."""
+    spec = read_listing(daemon.catalog / "tanh_mlp.json")
+    low, high = input_domain(spec, load_table(spec.calibration_path, COLUMNS).rows)
+    signs = np.random.default_rng(3).random((count, len(COLUMNS))) < 0.5
+    write_csv(out, COLUMNS, np.where(signs, low, high), "y", ["0"] * count)
     return out
 
 
@@ -76,10 +78,10 @@ def _disclosed_plan(folder: Path) -> HEPlan:
 
 
 def test_unusual_rows_inside_the_box_stay_in_the_ranges_and_cannot_frame_the_seller(
-        mlp_seller: Daemon, examples: Path, tmp_path: Path) -> None:
+        mlp_seller: Daemon, tmp_path: Path) -> None:
     home = tmp_path / "home"
     trial = buyer_cli(mlp_seller, home, "alice", "trial", MLP, "--data",
-                      str(_inverted(examples, tmp_path / "inverted.csv")), "--label-column",
+                      str(_corners(mlp_seller, tmp_path / "corners.csv")), "--label-column",
                       "y", "--packing", "slot-per-sample")
     assert trial.returncode == 0, trial.stdout + trial.stderr
     said = " ".join(trial.stdout.split())
@@ -91,8 +93,8 @@ def test_unusual_rows_inside_the_box_stay_in_the_ranges_and_cannot_frame_the_sel
     folder = _only_trial(home)
     plan = _disclosed_plan(folder)
     with np.load(folder / ROWS) as data:
-        # the guarantee, on the disclosed plan: inverted digits are far from the seller's
-        # rows (they left the calibrated ranges by up to 3x) yet inside every fitted range
+        # the guarantee, on the disclosed plan: corner rows are far from the seller's rows
+        # yet inside every fitted range
         assert plan.range_excess(data["X"]).max() <= 1.0
 
     verified = buyer_cli(mlp_seller, home, "alice", "verify", MLP)
@@ -121,7 +123,7 @@ class _OtherPlanSeller(Seller):
 
 
 def test_a_seller_computing_another_plan_is_at_fault_on_unusual_rows(
-        mlp_seller: Daemon, examples: Path, tls_dir: Path, tmp_path: Path) -> None:
+        mlp_seller: Daemon, tls_dir: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
     # the honest daemon's compiled catalog, so the in-process seller need not compile again
@@ -132,7 +134,7 @@ def test_a_seller_computing_another_plan_is_at_fault_on_unusual_rows(
             endpoint, seller):
         home = tmp_path / "home"
         trial = buyer_cli(endpoint, home, "dave", "trial", MLP, "--data",
-                          str(_inverted(examples, tmp_path / "few.csv", 40)), "--label-column",
+                          str(_corners(mlp_seller, tmp_path / "few.csv", 40)), "--label-column",
                           "y", "--packing", "slot-per-sample")
         assert trial.returncode == 0, trial.stdout + trial.stderr
         bought = buyer_cli(endpoint, home, "dave", "buy", MLP)
@@ -155,10 +157,10 @@ def test_a_seller_computing_another_plan_is_at_fault_on_unusual_rows(
 
 
 def test_a_tolerance_above_the_buyers_cap_is_refused_before_anything_is_sent(
-        mlp_seller: Daemon, examples: Path, tmp_path: Path) -> None:
+        mlp_seller: Daemon, tmp_path: Path) -> None:
     home = tmp_path / "home"
     trial = buyer_cli(mlp_seller, home, "alice", "trial", MLP, "--data",
-                      str(examples / "data" / "digits_mlp_test.csv"), "--label-column", "y",
+                      str(_corners(mlp_seller, tmp_path / "rows.csv", 20)), "--label-column", "y",
                       "--rows", "20", "--max-tolerance", "0.001")
     said = " ".join(trial.stdout.split())
     assert trial.returncode != 0, said
