@@ -152,6 +152,7 @@ def test_seller_trains_splits_and_the_buyer_runs_a_bident_model(tmp_path: Path) 
     assert predicted == list(expected)
 
 
+@pytest.mark.slow  # 2 minutes: digits-bident is depth 8 at N=16384
 def test_a_buyer_tries_a_bident_model_encrypted(tls_dir: Path, tmp_path: Path) -> None:
     """The whole bident graph (both branches, the product merge) under 128-bit CKKS through
     the daemon: the buyer tests what it will run split."""

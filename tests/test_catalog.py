@@ -162,6 +162,7 @@ def test_bad_listing_files(lr_catalog: Path, tmp_path: Path, change: dict[str, o
         read_listing(path)
 
 
+@pytest.mark.slow  # test_compose and scripts/demo.sh trade the same example end to end
 def test_digits_mlp_trade_end_to_end(examples: Path, tls_dir: Path, tmp_path: Path) -> None:
     catalog = tmp_path / "catalog"
     catalog.mkdir()

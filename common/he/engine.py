@@ -52,6 +52,8 @@ TEMPLATE_SAMPLES = 4
 KEY_TEMPLATE_SAMPLES = 5
 
 
+MIN_NOISE_STD = 1e-9  # per-slot flooding noise below this is not added (see finish)
+
 def build_context(params: CkksParams, security_bits: int) -> Context:
     """A context for `params`; OpenFHE raises if the ring is too small for `security_bits`."""
     params.check_shape()
@@ -328,7 +330,10 @@ def finish(cc: Context, scores: Sequence[Ciphertext], masks: Sequence[npt.NDArra
         masked = cc.Rescale(cc.EvalMult(ct, cc.MakeCKKSPackedPlaintext(
             mask.tolist(), 1, ct.GetLevel())))
         if public_key is not None:
-            noise = rng.normal(0.0, per_slot_std, slots) if per_slot_std > 0 else np.zeros(1)
+            # OpenFHE cannot encode noise below ~1e-10 ("Scaling factor too small"); that
+            # is under CKKS's own rounding, and the fresh encryption still re-randomizes
+            noise = (rng.normal(0.0, per_slot_std, slots) if per_slot_std > MIN_NOISE_STD
+                     else np.zeros(1))
             fresh = cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(noise.tolist()))
             masked = cc.EvalAdd(masked, cc.LevelReduce(fresh, None, masked.GetLevel()))
         blob = bytearray(ciphertext_bytes(masked))
