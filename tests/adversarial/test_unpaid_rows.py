@@ -260,9 +260,10 @@ def test_rows_hidden_in_imaginary_parts_read_nothing(seller: Daemon, model_id: s
 
 
 @pytest.mark.parametrize("model_id", [LR, pytest.param(TANH, marks=pytest.mark.xfail(
-    strict=True, reason="known bug: since the guaranteed ranges, the tanh MLP's feature-packed "
-    "self-test fails inside OpenFHE ('Scaling factor too small') and only slot-per-sample is "
-    "offered; the unpaid-row fold is checked for it slot-per-sample above"))])
+    strict=False, reason="known bug, depends on the drawn weights: since the guaranteed "
+    "ranges, some tanh MLPs' feature-packed self-test fails inside OpenFHE ('Scaling factor "
+    "too small') and only slot-per-sample is offered; the unpaid-row fold is checked for "
+    "it slot-per-sample above"))])
 def test_feature_packed_batches_pay_for_every_row_they_can_carry(seller: Daemon,
                                                                  model_id: str) -> None:
     buyer = Attacker(seller, model_id, FEATURE_PACKED)
