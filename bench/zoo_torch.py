@@ -13,11 +13,15 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from examples.torch_training import fit
 
 EPOCHS = {"digits": 60, "breast_cancer": 200}
 
@@ -93,18 +97,7 @@ def train(kind: str, x_train: npt.NDArray[np.float64], y_train: npt.NDArray[np.i
     model = Prepared(body(), shift, scale, shape)
     xs = torch.tensor(x_train, dtype=torch.float32)
     ys = torch.tensor(y_train, dtype=torch.long)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    for _epoch in range(EPOCHS[dataset]):
-        model.train()
-        order = torch.randperm(len(xs))
-        for start in range(0, len(xs), 64):
-            batch = order[start:start + 64]
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(xs[batch]), ys[batch])
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-    model.eval()
+    fit(model, xs, ys, EPOCHS[dataset])
     with torch.no_grad():
         accuracy = float((model(xs).argmax(1) == ys).float().mean())
     print(f"{kind}: training accuracy {accuracy:.4f}", file=sys.stderr)

@@ -23,6 +23,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from examples.datasets import digits
+from examples.torch_training import fit
 
 OUT = Path(__file__).resolve().parent / "models"
 
@@ -63,18 +64,7 @@ def train(name: str, body: nn.Module, side: int, shape: tuple[int, ...], epochs:
     model = Scaled(body, shape)
     xs = torch.tensor(x_train, dtype=torch.float32)
     ys = torch.tensor(y_train)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    for _epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(xs))
-        for start in range(0, len(xs), 64):
-            batch = order[start:start + 64]
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(xs[batch]), ys[batch])
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-    model.eval()
+    fit(model, xs, ys, epochs)
     with torch.no_grad():
         predicted = model(torch.tensor(x_test, dtype=torch.float32)).argmax(1).numpy()
     print(f"{name}: test accuracy {np.mean(predicted == y_test):.4f}")
