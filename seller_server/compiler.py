@@ -516,8 +516,8 @@ class _Tracer:
             coeffs = np.polynomial.chebyshev.chebvander(nodes, degree).T @ samples
             coeffs[0] /= degree + 1
             coeffs[1:] /= (degree + 1) / 2
-            # rounding noise (e.g. an odd function's even terms) is zero: a plaintext that
-            # tiny cannot be encoded at all (OpenFHE: "Scaling factor too small")
+            # rounding noise (e.g. an odd function's even terms) is zero: below CKKS's
+            # resolution, it would only cost a series term or a packed plaintext
             coeffs[np.abs(coeffs) < NEGLIGIBLE * np.abs(coeffs).max(axis=0)] = 0.0
             error = float(np.abs(_chebyshev_values(u, coeffs) - target).max())
             if best is None or error < best[2]:

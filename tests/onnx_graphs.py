@@ -12,8 +12,9 @@ from common.tabular import FloatArray
 RNG = np.random.default_rng(7)
 
 
-def weights(rows: int, cols: int, scale: float = 0.5) -> FloatArray:
-    return (RNG.standard_normal((rows, cols)) * scale).astype(np.float32)
+def weights(rows: int, cols: int, scale: float = 0.5, rng: np.random.Generator = RNG
+            ) -> FloatArray:
+    return (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
 
 
 def build(nodes: list[onnx.NodeProto], features: int, outputs: dict[str, int],
@@ -31,7 +32,8 @@ def build(nodes: list[onnx.NodeProto], features: int, outputs: dict[str, int],
     return model.SerializeToString()
 
 
-def mlp(activation: str, features: int = 6, hidden: int = 5, classes: int = 3) -> bytes:
+def mlp(activation: str, features: int = 6, hidden: int = 5, classes: int = 3,
+        rng: np.random.Generator = RNG) -> bytes:
     """Gemm -> activation -> Gemm -> Softmax; activation 'square' is Mul(h, h)."""
     act = (helper.make_node("Mul", ["h", "h"], ["a"], name="square1")
            if activation == "square" else
@@ -42,12 +44,13 @@ def mlp(activation: str, features: int = 6, hidden: int = 5, classes: int = 3) -
          helper.make_node("Gemm", ["a", "w2", "b2"], ["logits"], name="dense2", transB=1),
          helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1)],
         features, {"probabilities": classes},
-        {"w1": weights(features, hidden), "b1": weights(1, hidden)[0],
-         "w2": weights(classes, hidden), "b2": weights(1, classes)[0]})
+        {"w1": weights(features, hidden, rng=rng), "b1": weights(1, hidden, rng=rng)[0],
+         "w2": weights(classes, hidden, rng=rng), "b2": weights(1, classes, rng=rng)[0]})
 
 
-def calibration(features: int = 6, rows: int = 400) -> FloatArray:
-    return RNG.uniform(-1.5, 1.5, (rows, features))
+def calibration(features: int = 6, rows: int = 400, rng: np.random.Generator = RNG
+                ) -> FloatArray:
+    return rng.uniform(-1.5, 1.5, (rows, features))
 
 
 MERGES = ("concat", "mul", "max", "avg")

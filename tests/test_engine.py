@@ -169,6 +169,24 @@ def test_template_accepts_honest_and_rejects_tampered_ciphertexts(
         deeper.check(honest, "ciphertext 0")
 
 
+def test_values_below_the_scale_resolution_encode_as_zero(
+        small_context: tuple[object, str, object, object]) -> None:
+    """OpenFHE refuses to encode a vector whose every coefficient is below the scale's
+    resolution (a rounding-left bias of 6e-17, a buyer's near-zero row): the engine
+    encodes it as zero, what those coefficients round to."""
+    cc, _tag, secret, public = small_context
+    slots = cc.GetRingDimension() // 2
+    tiny = np.zeros(slots)
+    tiny[3] = 6e-17
+    with pytest.raises(RuntimeError, match="Scaling factor too small"):
+        cc.MakeCKKSPackedPlaintext(tiny.tolist(), 1, 0)
+    ct = engine.encrypt_vector(cc, public, tiny)
+    assert np.abs(engine.decrypt_vector(cc, secret, ct, slots)).max() < 1e-4  # CKKS noise
+    other = engine.encrypt_vector(cc, public, np.full(slots, 0.25))
+    product = cc.Rescale(cc.EvalMult(other, engine.encode(cc, tiny, other.GetLevel())))
+    assert np.abs(engine.decrypt_vector(cc, secret, product, slots)).max() < 1e-4
+
+
 def test_relin_key_template(small_context: tuple[object, str, object, object]) -> None:
     cc, tag, _secret, _public = small_context
     key = engine.serialize_relin_key(tag)

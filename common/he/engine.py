@@ -52,7 +52,6 @@ TEMPLATE_SAMPLES = 4
 KEY_TEMPLATE_SAMPLES = 5
 
 
-MIN_NOISE_STD = 1e-9  # per-slot flooding noise below this is not added (see finish)
 
 def build_context(params: CkksParams, security_bits: int) -> Context:
     """A context for `params`; OpenFHE raises if the ring is too small for `security_bits`."""
@@ -281,7 +280,20 @@ def encrypt_vector(cc: Context, public_key: Any, values: npt.NDArray[np.float64]
     slot's polynomial blowing past the modulus garbles every slot."""
     slots = cc.GetRingDimension() // 2
     filled = np.resize(np.asarray(values, dtype=np.float64), slots)
-    return cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(filled.tolist()))
+    return cc.Encrypt(public_key, encode(cc, filled))
+
+
+def encode(cc: Context, values: npt.NDArray[np.float64], level: int = 0) -> Any:
+    """`values` as a CKKS plaintext at `level` (noise degree 1). OpenFHE refuses a vector
+    whose every coefficient is below the scale's resolution ("Scaling factor too small":
+    e.g. a bias of 6e-17 left by rounding, or flooding noise of 1e-11); encoded, each of
+    those coefficients would round to zero, so such a vector is encoded as zeros."""
+    try:
+        return cc.MakeCKKSPackedPlaintext(values.tolist(), 1, level)
+    except RuntimeError as exc:
+        if "Scaling factor too small" not in str(exc):
+            raise
+        return cc.MakeCKKSPackedPlaintext([0.0], 1, level)
 
 
 def decrypt_vector(cc: Context, secret_key: Any, ct: Ciphertext, length: int) -> list[float]:
@@ -327,14 +339,9 @@ def finish(cc: Context, scores: Sequence[Ciphertext], masks: Sequence[npt.NDArra
     per_slot_std = noise_std / math.sqrt(slots // fold_period)
     finished = []
     for ct, mask in zip(scores, masks, strict=True):
-        masked = cc.Rescale(cc.EvalMult(ct, cc.MakeCKKSPackedPlaintext(
-            mask.tolist(), 1, ct.GetLevel())))
+        masked = cc.Rescale(cc.EvalMult(ct, encode(cc, mask, ct.GetLevel())))
         if public_key is not None:
-            # OpenFHE cannot encode noise below ~1e-10 ("Scaling factor too small"); that
-            # is under CKKS's own rounding, and the fresh encryption still re-randomizes
-            noise = (rng.normal(0.0, per_slot_std, slots) if per_slot_std > MIN_NOISE_STD
-                     else np.zeros(1))
-            fresh = cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(noise.tolist()))
+            fresh = cc.Encrypt(public_key, encode(cc, rng.normal(0.0, per_slot_std, slots)))
             masked = cc.EvalAdd(masked, cc.LevelReduce(fresh, None, masked.GetLevel()))
         blob = bytearray(ciphertext_bytes(masked))
         rns.fold_first_element(blob, _layout(cc, blob),
@@ -678,7 +685,7 @@ class PackedEvaluator:
     def _plain(self, key: tuple[int, ...], values: npt.NDArray[np.float64], level: int) -> Any:
         if key in self.plaintexts:
             return self.plaintexts[key]
-        plain = self.cc.MakeCKKSPackedPlaintext(self.layout.spread(values).tolist(), 1, level)
+        plain = encode(self.cc, self.layout.spread(values), level)
         if self.cache:
             self.plaintexts[key] = plain
         return plain

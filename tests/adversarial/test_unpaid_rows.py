@@ -43,8 +43,12 @@ def seller(lr_catalog: Path, tls_dir: Path, tmp_path_factory: pytest.TempPathFac
     for path in lr_catalog.iterdir():
         shutil.copy(path, catalog)
     columns = [f"x{i}" for i in range(6)]
-    (catalog / "tanh_mlp.onnx").write_bytes(g.mlp("Tanh"))
-    write_csv(catalog / "tanh_mlp_calibration.csv", columns, g.calibration())
+    # these weights' symmetric ranges leave a bias of 6e-17 in the packed plan, which
+    # OpenFHE refuses to encode ("Scaling factor too small"; engine.encode makes it zero):
+    # before that, this listing was not offered feature-packed
+    rng = np.random.default_rng(0)
+    (catalog / "tanh_mlp.onnx").write_bytes(g.mlp("Tanh", rng=rng))
+    write_csv(catalog / "tanh_mlp_calibration.csv", columns, g.calibration(rng=rng))
     (catalog / "tanh_mlp.json").write_text(json.dumps({
         "name": TANH, "description": "a small tanh MLP", "model": "tanh_mlp.onnx",
         "calibration": "tanh_mlp_calibration.csv", "input_columns": columns,
@@ -251,19 +255,19 @@ def test_rows_hidden_in_imaginary_parts_read_nothing(seller: Daemon, model_id: s
     assert _best_recovery(plain + folded, truth, hidden_slots, "imaginary") < 0.3
     for reading in folded:
         assert np.abs(reading.imag).max() < 1e-6 * max(1.0, np.abs(reading.real).max())
-    # and the honest rows still come back right (the fold halves the conjugate pair)
-    # (against the listed model: the buyer's copy is fingerprinted, a few % off; an
-    # approximated plan's last output is its range check, which this plan lacks)
+    # and the honest rows still come back right (the fold halves the conjugate pair):
+    # against the listed model, as the buyer's fingerprinted copy is a few % off it, so
+    # each score is the listed one up to a small change of scale (a missed or doubled
+    # halving would be a factor of 2); an approximated plan's last output is its range
+    # check, which this plan lacks
     expected = plan.simulate(honest)
     honest_scores = np.array([r.real[:paid] / 2 for r in folded[:expected.shape[1]]]).T
-    assert (np.abs(honest_scores - expected) < 0.1 * (1 + np.abs(expected))).all()
+    for got, want in zip(honest_scores.T, expected.T, strict=True):
+        slope, _intercept = np.polyfit(want, got, 1)
+        assert 0.8 < slope < 1.25 and np.corrcoef(want, got)[0, 1] > 0.98
 
 
-@pytest.mark.parametrize("model_id", [LR, pytest.param(TANH, marks=pytest.mark.xfail(
-    strict=False, reason="known bug, depends on the drawn weights: since the guaranteed "
-    "ranges, some tanh MLPs' feature-packed self-test fails inside OpenFHE ('Scaling factor "
-    "too small') and only slot-per-sample is offered; the unpaid-row fold is checked for "
-    "it slot-per-sample above"))])
+@pytest.mark.parametrize("model_id", [LR, TANH])
 def test_feature_packed_batches_pay_for_every_row_they_can_carry(seller: Daemon,
                                                                  model_id: str) -> None:
     buyer = Attacker(seller, model_id, FEATURE_PACKED)
