@@ -174,7 +174,8 @@ def test_values_below_the_scale_resolution_encode_as_zero(
     """OpenFHE refuses to encode a vector whose every coefficient is below the scale's
     resolution (a rounding-left bias of 6e-17, a buyer's near-zero row): the engine
     encodes it as zero, what those coefficients round to."""
-    cc, _tag, secret, public = small_context
+    _cc, _tag, secret, public = small_context
+    cc: Any = _cc
     slots = cc.GetRingDimension() // 2
     tiny = np.zeros(slots)
     tiny[3] = 6e-17
