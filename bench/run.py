@@ -137,7 +137,7 @@ def bench_model(name: str, workers: int, with_tenseal: bool, console: Console) -
     layout = Packing(SLOT_PER_SAMPLE, cc.GetRingDimension() // 2)
     encrypt_s, inputs_bytes = _timed(lambda: [
         engine.ciphertext_bytes(engine.encrypt_vector(cc, public, vector))
-        for vector in layout.encode(rows)])
+        for vector in layout.encode(plan.encoded(rows))])
 
     # seller: check, load, evaluate, serialize (as the worker does)
     compute: list[float] = []
@@ -200,8 +200,8 @@ def _single_sample(cc: Any, secret: Any, public: Any, plan: HEPlan, rows: FloatA
     packed = pack_plan(plan)
     slots = cc.GetRingDimension() // 2
     keys = engine.generate_rotation_keys(cc, secret, packed.rotation_indices(slots))
-    sample = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(
-        packed.layout(slots).encode(rows[:1])[0].tolist()))
+    [vector] = packed.layout(slots).encode(plan.encoded(rows[:1]))
+    sample = engine.encrypt_vector(cc, public, vector)
     evaluator = engine.PackedEvaluator(cc, packed)
     evaluator.evaluate(sample)  # encodes the weights' plaintexts once, as at model load
     latency, scores = _timed(lambda: evaluator.evaluate(sample))
@@ -232,7 +232,7 @@ def tenseal_best(plan: HEPlan, rows: FloatArray, ring: int) -> tuple[float, str]
         break
     if ctx is None:
         raise SystemExit(f"TenSEAL has no 128-bit parameters for depth {depth} at N={ring}")
-    columns = [ts.ckks_vector(ctx, column.tolist()) for column in rows.T]
+    columns = [ts.ckks_vector(ctx, column.tolist()) for column in plan.encoded(rows).T]
     start = time.perf_counter()
     basis = list(columns)
     for stage in plan.stages:

@@ -401,7 +401,7 @@ def _trade(kind: Kind, built: Built, rows: int, workers: int, result: Result,
     secret, public = engine.generate_keys(cc, tag)
     result.relin_key_bytes = len(engine.serialize_relin_key(tag))
     layout = Packing(SLOT_PER_SAMPLE, params.slots)
-    inputs = [engine.encrypt_vector(cc, public, v) for v in layout.encode(test)]
+    inputs = [engine.encrypt_vector(cc, public, v) for v in layout.encode(plan.encoded(test))]
     result.ciphertext_bytes = len(engine.ciphertext_bytes(inputs[0]))
     save(result)
     _stage("evaluating")

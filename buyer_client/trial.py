@@ -168,7 +168,7 @@ def _trial(client: SellerClient, workspace: Workspace, console: Console,
             if folder.has(input_name(index, count - 1)):
                 return [folder.read(input_name(index, j)) for j in range(count)]
             tick = time.perf_counter()
-            vectors = layout.encode(batches[index])
+            vectors = layout.encode(offer.encoding.encoded(batches[index]))
             bar = bars.count(f"encrypt batch {index + 1}/{len(batches)}", len(vectors))
             blobs = []
             for vector in vectors:

@@ -179,16 +179,17 @@ def _decrypted(bundle: Bundle, offer: Offer, receipts: list[Receipt], checks: _C
                 checks.require(Check("ciphertexts decrypt with the revealed key", False,
                                      f"batch {b}: {exc.message}"),
                                "the bundle's ciphertexts or secret key are unusable")
-    decrypted_rows, decrypted_scores = np.concatenate(inputs), np.concatenate(results)
-    checks.require(_same("decrypted inputs are the buyer's rows", decrypted_rows,
-                         load_rows(bundle)[0], DECRYPTION_TOLERANCE),
+    decrypted_inputs, decrypted_scores = np.concatenate(inputs), np.concatenate(results)
+    # compared as encrypted: each column on the offer's input encoding's common scale
+    checks.require(_same("decrypted inputs are the buyer's rows", decrypted_inputs,
+                         offer.encoding.encoded(load_rows(bundle)[0]), DECRYPTION_TOLERANCE),
                    f"{SECRET_KEY} and the uploaded ciphertexts do not give the rows in "
                    f"rows.npz")
     # OpenFHE adds fresh noise at every CKKS decode, so two decryptions differ slightly
     checks.require(_same("decrypted results are the buyer's scores", decrypted_scores,
                          load_scores(bundle), DECRYPTION_TOLERANCE),
                    "the buyer's scores.npy is not what the seller's results decrypt to")
-    return decrypted_rows, decrypted_scores
+    return offer.encoding.decoded(decrypted_inputs), decrypted_scores
 
 
 def _extract(bundle: Bundle, folder: str, names: list[str]) -> list[str]:

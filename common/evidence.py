@@ -268,6 +268,11 @@ def _check_plan(source: EvidenceSource, offer: Offer, rows: FloatArray, scores: 
             raise Refused(f"the committed plan takes {plan.input_count} columns to "
                           f"{plan.score_count} results (range check: {plan.range_check}), "
                           f"not what the offer says")
+        encoding = tuple(() if v is None else tuple(v.tolist())
+                         for v in (plan.input_offset, plan.input_scale))
+        if encoding != (offer.encoding.input_offset, offer.encoding.input_scale):
+            raise Refused("the committed plan encodes its input columns otherwise than the "
+                          "offer told the buyer to encrypt them")
     except GimmeError as exc:
         return [Check(name, False, exc.message)], exc.message, everywhere
     planned = plan.simulate(rows)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from common.he.packing import SLOT_PER_SAMPLE, Packing
 from common.he.params import CkksParams
+from common.he.plan import FloatArray
 
 OFFER = "gimme.v1.Offer"
 RECEIPT = "gimme.v1.Receipt"
@@ -36,9 +39,27 @@ class EncodingSpec:
     packing: str = SLOT_PER_SAMPLE
     period: int = 1  # feature-packed: entries per row vector
     rotation_indices: tuple[int, ...] = ()  # feature-packed: rotation keys the buyer uploads
+    # what is encrypted of column j: (x_j - input_offset[j]) * input_scale[j] (the plan's
+    # input encoding, common.he.plan; empty: x_j itself)
+    input_offset: tuple[float, ...] = ()
+    input_scale: tuple[float, ...] = ()
 
     def layout(self) -> Packing:
         return Packing(self.packing, self.rows_per_ciphertext, self.period)
+
+    def encoded(self, rows: FloatArray) -> FloatArray:
+        """What the buyer encrypts of its (clipped) rows."""
+        if not self.input_offset:
+            return rows
+        encoded: FloatArray = (rows - np.array(self.input_offset)) * np.array(self.input_scale)
+        return encoded
+
+    def decoded(self, values: FloatArray) -> FloatArray:
+        """The rows that `encoded` turned into `values` (e.g. decrypted inputs)."""
+        if not self.input_offset:
+            return values
+        rows: FloatArray = values / np.array(self.input_scale) + np.array(self.input_offset)
+        return rows
 
 
 @dataclass(frozen=True)

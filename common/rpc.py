@@ -30,7 +30,11 @@ _OPTIONS = [
 ]
 # A second server on a busy port must fail to bind, not silently share it (Linux's
 # SO_REUSEPORT, on by default in gRPC, splits connections between the two daemons).
-_SERVER_OPTIONS = [*_OPTIONS, ("grpc.so_reuseport", 0)]
+# Clients ping every 30 s while a call is silent (an evaluation between progress messages);
+# a server counts pings closer than this as strikes (default 5 min) and, after two, drops
+# every call of the connection with GOAWAY "too_many_pings" (seen when a worker stalled).
+_SERVER_OPTIONS = [*_OPTIONS, ("grpc.so_reuseport", 0),
+                   ("grpc.http2.min_ping_interval_without_data_ms", 20_000)]
 
 
 @dataclass(frozen=True)

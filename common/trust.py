@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from common.deeplock import KEY_BYTES, check_sealed
 from common.errors import BadInput, Refused
 from common.he import engine
@@ -64,6 +66,10 @@ def _check_offer_shape(offer: Offer) -> None:
     problems += _packing_problems(offer)
     if not offer.encoding.input_columns:
         problems.append("no input columns")
+    offset, scale = np.array(offer.encoding.input_offset), np.array(offer.encoding.input_scale)
+    if not (np.all(np.isfinite(offset)) and np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        problems.append("an input encoding that is not a finite offset and a positive scale "
+                        "per column")
     if not 0 < offer.output.score_count <= MAX_SCORES:
         problems.append(f"{offer.output.score_count} result ciphertexts")
     if not 0 < offer.output.result_level <= offer.params.multiplicative_depth:

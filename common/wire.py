@@ -113,6 +113,8 @@ def offer_payload(offer: Offer) -> bytes:
             input_max=offer.encoding.input_max,
             period=offer.encoding.period,
             rotation_indices=offer.encoding.rotation_indices,
+            input_offset=offer.encoding.input_offset,
+            input_scale=offer.encoding.input_scale,
         ),
         output=pb.OutputSpec(
             score_count=offer.output.score_count,
@@ -150,6 +152,9 @@ def offer_from_payload(payload: bytes) -> Offer:
     if len(m.encoding.input_min) != len(m.encoding.input_max) or len(
             m.encoding.input_min) not in (0, len(columns)):
         raise BadInput("the offer's input ranges do not match its columns")
+    if len(m.encoding.input_offset) != len(m.encoding.input_scale) or len(
+            m.encoding.input_offset) not in (0, len(columns)):
+        raise BadInput("the offer's input encoding does not match its columns")
     return Offer(
         trial_id=m.trial_id,
         model_id=m.model_id,
@@ -165,6 +170,8 @@ def offer_from_payload(payload: bytes) -> Offer:
             packing=m.encoding.packing,
             period=m.encoding.period or 1,  # slot-per-sample offers may leave it unset
             rotation_indices=tuple(m.encoding.rotation_indices),
+            input_offset=tuple(m.encoding.input_offset),
+            input_scale=tuple(m.encoding.input_scale),
         ),
         output=OutputSpec(
             score_count=m.output.score_count,

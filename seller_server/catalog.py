@@ -85,7 +85,7 @@ from seller_server.worker import Capacity, WorkerSlots
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "gimme-he-18"  # bump when compiled results would change
+ENGINE_VERSION = "gimme-he-19"  # bump when compiled results would change
 TOLERANCE_FACTOR = 3.0
 TOLERANCE_FLOOR = 1e-4
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -143,10 +143,15 @@ class Listing:
     def model_id(self) -> str:
         return self.spec.model_id
 
-    def encoding(self, estimate: Estimate, rotation_indices: tuple[int, ...]) -> EncodingSpec:
+    def encoding(self, estimate: Estimate, rotation_indices: tuple[int, ...], plan: HEPlan
+                 ) -> EncodingSpec:
+        """How a buyer encodes its rows for `plan` (this listing's, or a sale's copy's)."""
+        offset, scale = plan.input_offset, plan.input_scale
         return EncodingSpec(self.spec.input_columns, estimate.rows_per_ciphertext,
                             self.input_min, self.input_max, estimate.packing, estimate.period,
-                            rotation_indices)
+                            rotation_indices,
+                            tuple(offset.tolist()) if offset is not None else (),
+                            tuple(scale.tolist()) if scale is not None else ())
 
     def estimates(self) -> tuple[Estimate, ...]:
         """One per packing this listing offers, from the self-test."""

@@ -45,6 +45,7 @@ from scipy import sparse
 
 from common.errors import Unsupported
 from common.he.plan import (
+    INPUT_RANGE,
     HEPlan,
     OutputStage,
     PolyStage,
@@ -221,6 +222,14 @@ def _domain_box(rows: FloatArray, domain: tuple[npt.ArrayLike, npt.ArrayLike] | 
     return low, high
 
 
+def input_encoding(low: FloatArray, high: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """The (offset, scale) that encrypt each column of the box [low, high] on
+    +-INPUT_RANGE (a constant column: on its magnitude, or 1)."""
+    half = (high - low) / 2
+    half = np.where(half > 0, half, np.maximum(np.abs(high), 1.0))
+    return (low + high) / 2, INPUT_RANGE / half
+
+
 def _measure(plan: HEPlan, tail: Tail, tracer: _Tracer, rows: FloatArray,
              reference: FloatArray) -> CompiledModel:
     ours = apply_tail(plan.simulate(rows), tail.ops)
@@ -255,7 +264,8 @@ class _Tracer:
         # every basis entry's guaranteed interval over the input domain
         self.basis_low, self.basis_high = (np.array(v, dtype=np.float64) for v in domain)
         self.fits: list[Fit] = []
-        self.value_bound = float(np.abs(np.concatenate(domain)).max(initial=0.0))
+        self.box = domain
+        self.value_bound = INPUT_RANGE  # the inputs as encrypted (HEPlan.with_input_encoding)
         self.output_bound = 0.0
         self.input_count = rows.shape[1]
         self.stages: list[PolyStage] = []
@@ -388,7 +398,8 @@ class _Tracer:
         weights = self._pad(base.weights)
         low, high = self.interval(weights, base.bias)
         self.output_bound = float(np.abs(np.concatenate([low, high])).max(initial=0.0))
-        plan = HEPlan(self.input_count, tuple(self.stages), OutputStage(weights, base.bias.copy()))
+        plan = HEPlan(self.input_count, tuple(self.stages), OutputStage(
+            weights, base.bias.copy())).with_input_encoding(*input_encoding(*self.box))
         plan.check()
         labels = self.class_labels
         if not labels and base.features > 1:

@@ -182,7 +182,7 @@ class Seller:
             model_commitment=sha256(model.model_bytes),
             model_size=len(model.model_bytes),
             params=listing.params,
-            encoding=listing.encoding(estimate, rotation_indices),
+            encoding=listing.encoding(estimate, rotation_indices, model.plan),
             output=listing.output(),
             tolerance=model.tolerance,
             price_cents=listing.spec.price_cents,

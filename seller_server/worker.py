@@ -152,7 +152,7 @@ def self_test_packed(request: Json, report: ProgressFn) -> Json:
     indices = packed.rotation_indices(slots) if packed.d <= slots else []
     if not 0 < len(indices) <= MAX_ROTATION_KEYS:
         return to_json(PackedMeasured())
-    rows = np.load(job.rows_path)["rows"]
+    rows = plan.encoded(np.load(job.rows_path)["rows"])  # as the buyer encrypts them
     report({"stage": "generating keys"})
     secret, public = engine.generate_keys(cc, new_key_tag())
     noise = _noise(job.flooding_std, job.policy_noise_std)
@@ -166,7 +166,7 @@ def _self_test_slots(job: SelfTest, report: ProgressFn, cc: Any, plan: HEPlan,
     layout = Packing(SLOT_PER_SAMPLE, cc.GetRingDimension() // 2)
     report({"stage": "encrypting"})
     start = time.perf_counter()
-    inputs = [engine.encrypt_vector(cc, public, v) for v in layout.encode(rows)]
+    inputs = [engine.encrypt_vector(cc, public, v) for v in layout.encode(plan.encoded(rows))]
     encrypt_seconds = (time.perf_counter() - start) / len(inputs)
     start = time.perf_counter()
     scores = engine.evaluate(cc, plan, inputs, _evaluation_progress(report), job.workers)

@@ -73,7 +73,7 @@ def _encrypted(model: bytes, rows: FloatArray) -> tuple[FloatArray, float, tuple
     cc = engine.build_context(params, 128)
     tag = new_key_tag()
     secret, public = engine.generate_keys(cc, tag)
-    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    inputs = [engine.encrypt_vector(cc, public, column) for column in plan.encoded(rows).T]
     scores = engine.evaluate(cc, plan, inputs, lambda done, total: None)
     decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
     return apply_tail(decrypted, compiled.tail.ops), compiled.approximation_error, \

@@ -42,7 +42,7 @@ def test_encrypted_evaluation_matches_the_plan(tanh_model: tuple[bytes, FloatArr
     gate = engine.CiphertextGate(cc, tag, level=0)
     # inputs travel as bytes and come back through the gate, as on the seller
     inputs = [gate.load(engine.ciphertext_bytes(engine.encrypt_vector(cc, public, column)),
-                        "input") for column in rows.T]
+                        "input") for column in compiled.plan.encoded(rows).T]  # type: ignore[attr-defined]
     progress: list[tuple[int, int]] = []
     scores = engine.evaluate(cc, compiled.plan, inputs,  # type: ignore[attr-defined]
                              lambda done, total: progress.append((done, total)))
@@ -59,7 +59,8 @@ def test_finishing_folds_results_and_rerandomizes(
     tag = new_key_tag()
     secret, public = engine.generate_keys(cc, tag)
     layout = Packing(SLOT_PER_SAMPLE, params.slots)
-    inputs = [engine.encrypt_vector(cc, public, v) for v in layout.encode(rows)]
+    inputs = [engine.encrypt_vector(cc, public, v)
+              for v in layout.encode(compiled.plan.encoded(rows))]  # type: ignore[attr-defined]
     scores = engine.evaluate(cc, compiled.plan, inputs,  # type: ignore[attr-defined]
                              lambda done, total: None)
     noise = 1e-3
@@ -86,7 +87,8 @@ def test_sharded_evaluation_matches_one_process(tanh_model: tuple[bytes, FloatAr
     rows = tanh_model[1][:50]
     tag = new_key_tag()
     secret, public = engine.generate_keys(cc, tag)
-    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    inputs = [engine.encrypt_vector(cc, public, column)
+              for column in compiled.plan.encoded(rows).T]  # type: ignore[attr-defined]
     progress: list[tuple[int, int]] = []
     scores = engine.evaluate(cc, compiled.plan, inputs,  # type: ignore[attr-defined]
                              lambda done, total: progress.append((done, total)), workers)
@@ -94,6 +96,30 @@ def test_sharded_evaluation_matches_one_process(tanh_model: tuple[bytes, FloatAr
     expected = compiled.plan.simulate(rows)  # type: ignore[attr-defined]
     assert np.abs(decrypted - expected).max() < 1e-3
     assert progress and progress[-1][0] == progress[-1][1]
+
+
+def test_a_narrow_column_read_by_a_large_weight_keeps_its_precision() -> None:
+    """A column of spread 1e-4 read with weight 1e4 (a StandardScaler folded into a linear
+    model): encrypted as is, it would carry the fresh encryption's absolute error (~1.5e-7
+    at a 2^40 scale, ~2e-6 at 2^36) times 1e4 into the scores; encrypted on +-INPUT_RANGE
+    (the plan's input encoding) that share is negligible."""
+    rng = np.random.default_rng(3)
+    rows = rng.uniform(-1.5, 1.5, (256, 6))
+    rows[:, 0] *= 1e-4
+    weights = np.full((6, 2), 0.5, dtype=np.float32)
+    weights[0] = 1e4
+    model = g.build([g.helper.make_node("Gemm", ["x", "w", "b"], ["scores"], name="dense")],
+                    6, {"scores": 2}, {"w": weights, "b": np.zeros(2, dtype=np.float32)})
+    compiled = compile_model(model, rows)
+    plan = compiled.plan
+    params = choose_params(engine.levels_needed(plan), 128,
+                           float(np.abs(plan.simulate(rows)).max()))
+    cc = engine.build_context(params, 128)
+    secret, public = engine.generate_keys(cc, new_key_tag())
+    inputs = [engine.encrypt_vector(cc, public, column) for column in plan.encoded(rows).T]
+    scores = engine.evaluate(cc, plan, inputs, lambda done, total: None)
+    decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
+    assert np.abs(decrypted - plan.simulate(rows)).max() < 1e-4
 
 
 def test_planner_picks_the_smallest_secure_ring() -> None:
@@ -233,7 +259,8 @@ def _encrypted_error(model: bytes, rows: FloatArray) -> float:
     """max |decrypted encrypted evaluation - the plan in plaintext| on `rows`."""
     compiled, _params, cc = _setup(model, rows)
     secret, public = engine.generate_keys(cc, new_key_tag())
-    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    inputs = [engine.encrypt_vector(cc, public, column)
+              for column in compiled.plan.encoded(rows).T]  # type: ignore[attr-defined]
     scores = engine.evaluate(cc, compiled.plan, inputs, lambda done, total: None)  # type: ignore[attr-defined]
     decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
     return float(np.abs(decrypted - compiled.plan.simulate(rows)).max())  # type: ignore[attr-defined]
@@ -251,7 +278,7 @@ def test_squares_read_by_few_rows_are_relinearized_once_per_row(workers: int) ->
     narrow = _setup(g.mlp("square", hidden=4, classes=6), rows)[0].plan  # type: ignore[attr-defined]
     assert not engine.lazy_entries(narrow)  # 6 relinearizations would replace 4
     secret, public = engine.generate_keys(cc, new_key_tag())
-    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    inputs = [engine.encrypt_vector(cc, public, column) for column in plan.encoded(rows).T]
     scores = engine.evaluate(cc, plan, inputs, lambda done, total: None, workers)
     decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
     assert np.abs(decrypted - plan.simulate(rows)).max() < 1e-3
@@ -287,7 +314,8 @@ def test_feature_packed_evaluation_matches_the_plan(model: str, degree: int,
     packed = pack_plan(compiled.plan)
     assert any(s.fold is not None for s in packed.stages) == folded
     expected = compiled.plan.simulate(rows)
-    for row, want in zip(rows[:3], expected[:3], strict=True):
+    encoded = compiled.plan.encoded(rows)  # as the buyer encrypts them
+    for row, want in zip(encoded[:3], expected[:3], strict=True):
         assert np.abs(packed.simulate(row) - want).max() < 1e-9  # the diagonals, in numpy
     slots = cc.GetRingDimension() // 2
     layout = packed.layout(slots)
@@ -297,8 +325,8 @@ def test_feature_packed_evaluation_matches_the_plan(model: str, degree: int,
     assert len(engine.generate_rotation_keys(cc, secret, indices)) > 0
     evaluator = engine.PackedEvaluator(cc, packed)
     for count in (min(layout.rows_per_ciphertext, len(rows)), 3):
-        [vector] = layout.encode(rows[:count])
-        assert np.array_equal(layout.decode([vector], count, packed.features), rows[:count])
+        [vector] = layout.encode(encoded[:count])
+        assert np.array_equal(layout.decode([vector], count, packed.features), encoded[:count])
         sample = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(vector.tolist()))
         scores = engine.decrypt_vector(cc, secret, evaluator.evaluate(sample), slots)
         got = layout.decode([np.array(scores)], count, packed.scores)
@@ -325,7 +353,8 @@ def test_high_degree_activations_are_openfhe_series_at_the_planned_depth(
                            compiled.value_bound, insecure_ring=0 if security_bits else 4096)
     cc = engine.build_context(params, security_bits)
     secret, public = engine.generate_keys(cc, new_key_tag())
-    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    inputs = [engine.encrypt_vector(cc, public, column)
+              for column in compiled.plan.encoded(rows).T]
     scores = engine.evaluate(cc, compiled.plan, inputs, lambda done, total: None)
     decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
     assert np.abs(decrypted - compiled.plan.simulate(rows)).max() < 1e-3
@@ -341,7 +370,7 @@ def test_dense_sums_are_the_bytes_openfhe_computes_term_by_term(
     compiled, _params, cc = _setup(g.mlp("square", hidden=40), rows)
     plan = compiled.plan  # type: ignore[attr-defined]
     secret, public = engine.generate_keys(cc, new_key_tag())
-    inputs = [engine.encrypt_vector(cc, public, column) for column in rows.T]
+    inputs = [engine.encrypt_vector(cc, public, column) for column in plan.encoded(rows).T]
     calls: list[int] = []
     real_combine = rns.combine
 

@@ -153,7 +153,7 @@ def test_degree_two_svc_under_encryption() -> None:
     params = choose_params(plan.depth(), 128, float(np.abs(plan.simulate(CANCER_X)).max()))
     cc = engine.build_context(params, 128)
     secret, public = engine.generate_keys(cc, new_key_tag())
-    inputs = [engine.encrypt_vector(cc, public, column) for column in x.T]
+    inputs = [engine.encrypt_vector(cc, public, column) for column in plan.encoded(x).T]
     results = engine.evaluate(cc, plan, inputs, lambda done, total: None)
     scores = np.array([engine.decrypt_vector(cc, secret, ct, len(x)) for ct in results]).T
     reference = run_model(model, x, compiled.tail.probability_output, ())

@@ -173,7 +173,7 @@ class _Trial:
 
     def ciphertexts(self, rows: FloatArray) -> list[bytes]:
         return [engine.ciphertext_bytes(engine.encrypt_vector(self.cc, self.public, v))
-                for v in self.layout.encode(rows)]
+                for v in self.layout.encode(self.offer.encoding.encoded(rows))]
 
     def evaluate(self, batch: int, rows: int, blobs: list[bytes]) -> tuple[list[bytes], object]:
         progress: list[Progress] = []

@@ -14,6 +14,15 @@ own coefficients, which OpenFHE evaluates by Paterson-Stockmeyer (about 2 sqrt(D
 multiplications instead of D, one entry in memory instead of D). It costs one level more
 than T_D itself (`series_depth`).
 
+Input encoding. The buyer encrypts each column as (x - input_offset) * input_scale, which
+maps the column's range (the offer's domain, or the calibration rows') onto
++-INPUT_RANGE; the weights reading the inputs are rescaled to match, so the plan computes
+the same function of x. A fresh encryption's error is absolute (~2e-6 at a 2^36 scale,
+whatever the value): encrypted raw, a column with a small spread (breast-cancer's fractal
+dimension: sigma 0.007) meets a large weight (a StandardScaler folded into a linear model
+divides by sigma) that multiplies that error, which made raw-feature models miss their
+tolerance. `simulate` and `range_excess` take raw rows; `encoded` is what is encrypted.
+
 Weights are sparse (CSR): a convolution's map touches a few inputs per output. Everything
 here is numpy/scipy: the gateway, the compiler and the buyer use it without OpenFHE.
 
@@ -44,7 +53,7 @@ import io
 import json
 import math
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -55,6 +64,10 @@ from common.errors import BadInput
 
 FloatArray = npt.NDArray[np.float64]
 Weights = Any  # scipy.sparse.csr_array of float64, (rows, basis size)
+# each encrypted column spans +-INPUT_RANGE over its range: larger values shrink the share
+# of the encryption's own error in every weighted sum, until rounding the rescaled weights
+# (a packed plan's plaintext diagonals: ~5e-10 each at 2^36) costs as much
+INPUT_RANGE = 64.0
 STAGE_KINDS = ("chebyshev", "square", "series")
 APPROXIMATING_KINDS = ("chebyshev", "series")
 # OpenFHE's Paterson-Stockmeyer series: levels consumed by degree (upper bounds of each band,
@@ -134,6 +147,9 @@ class HEPlan:
     output: OutputStage
     notes: tuple[str, ...] = field(default=())
     range_check: bool = False  # the last output is the range check, not a model score
+    # what is encrypted: (x - input_offset) * input_scale per column (None: x itself)
+    input_offset: FloatArray | None = None
+    input_scale: FloatArray | None = None
 
     # ----- shape -----
 
@@ -148,6 +164,13 @@ class HEPlan:
     def check(self) -> None:
         """Refuse plans whose shapes do not chain or that hold a NaN or infinite weight or
         bias (e.g. a corrupted cache file): such a plan's every result is meaningless."""
+        if (self.input_offset is None) != (self.input_scale is None) or (
+                self.input_scale is not None and self.input_offset is not None and not (
+                    self.input_offset.shape == self.input_scale.shape == (self.input_count,)
+                    and np.all(np.isfinite(self.input_offset))
+                    and np.all(np.isfinite(self.input_scale)) and np.all(self.input_scale > 0))):
+            raise BadInput(f"the plan's input encoding is not a finite offset and a positive "
+                           f"scale for each of its {self.input_count} columns")
         size = self.input_count
         for index, stage in enumerate(self.stages):
             _check_finite(stage.weights, stage.bias,
@@ -176,6 +199,38 @@ class HEPlan:
             if (last != weights).nnz or self.output.bias[-1] != bias:
                 raise BadInput("the plan's last output is not the range check it declares")
 
+    # ----- input encoding (see the module's docstring) -----
+
+    def with_input_encoding(self, offset: FloatArray, scale: FloatArray) -> HEPlan:
+        """This plan (of raw columns) for columns encrypted as (x - offset) * scale: every
+        weight reading column j is divided by scale_j, and offset_j times it moves into
+        the bias, so the plan computes the same function of x."""
+        if self.input_offset is not None:
+            raise ValueError("the plan's inputs are encoded already")
+        d = self.input_count
+
+        def moved(weights: Weights, bias: FloatArray) -> tuple[Weights, FloatArray]:
+            columns = np.ones(weights.shape[1])
+            columns[:d] = 1.0 / scale
+            return as_weights(weights @ sparse.diags(columns)), bias + weights[:, :d] @ offset
+
+        stages = tuple(replace(s, weights=w, bias=b) for s in self.stages
+                       for w, b in [moved(s.weights, s.bias)])
+        weights, bias = moved(self.output.weights, self.output.bias)
+        return replace(self, stages=stages, output=OutputStage(weights, bias),
+                       input_offset=np.asarray(offset, dtype=np.float64),
+                       input_scale=np.asarray(scale, dtype=np.float64))
+
+    def encoded(self, rows: FloatArray) -> FloatArray:
+        """What is encrypted of raw `rows`: (x - input_offset) * input_scale."""
+        basis = np.asarray(rows, dtype=np.float64)
+        if basis.ndim != 2 or basis.shape[1] != self.input_count:
+            raise BadInput(f"plan expects rows with {self.input_count} columns, got {basis.shape}")
+        if self.input_offset is None or self.input_scale is None:
+            return basis
+        encoded: FloatArray = (basis - self.input_offset) * self.input_scale
+        return encoded
+
     # ----- guaranteed ranges (see the module's docstring) -----
 
     def with_range_check(self) -> HEPlan:
@@ -186,7 +241,7 @@ class HEPlan:
         weights, bias = self._range_check_row()
         output = OutputStage(as_weights(sparse.vstack([self.output.weights, weights])),
                              np.append(self.output.bias, bias))
-        return HEPlan(self.input_count, self.stages, output, self.notes, range_check=True)
+        return replace(self, output=output, range_check=True)
 
     def _range_check_row(self) -> tuple[Weights, float]:
         offset, columns, chebyshev_units = self.input_count, [], 0
@@ -205,7 +260,7 @@ class HEPlan:
     def range_excess(self, rows: FloatArray) -> FloatArray:
         """Each row's largest |u| over every approximated unit (above 1: the row left the
         ranges the plan's approximations are fitted on; 0 without approximations)."""
-        basis = self._checked_rows(rows)
+        basis = self.encoded(rows)
         excess = np.zeros(basis.shape[0])
         for stage in self.stages:
             u = (stage.weights @ basis.T).T + stage.bias
@@ -247,18 +302,13 @@ class HEPlan:
 
     def simulate(self, rows: FloatArray) -> FloatArray:
         """What the encrypted evaluation computes, in float64 (rows: (n, input_count))."""
-        basis = self._checked_rows(rows)
+        basis = self.encoded(rows)
         for stage in self.stages:
             u = (stage.weights @ basis.T).T + stage.bias
             basis = np.concatenate([basis, stage.entries(u)], axis=1)
         result: FloatArray = (self.output.weights @ basis.T).T + self.output.bias
         return result
 
-    def _checked_rows(self, rows: FloatArray) -> FloatArray:
-        basis = np.asarray(rows, dtype=np.float64)
-        if basis.ndim != 2 or basis.shape[1] != self.input_count:
-            raise BadInput(f"plan expects rows with {self.input_count} columns, got {basis.shape}")
-        return basis
 
     # ----- storage -----
 
@@ -275,6 +325,8 @@ class HEPlan:
         for i, stage in enumerate(self.stages):
             if stage.coefficients is not None:
                 arrays[f"stage{i}_coefficients"] = stage.coefficients
+        if self.input_offset is not None and self.input_scale is not None:
+            arrays |= {"input_offset": self.input_offset, "input_scale": self.input_scale}
         for stage in self.stages:
             meta["stages"].append({"degree": stage.degree,  # type: ignore[attr-defined]
                                    "label": stage.label, "kind": stage.kind})
@@ -304,10 +356,12 @@ class HEPlan:
                                             if f"stage{i}_coefficients" in npz else None))
                     for i, s in enumerate(meta["stages"]))
                 output = OutputStage(*matrix("output"))
+                offset, scale = (np.asarray(npz[name], dtype=np.float64) if name in npz
+                                 else None for name in ("input_offset", "input_scale"))
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise BadInput(f"unreadable HE plan: {exc}") from exc
         plan = cls(int(meta["input_count"]), stages, output, tuple(meta["notes"]),
-                   bool(meta.get("range_check", False)))
+                   bool(meta.get("range_check", False)), offset, scale)
         plan.check()
         return plan
 

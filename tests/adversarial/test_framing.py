@@ -25,9 +25,14 @@ import pytest
 
 from common.evidence import ROWS
 from common.he.plan import HEPlan, OutputStage, as_weights
-from common.protocol import EncodingSpec
+from common.protocol import OFFER, EncodingSpec, Signed
 from common.tabular import load_table, write_csv
-from common.wire import envelope_from_json, key_release_from_payload
+from common.wire import (
+    envelope_from_json,
+    key_release_from_payload,
+    offer_from_payload,
+    offer_payload,
+)
 from seller_server.catalog import Listing, input_domain, read_listing
 from seller_server.jobs import TrialSetup
 from seller_server.store import TrialRow
@@ -115,22 +120,38 @@ class _OtherPlanSeller(Seller):
                ) -> TrialSetup:
         setup = super()._setup(trial, listing, encoding)
         plan = HEPlan.from_bytes(Path(setup.plan_path).read_bytes())
-        other = HEPlan(plan.input_count, plan.stages, OutputStage(
-            as_weights(plan.output.weights * 1.2), plan.output.bias * 1.2), plan.notes)
+        # (its range check, 20% larger too, is no longer one)
+        other = dataclasses.replace(plan, output=OutputStage(
+            as_weights(plan.output.weights * 1.2), plan.output.bias * 1.2), range_check=False)
         path = self.spool / f"other-{trial.trial_id}.plan"
         path.write_bytes(other.to_bytes())
         return dataclasses.replace(setup, plan_path=str(path))
 
 
-def test_a_seller_computing_another_plan_is_at_fault_on_unusual_rows(
-        mlp_seller: Daemon, tls_dir: Path, tmp_path: Path) -> None:
+class _OtherEncodingSeller(Seller):
+    """Evaluates the plan it commits to, but its offers tell buyers to encrypt their
+    columns at twice the scale the plan reads them at."""
+
+    def _sign(self, kind: str, payload: bytes) -> Signed:
+        if kind == OFFER:
+            offer = offer_from_payload(payload)
+            encoding = dataclasses.replace(offer.encoding, input_scale=tuple(
+                2 * s for s in offer.encoding.input_scale))
+            payload = offer_payload(dataclasses.replace(offer, encoding=encoding))
+        return super()._sign(kind, payload)
+
+
+def _trial_buy_verify(seller_class: type[Seller], mlp_seller: Daemon, tls_dir: Path,
+                      tmp_path: Path) -> tuple[str, Path, str]:
+    """A trial of 40 corner rows, bought and verified, with an in-process `seller_class`:
+    what verify said, the trial's folder and the seller's public key."""
     state = tmp_path / "state"
     state.mkdir()
     # the honest daemon's compiled catalog, so the in-process seller need not compile again
     with sqlite3.connect(mlp_seller.state / "gimme.sqlite") as source, sqlite3.connect(
             state / "gimme.sqlite") as copy:
         source.backup(copy)
-    with _in_process(_OtherPlanSeller, mlp_seller.catalog, tls_dir, state, "dave") as (
+    with _in_process(seller_class, mlp_seller.catalog, tls_dir, state, "dave") as (
             endpoint, seller):
         home = tmp_path / "home"
         trial = buyer_cli(endpoint, home, "dave", "trial", MLP, "--data",
@@ -141,10 +162,15 @@ def test_a_seller_computing_another_plan_is_at_fault_on_unusual_rows(
         assert bought.returncode == 0, bought.stdout + bought.stderr
         verified = buyer_cli(endpoint, home, "dave", "verify", MLP)
         key = seller.signer.public_key.hex()
-    folder = _only_trial(home)
     said = " ".join(verified.stdout.split())
     assert verified.returncode == 1, said
     assert "the seller is at fault" in said, said
+    return said, _only_trial(home), key
+
+
+def test_a_seller_computing_another_plan_is_at_fault_on_unusual_rows(
+        mlp_seller: Daemon, tls_dir: Path, tmp_path: Path) -> None:
+    _said, folder, key = _trial_buy_verify(_OtherPlanSeller, mlp_seller, tls_dir, tmp_path)
     ruling = _arbiter(next(folder.glob("evidence-*.zip")), "--seller-key", key)
     said = " ".join(ruling.stdout.split())
     assert ruling.returncode == 3, said
@@ -154,6 +180,18 @@ def test_a_seller_computing_another_plan_is_at_fault_on_unusual_rows(
         failed = {c["name"] for c in json.loads(bundle.read("manifest.json"))["checks"]
                   if not c["ok"]}
     assert "seller computed the committed plan" in failed
+
+
+def test_a_seller_whose_offer_misstates_the_input_encoding_is_at_fault(
+        mlp_seller: Daemon, tls_dir: Path, tmp_path: Path) -> None:
+    """The buyer encrypts what the signed offer says; a committed plan that reads the
+    columns otherwise is the seller's fault, named as such."""
+    said, folder, key = _trial_buy_verify(_OtherEncodingSeller, mlp_seller, tls_dir, tmp_path)
+    assert "encodes its input columns otherwise than the offer told the buyer" in said, said
+    ruling = _arbiter(next(folder.glob("evidence-*.zip")), "--seller-key", key)
+    said = " ".join(ruling.stdout.split())
+    assert ruling.returncode == 3, said
+    assert "encodes its input columns otherwise than the offer told the buyer" in said, said
 
 
 def test_a_tolerance_above_the_buyers_cap_is_refused_before_anything_is_sent(

@@ -219,8 +219,9 @@ def test_amplified_rows_in_unpaid_slots_read_nothing(seller: Daemon, model_id: s
     plan = _plan(seller, model_id)
     amplify = AMPLIFY if model_id == LR else 1.0  # the tanh plan is a polynomial
     # one honest row in slot 0; 400 hidden rows (amplified) in the slots not paid for
-    columns = np.tile(hidden[:1], (slots, 1))
-    columns[1:1 + len(hidden)] = hidden * amplify
+    hidden_encoded = buyer.offer.encoding.encoded(hidden)
+    columns = np.tile(hidden_encoded[:1], (slots, 1))
+    columns[1:1 + len(hidden)] = hidden_encoded * amplify
     before = buyer.remaining()
     plain, folded = buyer.evaluate(1, [c.astype(np.complex128) for c in columns.T])
     assert before - buyer.remaining() == 1  # one row declared, one row's results returned
@@ -240,9 +241,9 @@ def test_rows_hidden_in_imaginary_parts_read_nothing(seller: Daemon, model_id: s
     rows = _rows(seller, model_id, paid + 400)
     honest, hidden = rows[:paid], rows[paid:]
     step = 1e-2 if model_id == TANH else 1.0  # small: the imaginary part is then a JVP
-    real = Packing(SLOT_PER_SAMPLE, slots).encode(honest)
+    real = Packing(SLOT_PER_SAMPLE, slots).encode(buyer.offer.encoding.encoded(honest))
     imaginary = np.zeros((len(real), slots))
-    imaginary[:, :len(hidden)] = hidden.T * step
+    imaginary[:, :len(hidden)] = buyer.offer.encoding.encoded(hidden).T * step
     before = buyer.remaining()
     plain, folded = buyer.evaluate(paid, [r + 1j * i for r, i in zip(real, imaginary,
                                                                      strict=True)])
@@ -273,8 +274,9 @@ def test_feature_packed_batches_pay_for_every_row_they_can_carry(seller: Daemon,
     buyer = Attacker(seller, model_id, FEATURE_PACKED)
     stride = buyer.layout.rows_per_ciphertext
     rows = _rows(seller, model_id, 2 * stride)
-    real = buyer.layout.encode(rows[:stride])
-    imaginary = buyer.layout.encode(rows[stride:])
+    encoded = buyer.offer.encoding.encoded(rows)
+    real = buyer.layout.encode(encoded[:stride])
+    imaginary = buyer.layout.encode(encoded[stride:])
     packed = [r + 1j * i for r, i in zip(real, imaginary, strict=True)]
     # declares one row, packs a full ciphertext: it pays for every row the ciphertext
     # carries, and no more real numbers come back than it paid for

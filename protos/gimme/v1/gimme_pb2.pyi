@@ -282,6 +282,8 @@ class EncodingSpec(_message.Message):
     INPUT_MAX_FIELD_NUMBER: _builtins.int
     PERIOD_FIELD_NUMBER: _builtins.int
     ROTATION_INDICES_FIELD_NUMBER: _builtins.int
+    INPUT_OFFSET_FIELD_NUMBER: _builtins.int
+    INPUT_SCALE_FIELD_NUMBER: _builtins.int
     packing: _builtins.str
     """"slot-per-sample": ciphertext j carries column j, row r in slot r.
     "feature-packed": ciphertext i carries rows i*rows_per_ciphertext.., entry j of row r
@@ -305,6 +307,14 @@ class EncodingSpec(_message.Message):
     def rotation_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """feature-packed: rotation keys to upload"""
 
+    @_builtins.property
+    def input_offset(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """what the buyer encrypts of column j: (x_j - input_offset[j]) * input_scale[j], the
+        plan's own input encoding (empty: x_j itself); clipping comes first
+        """
+
+    @_builtins.property
+    def input_scale(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     def __init__(
         self,
         *,
@@ -315,10 +325,12 @@ class EncodingSpec(_message.Message):
         input_max: _abc.Iterable[_builtins.float] | None = ...,
         period: _builtins.int = ...,
         rotation_indices: _abc.Iterable[_builtins.int] | None = ...,
+        input_offset: _abc.Iterable[_builtins.float] | None = ...,
+        input_scale: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_columns", b"input_columns", "input_max", b"input_max", "input_min", b"input_min", "packing", b"packing", "period", b"period", "rotation_indices", b"rotation_indices", "rows_per_ciphertext", b"rows_per_ciphertext"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_columns", b"input_columns", "input_max", b"input_max", "input_min", b"input_min", "input_offset", b"input_offset", "input_scale", b"input_scale", "packing", b"packing", "period", b"period", "rotation_indices", b"rotation_indices", "rows_per_ciphertext", b"rows_per_ciphertext"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
