@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from onnx import helper
 
 from common.errors import BadInput, Refused, Unsupported
 from common.he import engine, rns
@@ -106,10 +107,11 @@ def test_a_narrow_column_read_by_a_large_weight_keeps_its_precision() -> None:
     rng = np.random.default_rng(3)
     rows = rng.uniform(-1.5, 1.5, (256, 6))
     rows[:, 0] *= 1e-4
-    weights = np.full((6, 2), 0.5, dtype=np.float32)
+    weights = np.full((6, 2), 0.5)
     weights[0] = 1e4
-    model = g.build([g.helper.make_node("Gemm", ["x", "w", "b"], ["scores"], name="dense")],
-                    6, {"scores": 2}, {"w": weights, "b": np.zeros(2, dtype=np.float32)})
+    model = g.build([helper.make_node("Gemm", ["x", "w", "b"], ["scores"], name="dense")],
+                    6, {"scores": 2}, {"w": weights.astype(np.float32),
+                                       "b": np.zeros(2, dtype=np.float32)})
     compiled = compile_model(model, rows)
     plan = compiled.plan
     params = choose_params(engine.levels_needed(plan), 128,
