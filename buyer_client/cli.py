@@ -55,7 +55,7 @@ def _client(args: argparse.Namespace) -> SellerClient:
 
 def cmd_models(args: argparse.Namespace) -> None:
     client = _client(args)
-    listings, key = client.list_models()
+    listings, key, loading = client.catalog()
     Workspace(args.home).pin_key(client.address, key)
     table = Table("model", "price", "trial rows left", "inputs", "classes", "CKKS",
                   "tolerance", "packings",
@@ -74,6 +74,11 @@ def cmd_models(args: argparse.Namespace) -> None:
                       f"  HE plan: {m.approximation}; output: {m.output_policy}; trial "
                       f"rows cost {m.trial_price_per_row_cents / 100:.2f} each\n"
                       f"  extraction risk: {m.extraction_risk}")
+    if loading:
+        console.print(f"still loading (the seller is compiling and self-testing them): "
+                      f"{', '.join(loading)}; run 'gimme-buyer models' again in a few minutes")
+    elif not listings:
+        console.print("the seller lists no models")
 
 
 def cmd_trial(args: argparse.Namespace) -> None:

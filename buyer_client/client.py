@@ -60,11 +60,17 @@ class SellerClient:
     def close(self) -> None:
         self.channel.close()
 
-    @_seller_errors
     def list_models(self) -> tuple[list[ModelListing], bytes]:
+        listings, key, _loading = self.catalog()
+        return listings, key
+
+    @_seller_errors
+    def catalog(self) -> tuple[list[ModelListing], bytes, tuple[str, ...]]:
+        """The listings, the seller's public key, and the model ids still loading."""
         response = self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata,
                                         timeout=60)
-        return [wire.listing_from_pb(m) for m in response.models], response.seller_public_key
+        return ([wire.listing_from_pb(m) for m in response.models], response.seller_public_key,
+                tuple(response.loading))
 
     @_seller_errors
     def open_trial(self, model_id: str, packing: str) -> Signed:

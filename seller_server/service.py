@@ -238,7 +238,8 @@ class SellerServicer(pb_grpc.SellerServicer):
         buyer = self._buyer(context)
         return pb.ListModelsResponse(
             models=[wire.listing_to_pb(m) for m in self.seller.list_models(buyer)],
-            seller_public_key=self.seller.signer.public_key)
+            seller_public_key=self.seller.signer.public_key,
+            loading=sorted(self.seller.loading))
 
     @_guard
     def OpenTrial(self, request: pb.OpenTrialRequest, context: grpc.ServicerContext

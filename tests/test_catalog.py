@@ -102,7 +102,11 @@ def test_an_unevaluable_model_is_refused_by_name_and_the_rest_is_served(
             "NOT_SERVING"
         listed = buyer_cli(daemon, tmp_path / "home", "alice", "models")
         assert "breast-cancer-lr" in listed.stdout, listed.stdout + daemon.logs()
-        assert "slow-listing" not in listed.stdout
+        said = " ".join(listed.stdout.split())
+        loading = re.search(r"still loading \(the seller is compiling and self-testing them\): "
+                            r"(.*); run 'gimme-buyer models' again", said)
+        assert loading and "slow-listing" in loading.group(1), said  # named, not listed
+        assert said.count("slow-listing") == 1, said
         ready = re.search(r"listed breast-cancer-lr: .*; still compiling: (.*)", daemon.logs())
         assert ready and "slow-listing" in ready.group(1), daemon.logs()
         assert "compiling breast-cancer-lr" not in daemon.logs()

@@ -202,18 +202,24 @@ class ListModelsResponse(_message.Message):
 
     MODELS_FIELD_NUMBER: _builtins.int
     SELLER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    LOADING_FIELD_NUMBER: _builtins.int
     seller_public_key: _builtins.bytes
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelListing]: ...
+    @_builtins.property
+    def loading(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """model ids still compiling and self-testing"""
+
     def __init__(
         self,
         *,
         models: _abc.Iterable[Global___ModelListing] | None = ...,
         seller_public_key: _builtins.bytes = ...,
+        loading: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "seller_public_key", b"seller_public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loading", b"loading", "models", b"models", "seller_public_key", b"seller_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
