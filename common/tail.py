@@ -45,6 +45,23 @@ TAIL_OPS: dict[str, Callable[[FloatArray], FloatArray]] = {
 }
 
 
+# How much each op can move its outputs per unit change of its inputs (the largest |change|
+# of any output over the largest |change| of any input, everywhere): sigmoid' <= 1/4;
+# softmax: |dp_i| <= 2 p_i (1 - p_i) max|dz| <= max|dz| / 2; log-softmax: 2. Square and
+# the normalizers have no such bound.
+LIPSCHITZ = {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "softmax": 0.5, "log_softmax": 2.0}
+
+
+def tail_lipschitz(ops: Sequence[str]) -> float | None:
+    """The bound for the whole tail (the product of its ops'), None where an op has none."""
+    bound = 1.0
+    for op in ops:
+        if op not in LIPSCHITZ:
+            return None
+        bound *= LIPSCHITZ[op]
+    return bound
+
+
 def check_tail(ops: Sequence[str]) -> None:
     unknown = [op for op in ops if op not in TAIL_OPS]
     if unknown:

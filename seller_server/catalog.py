@@ -74,7 +74,7 @@ from common.onnx_io import load_model_file, parse_model, run_model
 from common.protocol import EncodingSpec, Estimate, OutputPolicy, OutputSpec
 from common.signing import sha256
 from common.tabular import load_table
-from common.tail import apply_tail
+from common.tail import apply_tail, tail_lipschitz
 from seller_server import jobs
 from seller_server.compiler import CompiledModel, Tail, compile_model
 from seller_server.fingerprint import fingerprint, new_key, weights
@@ -85,7 +85,7 @@ from seller_server.worker import Capacity, WorkerSlots
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "gimme-he-19"  # bump when compiled results would change
+ENGINE_VERSION = "gimme-he-20"  # bump when compiled results would change
 TOLERANCE_FACTOR = 3.0
 TOLERANCE_FLOOR = 1e-4
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -674,6 +674,16 @@ def compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
     planned = compiled.plan.simulate(test_rows)
     plan_error = max(float(np.abs(results - planned[:len(results)]).max())
                      for results in decrypted)
+    tolerance = max(TOLERANCE_FACTOR * max(he_error, compiled.approximation_error),
+                    TOLERANCE_FLOOR)
+    plan_tolerance = max(TOLERANCE_FACTOR * plan_error, TOLERANCE_FLOOR)
+    # results anywhere within the plan tolerance (what verify and the arbiter accept of the
+    # seller's computation) must also pass the model check on any row, not only on
+    # calibration rows whose outputs the tail flattens (confident softmax rows hide the
+    # noise a buyer's uncertain row shows)
+    lipschitz = tail_lipschitz(compiled.tail.ops)
+    if lipschitz is not None:
+        tolerance = max(tolerance, lipschitz * plan_tolerance + compiled.approximation_error)
     report({"stage": "sizing the fingerprint"})
     strength, note = _fingerprint(spec, model_bytes, rows, compiled.tail)
     if spec.fingerprint and not strength:  # for the seller's log: this worker's is not it
@@ -685,9 +695,8 @@ def compile_and_test(spec: ListingSpec, model_bytes: bytes, rows: FloatArray,
         probability_output=compiled.tail.probability_output,
         label_output=compiled.tail.label_output,
         params=params,
-        tolerance=max(TOLERANCE_FACTOR * max(he_error, compiled.approximation_error),
-                      TOLERANCE_FLOOR),
-        plan_tolerance=max(TOLERANCE_FACTOR * plan_error, TOLERANCE_FLOOR),
+        tolerance=tolerance,
+        plan_tolerance=plan_tolerance,
         approximation=compiled.approximation,
         measured=jobs.Measured.of(slots, packed, he_error),
         fingerprint_strength=strength,

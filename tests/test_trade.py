@@ -34,7 +34,7 @@ from common.onnx_io import run_model, save_model
 from common.protocol import Progress
 from common.signing import Signer, sha256
 from common.tabular import FloatArray, load_table, write_csv
-from common.tail import apply_tail, predicted_labels
+from common.tail import apply_tail, predicted_labels, tail_lipschitz
 from common.trust import open_key_release, open_offer
 from seller_server.catalog import load_catalog
 from seller_server.store import Store
@@ -47,6 +47,25 @@ LR = "breast-cancer-lr"
 
 def _test_csv(examples: Path) -> Path:
     return examples / "data" / "breast_cancer_lr_test.csv"
+
+
+def test_the_tolerance_covers_every_result_the_plan_tolerance_allows(lr_seller: Daemon
+                                                                     ) -> None:
+    """Verify and the arbiter accept results within the plan tolerance of the plan; the
+    model check must then pass on any row, also one whose output the tail does not flatten
+    (a probability near 1/2), not only on the calibration rows the tolerance was measured
+    on. The tail's bound holds: random logits moved by up to e move no softmax or sigmoid
+    output by more than the bound times e."""
+    offer = _Trial(lr_seller, "frank").offer
+    bound = tail_lipschitz(offer.output.tail)
+    assert bound is not None and offer.tolerance >= bound * offer.plan_tolerance
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 3, (2000, 3))
+    for ops in (("softmax",), ("sigmoid",), ("log_softmax",), ("tanh", "softmax")):
+        moved = logits + rng.uniform(-1e-3, 1e-3, logits.shape)
+        change = np.abs(apply_tail(moved, ops) - apply_tail(logits, ops)).max()
+        assert change <= tail_lipschitz(ops) * 1e-3  # type: ignore[operator]
+        assert change >= 0.5 * tail_lipschitz(ops) * 1e-3  # type: ignore[operator]
 
 
 def test_listing_shows_the_catalog(lr_seller: Daemon, tmp_path: Path) -> None:
