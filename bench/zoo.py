@@ -97,6 +97,7 @@ class Kind:
     expect: str  # MATCH, or REFUSED where the computation is discrete by nature
     description: str
     build: Callable[[Path, str], Built]  # (cache directory, torch interpreter or "")
+    max_error: float | None = None  # the listing's, where not catalog.py's default
 
 
 def split(dataset: str) -> Split:
@@ -121,7 +122,7 @@ def split(dataset: str) -> Split:
 
 def _sklearn(name: str, dataset: str, make: Callable[[], Any], expect: str,
              description: str, regression: bool = False,
-             options: dict[str, Any] | None = None) -> Kind:
+             options: dict[str, Any] | None = None, max_error: float | None = None) -> Kind:
     """`options`: skl2onnx options of the pipeline's last step."""
     def build(_cache: Path, _torch: str) -> Built:
         from skl2onnx import to_onnx
@@ -139,7 +140,7 @@ def _sklearn(name: str, dataset: str, make: Callable[[], Any], expect: str,
         model.ir_version = min(model.ir_version, MAX_IR_VERSION)
         return Built(model.SerializeToString(), x_train, x_test, y_test)
 
-    return Kind(name, "sklearn", dataset, regression, expect, description, build)
+    return Kind(name, "sklearn", dataset, regression, expect, description, build, max_error)
 
 
 def _torch(name: str, dataset: str, expect: str, description: str) -> Kind:
@@ -250,15 +251,20 @@ def _kinds() -> list[Kind]:
                      random_state=SEED)),
                  MATCH, "StandardScaler + MLPRegressor 10-32-1 relu", regression=True),
         _sklearn("gaussian-nb", "wine", GaussianNB, MATCH, "GaussianNB"),
+        # a tree's thresholds are smoothed steps: rows near one get a blend of both
+        # branches, so its listing needs a looser max_error (the buyer sees it)
         _sklearn("decision-tree", "breast_cancer",
-                 lambda: DecisionTreeClassifier(max_depth=5, random_state=SEED),
-                 REFUSED, "DecisionTreeClassifier (depth 5)"),
+                 lambda: DecisionTreeClassifier(max_depth=4, random_state=SEED),
+                 MATCH, "DecisionTreeClassifier (depth 4), max_error 0.5", max_error=0.5),
         _sklearn("random-forest", "breast_cancer",
-                 lambda: RandomForestClassifier(n_estimators=50, max_depth=6, random_state=SEED),
-                 REFUSED, "RandomForestClassifier (50 trees)"),
+                 lambda: RandomForestClassifier(n_estimators=10, max_depth=4, random_state=SEED),
+                 MATCH, "RandomForestClassifier (10 trees, depth 4), max_error 0.3",
+                 max_error=0.3),
         _sklearn("gradient-boosting", "breast_cancer",
-                 lambda: GradientBoostingClassifier(n_estimators=50, random_state=SEED),
-                 REFUSED, "GradientBoostingClassifier (50 trees)"),
+                 lambda: GradientBoostingClassifier(n_estimators=20, max_depth=3,
+                                                    random_state=SEED),
+                 MATCH, "GradientBoostingClassifier (20 trees, depth 3), max_error 0.3",
+                 max_error=0.3),
         _sklearn("knn", "breast_cancer",
                  lambda: make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=5)),
                  REFUSED, "StandardScaler + KNeighborsClassifier(5)"),
@@ -369,6 +375,8 @@ def _trade(kind: Kind, built: Built, rows: int, workers: int, result: Result,
     from seller_server.catalog import input_domain, plan_listing
 
     spec = _listing_defaults(built.calibration.shape[1])
+    if kind.max_error is not None:
+        spec = dataclasses.replace(spec, max_error=kind.max_error)
     check_lockable(built.model)  # load_listing's first check
     _stage("compiling")
     start = time.perf_counter()

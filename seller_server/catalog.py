@@ -85,7 +85,7 @@ from seller_server.worker import Capacity, WorkerSlots
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "gimme-he-20"  # bump when compiled results would change
+ENGINE_VERSION = "gimme-he-21"  # bump when compiled results would change
 TOLERANCE_FACTOR = 3.0
 TOLERANCE_FLOOR = 1e-4
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")

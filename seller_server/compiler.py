@@ -1006,6 +1006,110 @@ def _svm_regressor(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[
                    np.array([coefficients @ a.bias + rho[0]]), (1,))]
 
 
+# A tree's comparison x <= threshold becomes a smoothed step, 0.5 (1 + tanh(k z / reach))
+# of z = threshold - x over z's guaranteed reach: it is within 0.05 of the step beyond 3%
+# of the reach from the threshold (rows closer get a blend of both branches), and degree
+# 247 fits it within 2e-4 (k 32: 3e-6 but twice as wide; k 64: 1.4e-3)
+STEP_SHARPNESS = 96.0
+_BRANCHES = {"BRANCH_LEQ": -1.0, "BRANCH_LT": -1.0, "BRANCH_GTE": 1.0, "BRANCH_GT": 1.0}
+
+
+def _tree_ensemble(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    """TreeEnsembleClassifier/Regressor as polynomials: every comparison a smoothed step
+    (one Chebyshev series unit), every node's indicator the product of the steps on its
+    path (one exact squaring level per tree depth below the first), each output the sum
+    of its leaves' weights times their indicators. Exact except near thresholds."""
+    name = node.name or node.op_type
+    a = t.trunk(node, args[0])
+    classifier = node.op_type == "TreeEnsembleClassifier"
+    prefix = "class" if classifier else "target"
+    if len(a.shape) != 1:
+        raise Unsupported(f"node {name!r} ({node.op_type}): rows shaped {list(a.shape)}")
+    modes = [_text(m) for m in _attr(node, "nodes_modes", [])]
+    unknown = sorted({m for m in modes if m != "LEAF" and m not in _BRANCHES})
+    post = _text(_attr(node, "post_transform", b"NONE"))
+    aggregate = _text(_attr(node, "aggregate_function", b"SUM"))
+    if unknown or post not in _POST_TRANSFORMS or aggregate not in ("SUM", "AVERAGE"):
+        raise Unsupported(f"node {name!r} ({node.op_type}): comparisons {unknown or 'ok'}, "
+                          f"post_transform {post}, aggregate {aggregate}; supported: "
+                          f"{sorted(_BRANCHES)}, NONE/LOGISTIC/SOFTMAX, SUM/AVERAGE")
+    trees = [int(v) for v in _attr(node, "nodes_treeids", [])]
+    ids = [int(v) for v in _attr(node, "nodes_nodeids", [])]
+    features = [int(v) for v in _attr(node, "nodes_featureids", [])]
+    thresholds = np.asarray(_attr(node, "nodes_values", []), dtype=np.float64)
+    true_ids = [int(v) for v in _attr(node, "nodes_truenodeids", [])]
+    false_ids = [int(v) for v in _attr(node, "nodes_falsenodeids", [])]
+    index = {(tree, n): i for i, (tree, n) in enumerate(zip(trees, ids, strict=True))}
+    branches = [i for i, m in enumerate(modes) if m != "LEAF"]
+    if any(features[i] >= a.features for i in branches):
+        raise Unsupported(f"node {name!r} ({node.op_type}) compares a feature beyond the "
+                          f"{a.features} it is given")
+    # z = sign * (x_f - threshold) >= 0 on each comparison's true branch
+    signs = np.array([_BRANCHES[modes[i]] for i in branches])
+    rows = t._pad(a.weights)[[features[i] for i in branches]]
+    z = Affine(as_weights(sparse.diags_array(signs) @ rows),
+               signs * (a.bias[[features[i] for i in branches]] - thresholds[branches]),
+               (len(branches),))
+    low, high = t.interval(z.weights, z.bias)
+    reach = np.maximum(np.maximum(np.abs(low), np.abs(high)), 1e-9)
+    step = Activation("step", lambda v: 0.5 * (1.0 + np.tanh(STEP_SHARPNESS * v / reach)))
+    steps = t.trunk(node, Deferred(z, (step,), name))
+    # each node's indicator (weights row, bias), one tree level at a time: a root's child
+    # is its parent's step (or 1 - it), a deeper node its parent's indicator times that
+    step_of = {i: j for j, i in enumerate(branches)}
+    indicator: dict[int, tuple[Weights, float]] = {}
+    level = [index[(tree, 0)] for tree in sorted(set(trees))]
+    while level:
+        children: list[tuple[int, int, tuple[Weights, float]]] = []  # (node, parent, factor)
+        for i in (i for i in level if modes[i] != "LEAF"):
+            j = step_of[i]
+            children.append((index[(trees[i], true_ids[i])], i,
+                             (steps.weights[[j]], float(steps.bias[j]))))
+            children.append((index[(trees[i], false_ids[i])], i,
+                             (-steps.weights[[j]], 1.0 - float(steps.bias[j]))))
+        deep = [(c, p, factor) for c, p, factor in children if p in indicator]
+        indicator.update({c: factor for c, p, factor in children if p not in indicator})
+        if deep:
+            product = t.product(_rows_affine(t, [indicator[p] for _c, p, _f in deep]),
+                                _rows_affine(t, [factor for _c, _p, factor in deep]), name)
+            indicator.update({c: (product.weights[[r]], float(product.bias[r]))
+                              for r, (c, _p, _f) in enumerate(deep)})
+        level = [c for c, _p, _f in children]
+    outputs = max((int(v) for v in _attr(node, f"{prefix}_ids", [])), default=0) + 1
+    weights: FloatArray = np.zeros((outputs, t.basis_values.shape[1]))
+    bias: FloatArray = np.zeros(outputs)
+    for tree, leaf, target, w in zip(_attr(node, f"{prefix}_treeids", []),
+                                     _attr(node, f"{prefix}_nodeids", []),
+                                     _attr(node, f"{prefix}_ids", []),
+                                     _attr(node, f"{prefix}_weights", []), strict=True):
+        row, constant = indicator.get(index[(int(tree), int(leaf))], (None, 1.0))
+        if row is not None:
+            weights[int(target)] += float(w) * t._pad(row).toarray()[0]
+        bias[int(target)] += float(w) * constant
+    if aggregate == "AVERAGE":
+        weights, bias = weights / len(set(trees)), bias / len(set(trees))  # per tree
+    bias += np.broadcast_to(np.asarray(_attr(node, "base_values", None) or [0.0],
+                                       dtype=np.float64), bias.shape)
+    scores = Affine(as_weights(weights), bias, (outputs,))
+    if not classifier:
+        return [scores]
+    labels = _names(_attr(node, "classlabels_int64s", None)
+                    or _attr(node, "classlabels_strings", None) or [])
+    t.class_labels = labels
+    if outputs == 1 and len(labels) == 2:  # onnxruntime's binary case: s scores the second
+        # class: [1 - s, s], or with LOGISTIC [sigmoid(-s), sigmoid(s)]
+        first = (1.0 if post == "NONE" else 0.0) - bias[0]
+        scores = Affine(as_weights(sparse.vstack([-scores.weights, scores.weights])),
+                        np.array([first, bias[0]]), (2,))
+    ops: tuple[Activation | str, ...] = _POST_TRANSFORMS[post]
+    return [Labels(labels), Deferred(scores, ops, name) if ops else scores]
+
+
+def _rows_affine(t: _Tracer, rows: list[tuple[Weights, float]]) -> Affine:
+    return Affine(as_weights(sparse.vstack([t._pad(r) for r, _b in rows])),
+                  np.array([b for _r, b in rows]), (len(rows),))
+
+
 def _zipmap(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
     labels = _attr(node, "classlabels_int64s", None) or _attr(node, "classlabels_strings", [])
     if labels and not t.class_labels:
@@ -1066,6 +1170,8 @@ _HANDLERS: dict[str, Handler] = {
     "LinearClassifier": _linear_classifier,
     "SVMClassifier": _svm_classifier,
     "SVMRegressor": _svm_regressor,
+    "TreeEnsembleClassifier": _tree_ensemble,
+    "TreeEnsembleRegressor": _tree_ensemble,
     "ZipMap": _zipmap,
     "ArgMax": _argmax,
     "ArrayFeatureExtractor": _feature_extractor,

@@ -1,18 +1,23 @@
 """scikit-learn models as skl2onnx exports them: SVMs (exact for linear and degree-2
-polynomial kernels, refused otherwise), linear SVMs, and the binary MLP's output sigmoid."""
+polynomial kernels, refused otherwise), linear SVMs, the binary MLP's output sigmoid, and
+tree ensembles (smoothed comparisons)."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 from skl2onnx import to_onnx
-from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris, load_wine
+from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier
 from sklearn.svm import SVC, SVR, LinearSVC, LinearSVR
+from sklearn.tree import DecisionTreeClassifier
 
 from common.errors import Unsupported
 from common.he import engine
@@ -161,3 +166,78 @@ def test_degree_two_svc_under_encryption() -> None:
     sess = session(model)
     (labels,) = sess.run([compiled.tail.label_output], model_feed(sess, x))
     assert predicted_labels(scores, compiled.tail.class_labels) == [str(v) for v in labels]
+
+
+def _split(x: FloatArray, y: Any) -> tuple[FloatArray, FloatArray, Any]:
+    order = np.random.default_rng(0).permutation(len(x))
+    train, test = order[: len(x) * 7 // 10], order[len(x) * 7 // 10:]
+    return x[train], x[test], y[train]
+
+
+@pytest.mark.parametrize(("make", "dataset", "ops"), [
+    (lambda: DecisionTreeClassifier(max_depth=3, random_state=0), "cancer", ()),
+    (lambda: RandomForestClassifier(n_estimators=4, max_depth=3, random_state=0), "cancer",
+     ()),
+    (lambda: GradientBoostingClassifier(n_estimators=6, max_depth=2, random_state=0),
+     "cancer", ("sigmoid",)),
+    (lambda: GradientBoostingClassifier(n_estimators=3, max_depth=2, random_state=0), "wine",
+     ("softmax",))])
+def test_tree_ensembles_compile_to_smoothed_comparisons(make: Callable[[], Any], dataset: str,
+                                                        ops: tuple[str, ...]) -> None:
+    """Every comparison a smoothed step (one series unit), every leaf the product of the
+    steps on its path (one squaring level per tree level below the first): onnxruntime's
+    labels on held-out rows (binary: [1 - s, s] or [sigmoid(-s), sigmoid(s)]; 3 classes:
+    softmax), exact away from thresholds."""
+    x, y = load_breast_cancer(return_X_y=True) if dataset == "cancer" else load_wine(
+        return_X_y=True)
+    x_train, x_test, y_train = _split(x, y)
+    estimator = make().fit(x_train, y_train)
+    model = _onnx(estimator, x_train, zipmap=False)
+    compiled = compile_model(model, x_train)
+    assert compiled.tail.ops == ops
+    branches = sum(1 for t in getattr(estimator, "estimators_", [estimator])
+                   for tree in np.ravel([t]) for f in tree.tree_.feature if f >= 0)
+    series, *squares = compiled.plan.stages
+    assert series.kind == "series" and series.units == branches and "step" in series.label
+    assert [s.kind for s in squares] == ["square"] * (estimator.max_depth - 1)
+    rows = np.clip(x_test, x_train.min(axis=0), x_train.max(axis=0))  # as the buyer clips
+    reference = run_model(model, rows, compiled.tail.probability_output,
+                          compiled.tail.class_labels)
+    ours = apply_tail(compiled.plan.simulate(rows), compiled.tail.ops)
+    agree = np.mean([a == b for a, b in zip(predicted_labels(ours, compiled.tail.class_labels),
+                                            predicted_labels(reference,
+                                                             compiled.tail.class_labels),
+                                            strict=True)])
+    assert agree >= 0.98
+    # rows far from every threshold on their paths get the tree's own outputs
+    assert np.median(np.abs(ours - reference)) < 0.01
+
+
+def test_a_tree_comparing_for_equality_is_refused_by_name() -> None:
+    x, y = load_breast_cancer(return_X_y=True)
+    model = onnx.load_model_from_string(_onnx(DecisionTreeClassifier(max_depth=2).fit(x, y), x,
+                                              zipmap=False))
+    node = next(n for n in model.graph.node if n.op_type == "TreeEnsembleClassifier")
+    modes = next(a for a in node.attribute if a.name == "nodes_modes")
+    modes.strings[0] = b"BRANCH_EQ"
+    with pytest.raises(Unsupported, match="comparisons \\['BRANCH_EQ'\\]"):
+        compile_model(model.SerializeToString(), x)
+
+
+def test_a_small_tree_under_encryption() -> None:
+    """The series steps and the leaf products on OpenFHE: decrypted scores are the plan's.
+    On a small insecure ring (security 0): it checks the evaluation, not security."""
+    x, y = load_breast_cancer(return_X_y=True)
+    model = _onnx(DecisionTreeClassifier(max_depth=2, random_state=0).fit(x, y), x,
+                  zipmap=False)
+    compiled = compile_model(model, x)
+    plan = compiled.plan
+    params = choose_params(engine.levels_needed(plan), 0, compiled.value_bound,
+                           insecure_ring=4096)
+    cc = engine.build_context(params, 0)
+    secret, public = engine.generate_keys(cc, new_key_tag())
+    rows = x[:32]
+    inputs = [engine.encrypt_vector(cc, public, column) for column in plan.encoded(rows).T]
+    results = engine.evaluate(cc, plan, inputs, lambda done, total: None)
+    scores = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in results]).T
+    assert np.abs(scores - plan.simulate(rows)).max() < 1e-3
