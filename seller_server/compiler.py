@@ -101,7 +101,7 @@ class CompiledModel:
     calibration_agreement: float  # top-1 agreement with onnxruntime on calibration rows
     layer_errors: tuple[tuple[str, float], ...]  # per activation: max |p - f| on its inputs
     fits: tuple[Fit, ...]  # per approximated activation
-    value_bound: float  # max |value| any stage input or score takes over the input domain
+    value_bound: float  # max |value| any computed stage input or score takes over the domain
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,9 @@ class _Tracer:
         self.basis_low, self.basis_high = (np.array(v, dtype=np.float64) for v in domain)
         self.fits: list[Fit] = []
         self.box = domain
-        self.value_bound = INPUT_RANGE  # the inputs as encrypted (HEPlan.with_input_encoding)
+        # the inputs are encrypted at the top level, where the whole modulus chain holds
+        # them: only values computed from them size the first modulus
+        self.value_bound = 0.0
         self.output_bound = 0.0
         self.input_count = rows.shape[1]
         self.stages: list[PolyStage] = []
