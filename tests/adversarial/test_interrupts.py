@@ -127,11 +127,14 @@ def _balance(daemon: Daemon, buyer: str) -> int:
 
 
 def _start_trial(daemon: Daemon, home: Path, buyer: str, csv: Path) -> subprocess.Popen[str]:
+    # Ctrl-C as at a terminal: a shell that starts the tests in the background (`&`, no job
+    # control) makes them ignore SIGINT, and the buyer would inherit that
     return subprocess.Popen(
         buyer_command(daemon, home, buyer, "trial", LR, "--data", str(csv), "--label-column",
                       "y", "--rows", ROWS),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "COLUMNS": "200"})
+        env={**os.environ, "COLUMNS": "200"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _ok(result: subprocess.CompletedProcess[str]) -> str:
