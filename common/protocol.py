@@ -12,7 +12,7 @@ import numpy as np
 
 from common.he.packing import SLOT_PER_SAMPLE, Packing
 from common.he.params import CkksParams
-from common.he.plan import FloatArray
+from common.he.plan import FloatArray, encode_columns
 
 OFFER = "gimme.v1.Offer"
 RECEIPT = "gimme.v1.Receipt"
@@ -51,8 +51,7 @@ class EncodingSpec:
         """What the buyer encrypts of its (clipped) rows."""
         if not self.input_offset:
             return rows
-        encoded: FloatArray = (rows - np.array(self.input_offset)) * np.array(self.input_scale)
-        return encoded
+        return encode_columns(rows, self.input_offset, self.input_scale)
 
     def decoded(self, values: FloatArray) -> FloatArray:
         """The rows that `encoded` turned into `values` (e.g. decrypted inputs)."""

@@ -228,8 +228,7 @@ class HEPlan:
             raise BadInput(f"plan expects rows with {self.input_count} columns, got {basis.shape}")
         if self.input_offset is None or self.input_scale is None:
             return basis
-        encoded: FloatArray = (basis - self.input_offset) * self.input_scale
-        return encoded
+        return encode_columns(basis, self.input_offset, self.input_scale)
 
     # ----- guaranteed ranges (see the module's docstring) -----
 
@@ -367,6 +366,13 @@ class HEPlan:
 
     def digest(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
+
+
+def encode_columns(rows: FloatArray, offset: npt.ArrayLike, scale: npt.ArrayLike
+                   ) -> FloatArray:
+    """The input encoding (see the module's docstring): (x - offset) * scale per column."""
+    encoded: FloatArray = (rows - np.asarray(offset)) * np.asarray(scale)
+    return encoded
 
 
 def model_scores(scores: FloatArray, range_check: bool) -> FloatArray:
