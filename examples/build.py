@@ -7,9 +7,11 @@ DIR/data/ (held-out test rows for the buyer, with a label column `y`):
   * breast-cancer-lr: StandardScaler + LogisticRegression on breast_cancer (exact under HE)
   * digits-mlp: MinMaxScaler + MLPClassifier (64-32-10, tanh) on digits (tanh approximated
     by Chebyshev polynomials on calibrated ranges)
-With --cnn it adds the PyTorch-exported networks of examples/models/ (trained by
-examples/torch_models.py): digits-square-mlp, digits-cnn (8x8) and cryptonets (28x28
-upsampled digits); their calibration rows are .npz files.
+With --cnn it adds the larger networks: digits-relu-mlp (MinMaxScaler + MLPClassifier
+64-32-10 with ReLU: one Chebyshev series shared by its hidden units) and the
+PyTorch-exported networks of examples/models/ (trained by examples/torch_models.py):
+digits-square-mlp, digits-cnn (8x8) and cryptonets (28x28 upsampled digits); their
+calibration rows are .npz files.
 """
 
 from __future__ import annotations
@@ -125,6 +127,14 @@ def build(out: Path, cnn: bool = False) -> None:
              "min-max scaler + MLP 64-32-10 with tanh.",
              "40.00", 2000, mlp, pixel_columns(8), x_train, x_test, y_test, zipmap=False)
     if cnn:
+        relu = make_pipeline(MinMaxScaler(), MLPClassifier(
+            (32,), activation="relu", alpha=0.1, max_iter=1500, random_state=SEED)
+        ).fit(x_train, y_train)
+        _publish(out, "digits-relu-mlp",
+                 "Handwritten digit recognition from 8x8 images; min-max scaler + MLP "
+                 "64-32-10 with ReLU (a high-degree Chebyshev series under encryption).",
+                 "40.00", 2000, relu, pixel_columns(8), x_train, x_test, y_test,
+                 zipmap=False)
         build_torch_models(out)
 
 
@@ -132,7 +142,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "build")
     parser.add_argument("--cnn", action="store_true",
-                        help="also list the PyTorch-exported networks (square MLP, CNNs)")
+                        help="also list the larger networks (a ReLU MLP; the PyTorch-"
+                             "exported square MLP and CNNs)")
     args = parser.parse_args()
     build(args.out, args.cnn)
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -65,7 +65,7 @@ RANGE_GUARD = 1e-3
 NEGLIGIBLE = 1e-12  # relative size of a Chebyshev coefficient below which it is rounding noise
 WORST_CASE_POINTS = 257  # grid on which an approximation's worst error over its range is read
 MAX_INPUT_FEATURES = 4096
-DEGREES = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 48, 64, 96, 128, 192, 247)
+DEGREES = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 48, 64, 96, 128, 192, 246, 352, 494)
 # up to this degree an activation adds T_1..T_D to the basis; above, one Paterson-Stockmeyer
 # series entry per unit (common.he.plan: "series"), which kinks on wide ranges need
 MAX_BASIS_DEGREE = 32
@@ -184,7 +184,8 @@ def compile_model(
 
     Each approximated activation gets the smallest Chebyshev degree whose error on the
     seller's rows is within a local bound; the bound is tightened until the error on
-    the model's compared output meets `error_target`. `degree` fixes every degree;
+    the model's compared output meets `error_target` (when it never does: the loosest
+    bound within 5% of the least error). `degree` fixes every degree;
     `degrees` fixes them one by one (to compile a variant of a model to the same depth).
     """
     model = parse_model(model_bytes, "the model")
@@ -192,7 +193,7 @@ def compile_model(
     box = _domain_box(rows, domain)
     fixed = degree is not None or degrees is not None
     bounds: Sequence[float | None] = (None,) if fixed else LOCAL_TOLERANCES
-    best: CompiledModel | None = None
+    tried: list[CompiledModel] = []
     reference: FloatArray | None = None
     for bound in bounds:
         tracer = _Tracer(model, rows, box, degree, bound, degrees)
@@ -200,12 +201,24 @@ def compile_model(
         if reference is None:
             reference = run_model(model_bytes, rows, tail.probability_output, tail.class_labels)
         compiled = _measure(plan, tail, tracer, rows, reference)
-        if best is None or compiled.approximation_error < best.approximation_error:
-            best = compiled
         if not tracer.layer_errors or compiled.approximation_error <= error_target:
             return compiled
-    assert best is not None
-    return best
+        tried.append(compiled)
+    # none meets the target: the cheapest (loosest bound) of those near the best
+    return _cheapest_near_best(tried, [c.approximation_error for c in tried])
+
+
+T = TypeVar("T")
+
+
+def _cheapest_near_best(candidates: Sequence[T], errors: Sequence[float]) -> T:
+    """The first (cheapest) candidate whose error is within 5% of the least; the last if
+    no error is finite (the caller names the NaN)."""
+    finite = [e for e in errors if np.isfinite(e)]
+    if not finite:
+        return candidates[-1]
+    least = min(finite)
+    return next(c for c, e in zip(candidates, errors, strict=True) if e <= 1.05 * least)
 
 
 def _domain_box(rows: FloatArray, domain: tuple[npt.ArrayLike, npt.ArrayLike] | None
@@ -330,7 +343,8 @@ class _Tracer:
         missing = [n for n, a in zip(node.input, args, strict=True) if n and a is None]
         if missing:
             raise Unsupported(f"node {node.name!r} ({node.op_type}) reads undefined {missing}")
-        if all(isinstance(a, np.ndarray) or a is None for a in args):
+        if all(isinstance(a, np.ndarray) or a is None for a in args) and (
+                node.op_type not in _ROW_SHAPE_HANDLERS):
             outputs = self._fold_constant(node, args)
         elif node.op_type in _HANDLERS:
             outputs = _HANDLERS[node.op_type](self, node, args)
@@ -468,34 +482,35 @@ class _Tracer:
                                    np.ones((z.features, 1)), np.zeros(z.features), z.shape)
         pre = (weights @ self.basis_values.T).T + z.bias  # calibration values of the inputs
         lo, hi = self.interval(weights, z.bias)
-        mid = (hi + lo) / 2
-        half = np.maximum((hi - lo) / 2 * (1 + RANGE_GUARD), 1e-3)
-        u = (pre - mid) / half
+        own = _Normalization((hi + lo) / 2, np.maximum((hi - lo) / 2 * (1 + RANGE_GUARD), 1e-3),
+                             np.ones(z.features))
         target = activation.evaluate(pre)
-        degree, coeffs, error = self._fit(activation, u, mid, half, target)
+        fitted = self._fit(activation, pre, target, own, _shared(activation, lo, hi))
+        degree, coeffs, offset, error, norm = fitted
         if not (_finite(target) and _finite(coeffs)):
             raise Unsupported(f"{activation.name} at {origin!r} gives NaN or infinite values on "
                               f"its guaranteed range (from {float(lo.min()):.3g} to "
                               f"{float(hi.max()):.3g}); an HE plan must be finite everywhere "
                               f"(check the activation's parameters)")
         grid = np.linspace(-1.0, 1.0, WORST_CASE_POINTS)[:, None] * np.ones(z.features)
-        worst = float(np.abs(_chebyshev_values(grid, coeffs)
-                             - activation.evaluate(mid + grid * half)).max())
+        worst = float(np.abs(norm.scale * _chebyshev_values(grid, coeffs) - offset
+                             - activation.evaluate(norm.mid + grid * norm.half)).max())
         seen = (pre.max(axis=0) - pre.min(axis=0)) / 2
-        widening = float(np.median(half / np.maximum(seen, 1e-9 * half)))
+        widening = float(np.median(norm.half / np.maximum(seen, 1e-9 * norm.half)))
         name = f"{activation.name} at {origin!r}"
         self.layer_errors.append((name, error))
         self.fits.append(Fit(name, degree, error, worst, widening))
         series = degree > MAX_BASIS_DEGREE
         label = (f"{name}: Chebyshev {'series ' if series else ''}degree {degree} (max error "
                  f"{error:.1e}; guaranteed ranges {widening:.1f}x the rows')")
-        weights, bias = as_weights(sparse.diags_array(1.0 / half) @ weights), (z.bias - mid) / half
+        weights = as_weights(sparse.diags_array(1.0 / norm.half) @ weights)
+        bias = (z.bias - norm.mid) / norm.half
         if series:
             stage = PolyStage(weights, bias, degree, label, "series", coeffs.T.copy())
-            return self._add_stage(stage, np.ones((z.features, 1)), np.zeros(z.features),
-                                   z.shape)
-        return self._add_stage(PolyStage(weights, bias, degree, label), coeffs[1:].T,
-                               coeffs[0], z.shape)
+            return self._add_stage(stage, norm.scale[:, None], -offset, z.shape)
+        return self._add_stage(PolyStage(weights, bias, degree, label),
+                               coeffs[1:].T * norm.scale[:, None],
+                               coeffs[0] * norm.scale - offset, z.shape)
 
     def product(self, a: Affine, b: Affine, origin: str) -> Affine:
         """a * b elementwise, exactly: ((a + b)^2 - (a - b)^2) / 4, one squaring level."""
@@ -509,12 +524,12 @@ class _Tracer:
         return Affine(as_weights(0.25 * (squares.weights[:n] - squares.weights[n:])),
                       np.zeros(n), a.shape)
 
-    def _fit(self, activation: Activation, u: FloatArray, mid: FloatArray, half: FloatArray,
-             target: FloatArray) -> tuple[int, FloatArray, float]:
+    def _fit(self, activation: Activation, pre: FloatArray, target: FloatArray,
+             own: _Normalization, shared: _Normalization | None) -> _Fitted:
         """Chebyshev interpolants of every unit's function on its interval: the fixed degree,
-        or the smallest whose error on the seller's rows is within the local bound (the
-        largest degree tried when none is). Returns (degree, coefficients (degree+1, units),
-        error)."""
+        or the smallest whose error on the seller's rows is within the local bound (when
+        none is, the smallest within 5% of the least error). A series (degree above
+        MAX_BASIS_DEGREE) is one polynomial for all units where `shared` gives one."""
         if self.fixed_degrees is not None:
             if not self.fixed_degrees:
                 raise Unsupported("more approximated activations than fixed degrees")
@@ -522,23 +537,30 @@ class _Tracer:
         else:
             degrees = (self.degree,) if self.degree is not None else DEGREES
         bound = self.local_bound
-        best: tuple[int, FloatArray, float] | None = None
+        tried: list[_Fitted] = []
         for degree in degrees:
+            norm = shared if shared is not None and degree > MAX_BASIS_DEGREE else own
             nodes = np.polynomial.chebyshev.chebpts1(degree + 1)
-            samples = activation.evaluate(mid + np.outer(nodes, half))  # (degree+1, units)
+            samples = activation.evaluate(norm.mid + np.outer(nodes, norm.half)) / norm.scale
+            if norm is shared:
+                samples = samples[:, :1]  # the same function for every unit (`_shared`)
             coeffs = np.polynomial.chebyshev.chebvander(nodes, degree).T @ samples
             coeffs[0] /= degree + 1
             coeffs[1:] /= (degree + 1) / 2
             # rounding noise (e.g. an odd function's even terms) is zero: below CKKS's
             # resolution, it would only cost a series term or a packed plaintext
             coeffs[np.abs(coeffs) < NEGLIGIBLE * np.abs(coeffs).max(axis=0)] = 0.0
-            error = float(np.abs(_chebyshev_values(u, coeffs) - target).max())
-            if best is None or error < best[2]:
-                best = (degree, coeffs, error)
+            coeffs = np.broadcast_to(coeffs, (degree + 1, pre.shape[1])).copy()
+            u = (pre - norm.mid) / norm.half
+            residual = norm.scale * _chebyshev_values(u, coeffs) - target
+            # a kink's interpolant errs to one side near it: without its mean on the rows,
+            # every unit's error adds up in the next layer
+            offset = residual.mean(axis=0)
+            error = float(np.abs(residual - offset).max())
+            tried.append(_Fitted(degree, coeffs, offset, error, norm))
             if bound is not None and error <= bound:
-                return degree, coeffs, error
-        assert best is not None
-        return best
+                return tried[-1]
+        return _cheapest_near_best(tried, [fit.error for fit in tried])
 
     def _add_stage(self, stage: PolyStage, combine: FloatArray, constant: FloatArray,
                    shape: tuple[int, ...]) -> Affine:
@@ -641,6 +663,57 @@ class _Tracer:
                 raise Unsupported(f"node {node.name!r} ({node.op_type}) is not affine in its "
                                   f"encrypted input (e.g. it multiplies two encrypted "
                                   f"tensors); only x*x and affine layers are supported")
+
+
+@dataclass(frozen=True)
+class _Normalization:
+    """x = mid + half * u, and f(x) = scale * p(u) with p fitted on |u| <= 1 (per unit)."""
+
+    mid: FloatArray
+    half: FloatArray
+    scale: FloatArray
+
+
+class _Fitted(NamedTuple):
+    degree: int
+    coefficients: FloatArray  # (degree + 1, units)
+    offset: FloatArray  # per unit: f = scale * p(u) - offset
+    error: float  # max |f - approximation| on the seller's rows
+    normalization: _Normalization
+
+
+HOMOGENEITY_POINTS = 33
+# the common domains [-a, 1] tried for a shared polynomial (see `_shared`)
+SHARED_LEFT_ENDS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
+
+
+def _shared(activation: Activation, low: FloatArray, high: FloatArray
+            ) -> _Normalization | None:
+    """A normalization under which every unit's function is one function p on [-1, 1]:
+    each unit's range inside [-a s_i, s_i] for one a, and f_i(s_i v) = s_i^k q(v) (relu,
+    leaky relu, |.|: k = 1; a tree's steps, which scale with their reach: k = 0, a = 1);
+    None for other functions. One polynomial for all units is what lets feature packing
+    evaluate a series stage as one ciphertext. The a chosen is the one with the least
+    sum of s_i sqrt(a) over units whose range holds the kink at 0: a degree-n fit of a
+    kink at t in [-1, 1] errs by about sqrt(1 - t^2) / n (over [-a s, s], with t = (a -
+    1)/(a + 1), s sqrt(a)); sqrt(-low high) is what a unit's own fit pays."""
+    guarded_low, guarded_high = low * (1 + RANGE_GUARD), high * (1 + RANGE_GUARD)
+    kinked = (low < 0) & (high > 0)
+
+    def scales(a: float) -> FloatArray:
+        scale: FloatArray = np.maximum(np.maximum(guarded_high, -guarded_low / a), 1e-3)
+        return scale
+
+    grid = np.linspace(-1.0, 1.0, HOMOGENEITY_POINTS)[:, None]
+    for a in sorted(SHARED_LEFT_ENDS, key=lambda a: float(np.sum(scales(a)[kinked]) * a**0.5)):
+        scale = scales(a)
+        mid, half = scale * (1 - a) / 2, scale * (1 + a) / 2
+        values = activation.evaluate(mid + grid * half)
+        for k in (1, 0):
+            common = values / scale**k
+            if np.allclose(common, common[:, :1], rtol=1e-9, atol=1e-12):
+                return _Normalization(mid, half, scale**k)
+    return None
 
 
 def _series_range(coefficients: FloatArray) -> tuple[FloatArray, FloatArray]:
@@ -1135,6 +1208,42 @@ def _feature_extractor(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> l
     return t._probe(node, args)
 
 
+def _reduce_prod(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    """The product of a flat row's features (skl2onnx's PolynomialFeatures: one per
+    monomial), as a tree of exact pairwise products: a repeated factor is squared."""
+    value = t.trunk(node, args[0])
+    axes = (np.asarray(args[1]).reshape(-1).tolist() if len(args) > 1 and args[1] is not None
+            else _attr(node, "axes", None))
+    if len(value.shape) != 1 or axes is None or [int(a) for a in axes] not in ([1], [-1]):
+        raise Unsupported(f"node {node.name!r} (ReduceProd) over axes {axes} of rows shaped "
+                          f"{list(value.shape)}; only over the features of flat rows")
+    origin = node.name or node.op_type
+    weights = t._pad(value.weights)
+    factors = [Affine(as_weights(weights[[i]]), value.bias[[i]], (1,))
+               for i in range(value.features)]
+    while len(factors) > 1:
+        a, b = factors.pop(0), factors.pop(0)
+        same = a.bias[0] == b.bias[0] and (t._pad(a.weights) != t._pad(b.weights)).nnz == 0
+        factors.append(t._materialize(a, SQUARE, origin) if same else t.product(a, b, origin))
+    (result,) = factors
+    keep = bool(_attr(node, "keepdims", 1))
+    return [Affine(result.weights, result.bias, (1,) if keep else ())]
+
+
+def _constant_of_shape(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    """A constant tensor shaped like an encrypted one (`_shape`: rows written -1), as an
+    affine value with no weights."""
+    shape = np.asarray(args[0]).reshape(-1)
+    if not (shape.size and shape[0] == -1):
+        return t._fold_constant(node, args)
+    fill = (numpy_helper.to_array(node.attribute[0].t).reshape(-1)
+            if node.attribute else np.zeros(1))
+    per_row = tuple(int(d) for d in shape[1:])
+    count = int(np.prod(per_row))
+    return [Affine(as_weights((count, t.basis_values.shape[1])),
+                   np.full(count, float(fill[0])), per_row)]
+
+
 def _shape(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
     """The shape of an encrypted tensor is known but for the row count, written -1 (what
     `x.view(x.size(0), -1)` style reshapes need)."""
@@ -1178,7 +1287,12 @@ _HANDLERS: dict[str, Handler] = {
     "ArgMax": _argmax,
     "ArrayFeatureExtractor": _feature_extractor,
     "Shape": _shape,
+    "ConstantOfShape": _constant_of_shape,
+    "ReduceProd": _reduce_prod,
 }
+
+# handlers whose constant inputs may be `_shape`'s (rows: -1), which no evaluator folds
+_ROW_SHAPE_HANDLERS = {"ConstantOfShape"}
 
 _UNBOUNDED = "; it has no bounded range, use a bounded activation in the model instead"
 _SUGGESTIONS = {

@@ -299,15 +299,18 @@ def test_bident_merges_evaluate_encrypted(merge: str) -> None:
 
 
 @pytest.mark.parametrize(("model", "degree", "folded"), [
-    ("tanh-mlp", 6, True), ("tanh-mlp", 7, False), ("max-bident", 6, True)])
+    ("tanh-mlp", 6, True), ("tanh-mlp", 7, False), ("max-bident", 6, True),
+    ("relu-mlp", 48, False)])
 def test_feature_packed_evaluation_matches_the_plan(model: str, degree: int,
                                                     folded: bool) -> None:
     """All features of a row in one ciphertext, `stride` rows strided in it; baby-step/
     giant-step diagonal products with hoisted rotations: the same scores as the
     slot-per-sample plan, for full and partly filled ciphertexts. A tanh of degree 6 is
     folded into one block (T_1..T_4 and T_4 * (T_1, T_2): no extra level); degree 7
-    would need one, so it stays 7 blocks; the bident's Max is a folded |a - b|."""
-    onnx_model = g.mlp("Tanh") if model == "tanh-mlp" else g.bident("max", "square")
+    would need one, so it stays 7 blocks; the bident's Max is a folded |a - b|; a relu
+    of degree 48 is one Chebyshev series for all units, one OpenFHE series call."""
+    onnx_model = {"tanh-mlp": g.mlp("Tanh"), "relu-mlp": g.mlp("Relu")}.get(
+        model) or g.bident("max", "square")
     rows = g.calibration()
     compiled = compile_model(onnx_model, rows, degree=degree)
     params = choose_params(engine.levels_needed(compiled.plan), 128,
@@ -315,6 +318,7 @@ def test_feature_packed_evaluation_matches_the_plan(model: str, degree: int,
     cc = engine.build_context(params, 128)
     packed = pack_plan(compiled.plan)
     assert any(s.fold is not None for s in packed.stages) == folded
+    assert any(s.coefficients is not None for s in packed.stages) == (model == "relu-mlp")
     expected = compiled.plan.simulate(rows)
     encoded = compiled.plan.encoded(rows)  # as the buyer encrypts them
     for row, want in zip(encoded[:3], expected[:3], strict=True):
@@ -332,7 +336,7 @@ def test_feature_packed_evaluation_matches_the_plan(model: str, degree: int,
         sample = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(vector.tolist()))
         scores = engine.decrypt_vector(cc, secret, evaluator.evaluate(sample), slots)
         got = layout.decode([np.array(scores)], count, packed.scores)
-        assert np.abs(got - expected[:count]).max() < 1e-3
+        assert np.abs(got - expected[:count]).max() < 3e-4 * compiled.value_bound  # as below
 
 
 @pytest.mark.parametrize(("degree", "security_bits"), [(48, 128), (128, 0)])
@@ -341,16 +345,18 @@ def test_high_degree_activations_are_openfhe_series_at_the_planned_depth(
     """Above degree 32 an activation adds one Paterson-Stockmeyer series entry per unit:
     OpenFHE evaluates it within the levels the plan counts (`settle` refuses a result
     above the plan's depth) and to the plan's values; the plan keeps its coefficients
-    through storage; feature packing refuses it by name. Degree 128 runs on a small
-    insecure ring (security 0): it checks the depth table, not security."""
+    through storage; feature packing refuses a tanh series, whose units each have their
+    own polynomial, by name. Degree 128 runs on a small insecure ring (security 0): it
+    checks the depth table, not security."""
     rows = g.calibration()[:64]
     compiled = compile_model(g.mlp("Relu"), rows, degree=degree)
     (stage,) = compiled.plan.stages
     assert stage.kind == "series" and stage.width == 1
     stored = HEPlan.from_bytes(compiled.plan.to_bytes())
     assert np.array_equal(stored.simulate(rows), compiled.plan.simulate(rows))
-    with pytest.raises(Unsupported, match="feature packing does not evaluate"):
-        pack_plan(compiled.plan)
+    with pytest.raises(Unsupported, match="feature packing does not evaluate a Chebyshev "
+                       "series whose units each have their own polynomial"):
+        pack_plan(compile_model(g.mlp("Tanh"), rows, degree=degree).plan)
     params = choose_params(engine.levels_needed(compiled.plan), security_bits,
                            compiled.value_bound, insecure_ring=0 if security_bits else 4096)
     cc = engine.build_context(params, security_bits)
@@ -359,7 +365,9 @@ def test_high_degree_activations_are_openfhe_series_at_the_planned_depth(
               for column in compiled.plan.encoded(rows).T]
     scores = engine.evaluate(cc, compiled.plan, inputs, lambda done, total: None)
     decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
-    assert np.abs(decrypted - compiled.plan.simulate(rows)).max() < 1e-3
+    # the planner's scale (2^36 here) leaves CKKS ~1e-4 of the values' range after a
+    # series that every unit shares (each unit scales it by its reach)
+    assert np.abs(decrypted - compiled.plan.simulate(rows)).max() < 3e-4 * compiled.value_bound
 
 
 @pytest.mark.parametrize("workers", [1, 2])

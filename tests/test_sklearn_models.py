@@ -15,7 +15,10 @@ from skl2onnx import to_onnx
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris, load_wine
 from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LinearRegression
 from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import PolynomialFeatures
 from sklearn.svm import SVC, SVR, LinearSVC, LinearSVR
 from sklearn.tree import DecisionTreeClassifier
 
@@ -166,6 +169,43 @@ def test_degree_two_svc_under_encryption() -> None:
     sess = session(model)
     (labels,) = sess.run([compiled.tail.label_output], model_feed(sess, x))
     assert predicted_labels(scores, compiled.tail.class_labels) == [str(v) for v in labels]
+
+
+@pytest.mark.parametrize(("degree", "depth"), [(2, 3), (3, 5)])
+def test_polynomial_features_compile_to_exact_products(degree: int, depth: int) -> None:
+    """skl2onnx writes one ReduceProd per monomial: x_i x_j is an exact product (a
+    repeated factor one square), a cubic term a product of a product: two levels per
+    product (its weights, its square) after the first."""
+    x = _standardized(DIABETES_X[:, :4])
+    model = _onnx(make_pipeline(PolynomialFeatures(degree), LinearRegression()).fit(
+        x, DIABETES_Y), x)
+    assert "ReduceProd" in {n.op_type for n in onnx.load_from_string(model).graph.node}
+    compiled = compile_model(model, x)
+    assert compiled.layer_errors == ()
+    assert {s.kind for s in compiled.plan.stages} == {"square"}
+    assert compiled.plan.depth() == depth
+    reference = run_model(model, x, compiled.tail.probability_output, ())
+    assert np.abs(compiled.plan.simulate(x) - reference).max() < 1e-3
+
+
+def test_polynomial_features_under_encryption() -> None:
+    """The products on OpenFHE at 128-bit: decrypted predictions are onnxruntime's."""
+    x = _standardized(DIABETES_X[:, :4])
+    model = _onnx(make_pipeline(PolynomialFeatures(3), LinearRegression()).fit(
+        x, DIABETES_Y), x)
+    compiled = compile_model(model, x)
+    plan = compiled.plan
+    params = choose_params(engine.levels_needed(plan), 128,
+                           float(np.abs(plan.simulate(x)).max()))
+    cc = engine.build_context(params, 128)
+    secret, public = engine.generate_keys(cc, new_key_tag())
+    rows = x[:64]
+    inputs = [engine.encrypt_vector(cc, public, column) for column in plan.encoded(rows).T]
+    results = engine.evaluate(cc, plan, inputs, lambda done, total: None)
+    predicted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows))
+                          for ct in results]).T
+    reference = run_model(model, rows, compiled.tail.probability_output, ())
+    assert np.abs(predicted - reference).max() < 1e-3 * float(np.abs(reference).max())
 
 
 def _split(x: FloatArray, y: Any) -> tuple[FloatArray, FloatArray, Any]:

@@ -567,7 +567,7 @@ def _stage_entries(cc: Context, stage: PolyStage | PackedStage, u: Ciphertext,
         square = cc.EvalMult(u, u) if relinearize else cc.EvalMultNoRelin(u, u)
         cc.RescaleInPlace(square)
         return [square]
-    if isinstance(stage, PolyStage) and stage.coefficients is not None:
+    if stage.coefficients is not None:  # a packed stage's units share row 0
         coefficients = stage.coefficients[unit].copy()
         coefficients[0] *= 2  # OpenFHE's series halves the T_0 coefficient
         return [cc.EvalChebyshevSeries(u, [float(c) for c in coefficients], -1.0, 1.0)]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.errors import Unsupported
-from common.he.plan import FloatArray, HEPlan, chebyshev_basis
+from common.he.plan import FloatArray, HEPlan, chebyshev_basis, chebyshev_series
 
 SLOT_PER_SAMPLE = "slot-per-sample"
 FEATURE_PACKED = "feature-packed"
@@ -159,16 +159,21 @@ class PackedLinear:
 @dataclass(frozen=True)
 class PackedStage:
     linear: PackedLinear
-    kind: str  # "chebyshev" or "square"
+    kind: str  # "chebyshev", "series" or "square"
     degree: int
     # chebyshev, folded: the stage adds one block, sum_k fold[k-1] * T_k(u), instead of
     # one block per T_k (see `_foldable`); fold[k-1][i] is unit i's coefficient of T_k
     fold: FloatArray | None = None
+    # series: the one polynomial all its units share, as a (1, degree + 1) row of
+    # Chebyshev coefficients; the stage adds one block, p(u)
+    coefficients: FloatArray | None = None
 
     def entries(self, u: FloatArray) -> list[FloatArray]:
         """The blocks the stage adds, in numpy."""
         if self.kind == "square":
             return [np.square(u)]
+        if self.coefficients is not None:
+            return [chebyshev_series(u[:, None], self.coefficients)[:, 0]]
         powers = chebyshev_basis(u[None], self.degree).reshape(len(u), self.degree).T
         if self.fold is not None:
             return [np.sum(self.fold * powers, axis=0)]
@@ -228,10 +233,12 @@ class PackedPlan:
 
 
 def pack_plan(plan: HEPlan) -> PackedPlan:
-    if any(stage.kind == "series" for stage in plan.stages):
-        raise Unsupported("feature packing does not evaluate Chebyshev series stages "
-                          "(activations of degree above 32); the model is offered "
-                          "slot-per-sample")
+    for stage in plan.stages:
+        if stage.coefficients is not None and np.any(
+                stage.coefficients != stage.coefficients[:1]):
+            raise Unsupported("feature packing does not evaluate a Chebyshev series whose "
+                              "units each have their own polynomial (tanh or sigmoid above "
+                              "degree 32); the model is offered slot-per-sample")
     widths = [plan.input_count, plan.score_count, *(s.units for s in plan.stages)]
     d = 1 << max(w - 1 for w in widths).bit_length()
     baby = 1 << math.ceil(math.log2(d) / 2)
@@ -250,7 +257,8 @@ def pack_plan(plan: HEPlan) -> PackedPlan:
                    for unit in range(stage.units)]
         coefficients = (_foldable(stage.degree, [r[:, offset:] for r in readers[index + 1:]],
                                   stage.units) if stage.kind == "chebyshev" else None)
-        if coefficients is None:
+        shared = stage.coefficients[:1].copy() if stage.coefficients is not None else None
+        if shared is not None or coefficients is None:
             layout += [(first + k, unit) for unit in range(stage.units)
                        for k in range(stage.width)]  # unit-major, as the plan lays entries out
             combos += [([column], np.ones(1)) for columns in entries for column in columns]
@@ -260,7 +268,7 @@ def pack_plan(plan: HEPlan) -> PackedPlan:
             combos += list(zip(entries, coefficients, strict=True))
             fold = np.zeros((stage.degree, d))
             fold[:, :stage.units] = coefficients.T
-        stages.append(PackedStage(linear, stage.kind, stage.degree, fold))
+        stages.append(PackedStage(linear, stage.kind, stage.degree, fold, shared))
         offset += stage.units * stage.width
     output = _linear(_combined(readers[-1], combos), plan.output.bias, layout, d, baby)
     return PackedPlan(d, baby, plan.depth(), plan.input_count, tuple(stages), output,
