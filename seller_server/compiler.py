@@ -483,7 +483,7 @@ class _Tracer:
         pre = (weights @ self.basis_values.T).T + z.bias  # calibration values of the inputs
         lo, hi = self.interval(weights, z.bias)
         own = _Normalization((hi + lo) / 2, np.maximum((hi - lo) / 2 * (1 + RANGE_GUARD), 1e-3),
-                             np.ones(z.features))
+                             np.ones(z.features), np.ones(z.features), np.zeros(z.features))
         target = activation.evaluate(pre)
         fitted = self._fit(activation, pre, target, own, _shared(activation, lo, hi))
         degree, coeffs, offset, error, norm = fitted
@@ -493,8 +493,9 @@ class _Tracer:
                               f"{float(hi.max()):.3g}); an HE plan must be finite everywhere "
                               f"(check the activation's parameters)")
         grid = np.linspace(-1.0, 1.0, WORST_CASE_POINTS)[:, None] * np.ones(z.features)
+        on_grid = norm.sign * (norm.mid + grid * norm.half)
         worst = float(np.abs(norm.scale * _chebyshev_values(grid, coeffs) - offset
-                             - activation.evaluate(norm.mid + grid * norm.half)).max())
+                             + norm.linear * on_grid - activation.evaluate(on_grid)).max())
         seen = (pre.max(axis=0) - pre.min(axis=0)) / 2
         widening = float(np.median(norm.half / np.maximum(seen, 1e-9 * norm.half)))
         name = f"{activation.name} at {origin!r}"
@@ -503,14 +504,21 @@ class _Tracer:
         series = degree > MAX_BASIS_DEGREE
         label = (f"{name}: Chebyshev {'series ' if series else ''}degree {degree} (max error "
                  f"{error:.1e}; guaranteed ranges {widening:.1f}x the rows')")
-        weights = as_weights(sparse.diags_array(1.0 / norm.half) @ weights)
-        bias = (z.bias - norm.mid) / norm.half
+        stage_weights = as_weights(sparse.diags_array(norm.sign / norm.half) @ weights)
+        bias = (norm.sign * z.bias - norm.mid) / norm.half
         if series:
-            stage = PolyStage(weights, bias, degree, label, "series", coeffs.T.copy())
-            return self._add_stage(stage, norm.scale[:, None], -offset, z.shape)
-        return self._add_stage(PolyStage(weights, bias, degree, label),
-                               coeffs[1:].T * norm.scale[:, None],
-                               coeffs[0] * norm.scale - offset, z.shape)
+            stage = PolyStage(stage_weights, bias, degree, label, "series", coeffs.T.copy())
+            out = self._add_stage(stage, norm.scale[:, None], -offset, z.shape)
+        else:
+            out = self._add_stage(PolyStage(stage_weights, bias, degree, label),
+                                  coeffs[1:].T * norm.scale[:, None],
+                                  coeffs[0] * norm.scale - offset, z.shape)
+        if not np.any(norm.linear):
+            return out
+        # flipped units: f(z) = linear * z + f(-z), and the stage computes f(-z)
+        return Affine(as_weights(out.weights + sparse.diags_array(norm.linear)
+                                 @ self._pad(weights)), out.bias + norm.linear * z.bias,
+                      z.shape)
 
     def product(self, a: Affine, b: Affine, origin: str) -> Affine:
         """a * b elementwise, exactly: ((a + b)^2 - (a - b)^2) / 4, one squaring level."""
@@ -551,8 +559,8 @@ class _Tracer:
             # resolution, it would only cost a series term or a packed plaintext
             coeffs[np.abs(coeffs) < NEGLIGIBLE * np.abs(coeffs).max(axis=0)] = 0.0
             coeffs = np.broadcast_to(coeffs, (degree + 1, pre.shape[1])).copy()
-            u = (pre - norm.mid) / norm.half
-            residual = norm.scale * _chebyshev_values(u, coeffs) - target
+            u = (norm.sign * pre - norm.mid) / norm.half
+            residual = norm.scale * _chebyshev_values(u, coeffs) + norm.linear * pre - target
             # a kink's interpolant errs to one side near it: without its mean on the rows,
             # every unit's error adds up in the next layer
             offset = residual.mean(axis=0)
@@ -667,11 +675,14 @@ class _Tracer:
 
 @dataclass(frozen=True)
 class _Normalization:
-    """x = mid + half * u, and f(x) = scale * p(u) with p fitted on |u| <= 1 (per unit)."""
+    """Per unit: sign * x = mid + half * u, and f(x) = scale * p(u) + linear * x with p
+    fitted on |u| <= 1 (sign -1: a unit flipped, see `_shared`)."""
 
     mid: FloatArray
     half: FloatArray
     scale: FloatArray
+    sign: FloatArray
+    linear: FloatArray
 
 
 class _Fitted(NamedTuple):
@@ -693,27 +704,48 @@ def _shared(activation: Activation, low: FloatArray, high: FloatArray
     each unit's range inside [-a s_i, s_i] for one a, and f_i(s_i v) = s_i^k q(v) (relu,
     leaky relu, |.|: k = 1; a tree's steps, which scale with their reach: k = 0, a = 1);
     None for other functions. One polynomial for all units is what lets feature packing
-    evaluate a series stage as one ciphertext. The a chosen is the one with the least
-    sum of s_i sqrt(a) over units whose range holds the kink at 0: a degree-n fit of a
-    kink at t in [-1, 1] errs by about sqrt(1 - t^2) / n (over [-a s, s], with t = (a -
-    1)/(a + 1), s sqrt(a)); sqrt(-low high) is what a unit's own fit pays."""
+    evaluate a series stage as one ciphertext. Where f(z) - f(-z) is linear (relu: z), a
+    unit whose range suits [-a, 1] better mirrored is flipped: f(z) = linear * z + f(-z).
+    The a chosen is the one with the least sum of s_i sqrt(a) over units whose range holds
+    the kink at 0: a degree-n fit of a kink at t in [-1, 1] errs by about sqrt(1 - t^2) / n
+    (over [-a s, s], with t = (a - 1)/(a + 1), s sqrt(a)); sqrt(-low high) is what a unit's
+    own fit pays, and a lopsided unit pays up to ~2x that."""
     guarded_low, guarded_high = low * (1 + RANGE_GUARD), high * (1 + RANGE_GUARD)
     kinked = (low < 0) & (high > 0)
+    slope = _odd_slope(activation, np.maximum(guarded_high, -guarded_low))
 
-    def scales(a: float) -> FloatArray:
-        scale: FloatArray = np.maximum(np.maximum(guarded_high, -guarded_low / a), 1e-3)
-        return scale
+    def oriented(a: float) -> tuple[FloatArray, FloatArray]:
+        """Per unit: the sign that fits it best into [-a s, s], and its s."""
+        scale = np.maximum(np.maximum(guarded_high, -guarded_low / a), 1e-3)
+        mirrored = np.maximum(np.maximum(-guarded_low, guarded_high / a), 1e-3)
+        flip = (mirrored < scale) if slope is not None else np.zeros(len(low), dtype=bool)
+        return np.where(flip, -1.0, 1.0), np.where(flip, mirrored, scale)
+
+    def cost(a: float) -> float:
+        return float(np.sum(oriented(a)[1][kinked]) * a**0.5)
 
     grid = np.linspace(-1.0, 1.0, HOMOGENEITY_POINTS)[:, None]
-    for a in sorted(SHARED_LEFT_ENDS, key=lambda a: float(np.sum(scales(a)[kinked]) * a**0.5)):
-        scale = scales(a)
+    for a in sorted(SHARED_LEFT_ENDS, key=cost):
+        sign, scale = oriented(a)
         mid, half = scale * (1 - a) / 2, scale * (1 + a) / 2
         values = activation.evaluate(mid + grid * half)
         for k in (1, 0):
             common = values / scale**k
             if np.allclose(common, common[:, :1], rtol=1e-9, atol=1e-12):
-                return _Normalization(mid, half, scale**k)
+                linear = np.where(sign < 0, slope or 0.0, 0.0)
+                return _Normalization(mid, half, scale**k, sign, linear)
     return None
+
+
+def _odd_slope(activation: Activation, reach: FloatArray) -> float | None:
+    """The one c with f(z) - f(-z) = c z for every unit on its reach (relu: 1, leaky relu
+    with slope s: 1 + s, |.|: 0), or None."""
+    grid = np.linspace(-1.0, 1.0, HOMOGENEITY_POINTS)[:, None] * reach
+    odd = activation.evaluate(grid) - activation.evaluate(-grid)
+    slope = float(np.sum(odd[:, 0] * grid[:, 0]) / max(np.sum(grid[:, 0] ** 2), 1e-300))
+    if not np.allclose(odd, slope * grid, rtol=1e-9, atol=1e-12 * float(reach.max())):
+        return None
+    return slope
 
 
 def _series_range(coefficients: FloatArray) -> tuple[FloatArray, FloatArray]:

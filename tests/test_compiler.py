@@ -16,6 +16,7 @@ from common.he.plan import HEPlan, chebyshev_basis
 from common.onnx_io import run_model
 from common.tabular import FloatArray, load_table
 from common.tail import apply_tail
+from seller_server import compiler
 from seller_server.catalog import read_listing
 from seller_server.compiler import compile_model
 from tests import onnx_graphs as g
@@ -104,6 +105,50 @@ def test_smooth_and_relu_activations_compile(activation: str) -> None:
     ours = apply_tail(compiled.plan.simulate(rows), compiled.tail.ops)
     assert np.abs(ours - reference).max() == pytest.approx(compiled.approximation_error)
     assert compiled.approximation_error <= 0.03
+
+
+def _lopsided_relu_mlp() -> bytes:
+    """Gemm -> Relu -> Gemm -> Softmax whose hidden units' ranges lean right (bias +1.5)
+    and left (-1.5) in turn."""
+    rng = np.random.default_rng(0)
+    return g.build(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="dense1"),
+         helper.make_node("Relu", ["h"], ["a"], name="relu1"),
+         helper.make_node("Gemm", ["a", "w2", "b2"], ["logits"], name="dense2", transB=1),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1)],
+        6, {"probabilities": 3},
+        {"w1": g.weights(6, 8, rng=rng), "b1": np.tile([1.5, -1.5], 4).astype(np.float32),
+         "w2": g.weights(3, 8, rng=rng), "b2": g.weights(1, 3, rng=rng)[0]})
+
+
+def test_relu_units_share_one_series_at_a_bounded_cost(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """Above degree 32 every ReLU unit evaluates one polynomial, s_i q(z_i / s_i), which
+    feature packing needs; a unit leaning the other way is mirrored (relu(z) = z +
+    relu(-z)). The error stays within twice a per-unit fit's; mirroring halves it."""
+    rows, model = g.calibration(), _lopsided_relu_mlp()
+    shared = compile_model(model, rows, degree=64)
+    (stage,) = shared.plan.stages
+    assert stage.kind == "series" and stage.coefficients is not None
+    assert np.all(stage.coefficients == stage.coefficients[0])
+    reference = run_model(model, rows, "probabilities", shared.tail.class_labels)
+    ours = apply_tail(shared.plan.simulate(rows), shared.tail.ops)
+    assert np.abs(ours - reference).max() == pytest.approx(shared.approximation_error)
+
+    monkeypatch.setattr(compiler, "_odd_slope", lambda *args: None)
+    unmirrored = compile_model(model, rows, degree=64)
+    monkeypatch.setattr(compiler, "_shared", lambda *args: None)
+    own = compile_model(model, rows, degree=64)
+    (own_stage,) = own.plan.stages
+    assert own_stage.coefficients is not None
+    assert np.any(own_stage.coefficients != own_stage.coefficients[0])
+    # the units with a negative bias are the mirrored ones: their weights change sign
+    mirrored = np.sign(stage.weights[:, [0]].toarray()[:, 0]) != np.sign(
+        own_stage.weights[:, [0]].toarray()[:, 0])
+    assert list(mirrored) == [False, True] * 4
+    assert shared.approximation_error <= 2 * own.approximation_error
+    # without mirroring, the left-leaning units get a domain many times their range
+    assert unmirrored.fits[0].error > 1.5 * shared.fits[0].error
 
 
 def test_trailing_activation_becomes_exact_tail() -> None:
