@@ -34,6 +34,7 @@ from examples.build import build  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MODELS = "breast-cancer-lr,digits-mlp,digits-square-mlp,digits-cnn,cryptonets"
+BUDGET_ROWS = 100_000
 
 
 def main() -> None:
@@ -50,8 +51,11 @@ def main() -> None:
         run = Path(tmp)
         build(run, cnn=True)
         for spec_file in (run / "catalog").glob("*.json"):
-            if json.loads(spec_file.read_text())["name"] not in models:
+            spec = json.loads(spec_file.read_text())
+            if spec["name"] not in models:
                 spec_file.unlink()
+            else:  # every size in both packings, feature-packed ones charged whole folds
+                spec_file.write_text(json.dumps({**spec, "trial_budget_rows": BUDGET_ROWS}))
         subprocess.run([str(BIN / "gimme-seller"), "certs", "--out", str(run / "tls")],
                        check=True, capture_output=True)
         seller = subprocess.Popen(
@@ -64,7 +68,7 @@ def main() -> None:
             subprocess.run([str(BIN / "gimme-seller"), "topup", "buyer", "10000", "--state",
                             str(run / "seller")], check=True, capture_output=True)
             client = SellerClient(address, TlsFiles.in_dir(run / "tls", "buyer"))
-            listings = {m.model_id: m for m in client.list_models()[0]}
+            listings = _loaded(client, models, run, console)
             client.close()
             results = []
             for model in models:
@@ -99,6 +103,22 @@ def _wait_serving(run: Path, seller: subprocess.Popen[bytes], console: Console) 
                 return f"127.0.0.1:{port}"
             time.sleep(0.5)
     raise SystemExit("the seller daemon did not start serving within 30 minutes")
+
+
+def _loaded(client: SellerClient, models: list[str], run: Path, console: Console
+            ) -> dict[str, Any]:
+    """The listings once the catalog has loaded (it is served while it still compiles)."""
+    with console.status("seller daemon: compiling and self-testing the models"):
+        for _ in range(3600):
+            found, _key, loading = client.catalog()
+            if not loading:
+                listings = {m.model_id: m for m in found}
+                missing = [m for m in models if m not in listings]
+                if missing:
+                    raise SystemExit(f"not listed: {missing}\n{(run / 'seller.log').read_text()}")
+                return listings
+            time.sleep(0.5)
+    raise SystemExit("the catalog did not finish loading within 30 minutes")
 
 
 def _trial(run: Path, address: str, model: str, data: Path, rows: int, packing: str,
