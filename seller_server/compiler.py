@@ -507,8 +507,12 @@ class _Tracer:
         stage_weights = as_weights(sparse.diags_array(norm.sign / norm.half) @ weights)
         bias = (norm.sign * z.bias - norm.mid) / norm.half
         if series:
-            stage = PolyStage(stage_weights, bias, degree, label, "series", coeffs.T.copy())
-            out = self._add_stage(stage, norm.scale[:, None], -offset, z.shape)
+            # the shared series at the units' largest scale: CKKS adds its error to the
+            # series' values, which the next layer would otherwise multiply by each scale
+            amplitude = float(norm.scale.max())
+            stage = PolyStage(stage_weights, bias, degree, label, "series",
+                              amplitude * coeffs.T)
+            out = self._add_stage(stage, norm.scale[:, None] / amplitude, -offset, z.shape)
         else:
             out = self._add_stage(PolyStage(stage_weights, bias, degree, label),
                                   coeffs[1:].T * norm.scale[:, None],

@@ -308,7 +308,9 @@ def test_feature_packed_evaluation_matches_the_plan(model: str, degree: int,
     slot-per-sample plan, for full and partly filled ciphertexts. A tanh of degree 6 is
     folded into one block (T_1..T_4 and T_4 * (T_1, T_2): no extra level); degree 7
     would need one, so it stays 7 blocks; the bident's Max is a folded |a - b|; a relu
-    of degree 48 is one Chebyshev series for all units, one OpenFHE series call."""
+    of degree 48 is one Chebyshev series for all units, one OpenFHE series call (at the
+    units' largest scale: evaluated at scale 1, its CKKS error times each unit's scale
+    misses the bound, 1.2e-3)."""
     onnx_model = {"tanh-mlp": g.mlp("Tanh"), "relu-mlp": g.mlp("Relu")}.get(
         model) or g.bident("max", "square")
     rows = g.calibration()
@@ -336,7 +338,7 @@ def test_feature_packed_evaluation_matches_the_plan(model: str, degree: int,
         sample = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(vector.tolist()))
         scores = engine.decrypt_vector(cc, secret, evaluator.evaluate(sample), slots)
         got = layout.decode([np.array(scores)], count, packed.scores)
-        assert np.abs(got - expected[:count]).max() < 3e-4 * compiled.value_bound  # as below
+        assert np.abs(got - expected[:count]).max() < 1e-3
 
 
 @pytest.mark.parametrize(("degree", "security_bits"), [(48, 128), (128, 0)])
@@ -365,9 +367,7 @@ def test_high_degree_activations_are_openfhe_series_at_the_planned_depth(
               for column in compiled.plan.encoded(rows).T]
     scores = engine.evaluate(cc, compiled.plan, inputs, lambda done, total: None)
     decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
-    # the planner's scale (2^36 here) leaves CKKS ~1e-4 of the values' range after a
-    # series that every unit shares (each unit scales it by its reach)
-    assert np.abs(decrypted - compiled.plan.simulate(rows)).max() < 3e-4 * compiled.value_bound
+    assert np.abs(decrypted - compiled.plan.simulate(rows)).max() < 1e-3
 
 
 @pytest.mark.parametrize("workers", [1, 2])
