@@ -32,6 +32,7 @@ needs: `Fit.widening` says how much, and the error is still measured on the sell
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -208,6 +209,16 @@ def compile_model(
     return _cheapest_near_best(tried, [c.approximation_error for c in tried])
 
 
+def _summary(labels: Sequence[str]) -> str:
+    """The stages' labels, those that differ only in their node named once with a count
+    (PolynomialFeatures has a product per monomial)."""
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        groups.setdefault(re.sub(r" at '[^']*'", "", label), []).append(label)
+    return "; ".join(same[0] + (f" (and {len(same) - 1} more like it)" if len(same) > 1
+                                else "") for same in groups.values()) or "exact"
+
+
 T = TypeVar("T")
 
 
@@ -257,7 +268,7 @@ def _measure(plan: HEPlan, tail: Tail, tracer: _Tracer, rows: FloatArray,
     if not tracer.layer_errors and error > 1e-3:
         raise Unsupported(f"internal check failed: the exact HE plan differs from onnxruntime "
                           f"by {error:.3g} on the calibration rows; please report this model")
-    summary = "; ".join(s.label for s in plan.stages) or "exact"
+    summary = _summary([s.label for s in plan.stages])
     degrees = [s.degree for s in plan.stages if "Chebyshev" in s.label]
     return CompiledModel(plan, tail, max(degrees, default=0), summary, error, agreement,
                          tuple(tracer.layer_errors), tuple(tracer.fits),

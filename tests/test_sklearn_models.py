@@ -184,6 +184,7 @@ def test_polynomial_features_compile_to_exact_products(degree: int, depth: int) 
     assert compiled.layer_errors == ()
     assert {s.kind for s in compiled.plan.stages} == {"square"}
     assert compiled.plan.depth() == depth
+    assert "more like it" in compiled.approximation  # one line per kind of stage
     reference = run_model(model, x, compiled.tail.probability_output, ())
     assert np.abs(compiled.plan.simulate(x) - reference).max() < 1e-3
 
