@@ -119,22 +119,21 @@ def build(out: Path, cnn: bool = False) -> None:
              y_test, zipmap=True)
 
     x_train, x_test, y_train, y_test = digits(8)
-    mlp = make_pipeline(MinMaxScaler(), MLPClassifier(
-        (32,), activation="tanh", alpha=0.1, max_iter=1500, random_state=SEED)
-    ).fit(x_train, y_train)
-    _publish(out, "digits-mlp",
-             "Handwritten digit recognition from 8x8 images (64 pixel intensities 0-16); "
-             "min-max scaler + MLP 64-32-10 with tanh.",
-             "40.00", 2000, mlp, pixel_columns(8), x_train, x_test, y_test, zipmap=False)
-    if cnn:
-        relu = make_pipeline(MinMaxScaler(), MLPClassifier(
-            (32,), activation="relu", alpha=0.1, max_iter=1500, random_state=SEED)
+
+    def digits_mlp(name: str, activation: str, description: str) -> None:
+        mlp = make_pipeline(MinMaxScaler(), MLPClassifier(
+            (32,), activation=activation, alpha=0.1, max_iter=1500, random_state=SEED)
         ).fit(x_train, y_train)
-        _publish(out, "digits-relu-mlp",
-                 "Handwritten digit recognition from 8x8 images; min-max scaler + MLP "
-                 "64-32-10 with ReLU (a high-degree Chebyshev series under encryption).",
-                 "40.00", 2000, relu, pixel_columns(8), x_train, x_test, y_test,
-                 zipmap=False)
+        _publish(out, name, description, "40.00", 2000, mlp, pixel_columns(8), x_train,
+                 x_test, y_test, zipmap=False)
+
+    digits_mlp("digits-mlp", "tanh",
+               "Handwritten digit recognition from 8x8 images (64 pixel intensities 0-16); "
+               "min-max scaler + MLP 64-32-10 with tanh.")
+    if cnn:
+        digits_mlp("digits-relu-mlp", "relu",
+                   "Handwritten digit recognition from 8x8 images; min-max scaler + MLP "
+                   "64-32-10 with ReLU (a high-degree Chebyshev series under encryption).")
         build_torch_models(out)
 
 

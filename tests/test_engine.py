@@ -21,6 +21,7 @@ from common.trust import check_security
 from seller_server.compiler import compile_model
 from seller_server.planner import choose_params
 from tests import onnx_graphs as g
+from tests.he_run import encrypted_scores
 
 
 @pytest.fixture(scope="module")
@@ -116,12 +117,7 @@ def test_a_narrow_column_read_by_a_large_weight_keeps_its_precision() -> None:
     plan = compiled.plan
     params = choose_params(engine.levels_needed(plan), 128,
                            float(np.abs(plan.simulate(rows)).max()))
-    cc = engine.build_context(params, 128)
-    secret, public = engine.generate_keys(cc, new_key_tag())
-    inputs = [engine.encrypt_vector(cc, public, column) for column in plan.encoded(rows).T]
-    scores = engine.evaluate(cc, plan, inputs, lambda done, total: None)
-    decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
-    assert np.abs(decrypted - plan.simulate(rows)).max() < 1e-4
+    assert np.abs(encrypted_scores(plan, rows, params) - plan.simulate(rows)).max() < 1e-4
 
 
 def test_planner_picks_the_smallest_secure_ring() -> None:
@@ -259,13 +255,11 @@ def test_rotation_key_template(small_context: tuple[object, str, object, object]
 
 def _encrypted_error(model: bytes, rows: FloatArray) -> float:
     """max |decrypted encrypted evaluation - the plan in plaintext| on `rows`."""
-    compiled, _params, cc = _setup(model, rows)
-    secret, public = engine.generate_keys(cc, new_key_tag())
-    inputs = [engine.encrypt_vector(cc, public, column)
-              for column in compiled.plan.encoded(rows).T]  # type: ignore[attr-defined]
-    scores = engine.evaluate(cc, compiled.plan, inputs, lambda done, total: None)  # type: ignore[attr-defined]
-    decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
-    return float(np.abs(decrypted - compiled.plan.simulate(rows)).max())  # type: ignore[attr-defined]
+    compiled = compile_model(model, rows, degree=6)
+    params = choose_params(engine.levels_needed(compiled.plan), 128,
+                           float(np.abs(compiled.plan.simulate(rows)).max()))
+    decrypted = encrypted_scores(compiled.plan, rows, params)
+    return float(np.abs(decrypted - compiled.plan.simulate(rows)).max())
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -361,12 +355,7 @@ def test_high_degree_activations_are_openfhe_series_at_the_planned_depth(
         pack_plan(compile_model(g.mlp("Tanh"), rows, degree=degree).plan)
     params = choose_params(engine.levels_needed(compiled.plan), security_bits,
                            compiled.value_bound, insecure_ring=0 if security_bits else 4096)
-    cc = engine.build_context(params, security_bits)
-    secret, public = engine.generate_keys(cc, new_key_tag())
-    inputs = [engine.encrypt_vector(cc, public, column)
-              for column in compiled.plan.encoded(rows).T]
-    scores = engine.evaluate(cc, compiled.plan, inputs, lambda done, total: None)
-    decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in scores]).T
+    decrypted = encrypted_scores(compiled.plan, rows, params, security_bits)
     assert np.abs(decrypted - compiled.plan.simulate(rows)).max() < 1e-3
 
 

@@ -24,12 +24,12 @@ from sklearn.tree import DecisionTreeClassifier
 
 from common.errors import Unsupported
 from common.he import engine
-from common.he.params import new_key_tag
 from common.onnx_io import MAX_IR_VERSION, model_feed, run_model, session
 from common.tabular import FloatArray
 from common.tail import apply_tail, predicted_labels
 from seller_server.compiler import CompiledModel, compile_model
 from seller_server.planner import choose_params
+from tests.he_run import encrypted_scores
 
 OPSETS = {"": 17, "ai.onnx.ml": 3}
 
@@ -159,11 +159,7 @@ def test_degree_two_svc_under_encryption() -> None:
     compiled = compile_model(model, CANCER_X)
     plan = compiled.plan
     params = choose_params(plan.depth(), 128, float(np.abs(plan.simulate(CANCER_X)).max()))
-    cc = engine.build_context(params, 128)
-    secret, public = engine.generate_keys(cc, new_key_tag())
-    inputs = [engine.encrypt_vector(cc, public, column) for column in plan.encoded(x).T]
-    results = engine.evaluate(cc, plan, inputs, lambda done, total: None)
-    scores = np.array([engine.decrypt_vector(cc, secret, ct, len(x)) for ct in results]).T
+    scores = encrypted_scores(plan, x, params)
     reference = run_model(model, x, compiled.tail.probability_output, ())
     assert np.abs(scores - reference).max() < 1e-3 * max(1.0, float(np.abs(reference).max()))
     sess = session(model)
@@ -198,13 +194,8 @@ def test_polynomial_features_under_encryption() -> None:
     plan = compiled.plan
     params = choose_params(engine.levels_needed(plan), 128,
                            float(np.abs(plan.simulate(x)).max()))
-    cc = engine.build_context(params, 128)
-    secret, public = engine.generate_keys(cc, new_key_tag())
     rows = x[:64]
-    inputs = [engine.encrypt_vector(cc, public, column) for column in plan.encoded(rows).T]
-    results = engine.evaluate(cc, plan, inputs, lambda done, total: None)
-    predicted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows))
-                          for ct in results]).T
+    predicted = encrypted_scores(plan, rows, params)
     reference = run_model(model, rows, compiled.tail.probability_output, ())
     assert np.abs(predicted - reference).max() < 1e-3 * float(np.abs(reference).max())
 
@@ -275,10 +266,6 @@ def test_a_small_tree_under_encryption() -> None:
     plan = compiled.plan
     params = choose_params(engine.levels_needed(plan), 0, compiled.value_bound,
                            insecure_ring=4096)
-    cc = engine.build_context(params, 0)
-    secret, public = engine.generate_keys(cc, new_key_tag())
     rows = x[:32]
-    inputs = [engine.encrypt_vector(cc, public, column) for column in plan.encoded(rows).T]
-    results = engine.evaluate(cc, plan, inputs, lambda done, total: None)
-    scores = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in results]).T
+    scores = encrypted_scores(plan, rows, params, security_bits=0)
     assert np.abs(scores - plan.simulate(rows)).max() < 1e-3
