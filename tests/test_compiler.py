@@ -272,6 +272,16 @@ def _affine_model(nodes: list[Any], initializers: dict[str, Any]) -> bytes:
                                  **initializers})
 
 
+def test_a_product_over_rows_is_refused_by_name() -> None:
+    """ReduceProd multiplies a row's features; over the rows (axis 0) it would mix them."""
+    model = g.build([helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="dense"),
+                     helper.make_node("ReduceProd", ["h"], ["y"], name="prod", axes=[0])],
+                    3, {"y": 2}, {"w": g.weights(3, 2), "b": g.weights(1, 2)[0]})
+    with pytest.raises(Unsupported, match=r"node 'prod' \(ReduceProd\) over axes \[0\] of "
+                                          r"rows shaped \[2\]; only over the features"):
+        compile_model(model, g.calibration(3))
+
+
 def test_the_first_non_finite_value_is_named() -> None:
     nan = np.array([1.0, np.nan], dtype=np.float32)
     cases = [
