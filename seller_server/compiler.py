@@ -19,6 +19,9 @@ an infinity (a division by zero, a NaN constant): a plan is finite everywhere, a
 names the node, and the constant or initializer, where the first non-finite value appears.
 Division is by constants only: `Div` by an encrypted tensor (even `Div(x, x)`) is refused
 before probing, whose zero rows would divide by zero.
+MaxPool is rounds of pairwise maxima, max(a, b) = (a + b)/2 + |a - b|/2, with |.|
+approximated like any activation (`_max_pool`); which entries each window holds is read
+from the node itself, so padding, strides and dilations mean what they mean in ONNX.
 
 Guaranteed ranges. Every basis entry has an interval that holds for *every* row of the
 offer's input domain (the box buyers clip their rows to), not only for the seller's rows:
@@ -892,6 +895,96 @@ def _extremum(sign: float) -> Handler:
     return handler
 
 
+# nondecreasing functions: max(f(a), f(b)) = f(max(a, b)), so they move past a max pool
+MONOTONE = frozenset({"relu", "tanh", "sigmoid"})
+
+
+def _max_pool(t: _Tracer, node: onnx.NodeProto, args: list[Value]) -> list[Value]:
+    """MaxPool and GlobalMaxPool as a tournament of pairwise maxima, max(a, b) =
+    (a + b)/2 + |a - b|/2: each round is one |.| stage for every pair of every window, so a
+    window of k values costs ceil(log2 k) rounds. A monotone activation before the pool is
+    applied after it (relu(max(a, b)) = max(relu a, relu b)): one unit per window."""
+    if len(node.output) > 1 and node.output[1]:
+        raise Unsupported(f"node {node.name!r} ({node.op_type}): its Indices output (where "
+                          f"each maximum is) cannot be computed under encryption; export "
+                          f"the model without return_indices")
+    value: Value = args[0]
+    ops: tuple[Activation, ...] = ()
+    if isinstance(value, Deferred) and all(
+            isinstance(op, Activation) and op.tail_name in MONOTONE for op in value.ops):
+        # the same functions on the pooled shape
+        ops = tuple(Activation(op.name, TAIL_OPS[op.name], True)
+                    for op in value.ops if isinstance(op, Activation))
+        value = value.base
+    a = t.trunk(node, value)
+    windows, shape = _pool_windows(t, node, a)
+    origin = node.name or node.op_type
+    weights, bias = t._pad(a.weights), a.bias
+    rounds = int(np.ceil(np.log2(max(len(w) for w in windows))))
+    for number in range(1, rounds + 1):
+        pairs: list[tuple[int, int]] = []
+        carried: list[int] = []
+        for w in windows:
+            pairs += [(w[k], w[k + 1]) for k in range(0, len(w) - 1, 2)]
+            carried += w[-1:] if len(w) % 2 else []
+        first, second, keep = (_selection(rows, bias.size) for rows in (
+            [p[0] for p in pairs], [p[1] for p in pairs], carried))
+        gap = t._materialize(Affine(as_weights((first - second) @ weights),
+                                    (first - second) @ bias, (len(pairs),)),
+                             ABS, f"{origin}, round {number} of {rounds}")
+        weights = t._pad(weights)
+        weights = as_weights(sparse.vstack([0.5 * (first + second) @ weights + 0.5 * gap.weights,
+                                            keep @ weights]))
+        bias = np.concatenate([0.5 * (first + second) @ bias + 0.5 * gap.bias, keep @ bias])
+        # the same windows, now over the round's maxima (in pair order), then the carried
+        paired, kept, renumbered = 0, len(pairs), []
+        for w in windows:
+            halves = len(w) // 2
+            renumbered.append(list(range(paired, paired + halves))
+                              + ([kept] if len(w) % 2 else []))
+            paired, kept = paired + halves, kept + len(w) % 2
+        windows = renumbered
+    pick = _selection([w[0] for w in windows], bias.size)
+    pooled = Affine(as_weights(pick @ weights), pick @ bias, shape)
+    return [Deferred(pooled, ops, origin) if ops else pooled]
+
+
+def _selection(rows: Sequence[int], columns: int) -> Weights:
+    """The 0/1 matrix whose row i picks entry rows[i]."""
+    return as_weights(sparse.csr_array((np.ones(len(rows)), (np.arange(len(rows)), rows)),
+                                       shape=(len(rows), columns)))
+
+
+def _pool_windows(t: _Tracer, node: onnx.NodeProto, a: Affine
+                  ) -> tuple[list[list[int]], tuple[int, ...]]:
+    """Which input entries each output of the pool takes the maximum of, and the output's
+    per-row shape, read from the node itself: a row of -1 with a single 1 at entry j has
+    maximum 1 exactly in the windows that hold j (padding never wins in MaxPool)."""
+    evaluator = t._evaluator(node, [node.input[0]])
+    members: list[Weights] = []
+    shape: tuple[int, ...] = ()
+    for start in range(0, a.features, PROBE_CHUNK):
+        count = min(PROBE_CHUNK, a.features - start)
+        probes = -np.ones((count, a.features))
+        probes[np.arange(count), start + np.arange(count)] = 1.0
+        feeds = {node.input[0]: probes.reshape(count, *a.shape)}
+        try:
+            outputs: list[Any] = list(evaluator.run(None, feeds))
+            out = np.asarray(outputs[0], dtype=np.float64)
+        except Exception as exc:
+            raise Unsupported(f"node {node.name!r} ({node.op_type}) cannot be evaluated on "
+                              f"rows of shape {list(a.shape)}: {exc}") from exc
+        shape = tuple(int(d) for d in out.shape[1:])
+        members.append(as_weights(out.reshape(count, -1).T > 0))
+    membership = as_weights(sparse.hstack(members, format="csr"))
+    windows = [list(membership.indices[membership.indptr[o]:membership.indptr[o + 1]])
+               for o in range(membership.shape[0])]
+    if any(not w for w in windows):
+        raise Unsupported(f"node {node.name!r} ({node.op_type}) has a window of padding "
+                          f"only; pad less")
+    return windows, shape
+
+
 def _exact_activations(value: Value) -> tuple[str, ...] | None:
     """The names of a deferred value's ops if every one is an elementwise activation the
     buyer applies exactly (the same function for every unit: no per-unit constants)."""
@@ -1336,6 +1429,8 @@ _HANDLERS: dict[str, Handler] = {
     "Shape": _shape,
     "ConstantOfShape": _constant_of_shape,
     "ReduceProd": _reduce_prod,
+    "MaxPool": _max_pool,
+    "GlobalMaxPool": _max_pool,
 }
 
 # handlers whose constant inputs may be `_shape`'s (rows: -1), which no evaluator folds
@@ -1347,8 +1442,6 @@ _SUGGESTIONS = {
     "Log": _UNBOUNDED,
     "Sqrt": _UNBOUNDED,
     "Reciprocal": _UNBOUNDED,
-    "MaxPool": "; use AveragePool instead",
-    "GlobalMaxPool": "; use GlobalAveragePool instead",
     "If": "; data-dependent control flow cannot run on ciphertexts",
     "Loop": "; data-dependent control flow cannot run on ciphertexts",
     "Where": "; data-dependent selection cannot run on ciphertexts",

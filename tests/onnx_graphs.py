@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from common.onnx_io import MAX_IR_VERSION
 from common.tabular import FloatArray
@@ -124,3 +127,27 @@ def slow_to_compile(nodes: int) -> bytes:
               helper.make_node("Gemm", ["a", "v", "b"], ["y"], name="head")]
     return build(chain, 3, {"y": 2}, {"w": weights(3, 2), "b": weights(1, 2)[0],
                                       "v": weights(2, 2), "c": np.full(2, 1e-3, np.float32)})
+
+
+def max_pool_cnn(pool: dict[str, Any], side: int = 6, maps: int = 2, classes: int = 3,
+                 activation: str = "Relu", op: str = "MaxPool") -> bytes:
+    """Conv 3x3 (padded) -> activation -> `op` (MaxPool(**pool), GlobalMaxPool) -> Flatten
+    -> Gemm."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1])]
+    if activation:
+        nodes.append(helper.make_node(activation, ["c"], ["a"], name="act"))
+    nodes += [helper.make_node(op, ["a" if activation else "c"], ["p"], name="pool", **pool),
+              helper.make_node("Flatten", ["p"], ["f"], name="flatten")]
+    pool_alone = helper.make_model(helper.make_graph(
+        [nodes[-2]], "pool", [helper.make_tensor_value_info(nodes[-2].input[0],
+                                                            TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, None)]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {nodes[-2].input[0]: np.zeros((1, maps, side, side), dtype=np.float32)}
+    pooled: list[Any] = list(ReferenceEvaluator(pool_alone).run(None, feeds))
+    width = int(np.asarray(pooled[0]).size)
+    nodes.append(helper.make_node("Gemm", ["f", "w2", "b2"], ["logits"], name="dense",
+                                  transB=1))
+    return build(nodes, side, {"logits": classes},
+                 {"w": weights(maps * 9, 1).reshape(maps, 1, 3, 3), "b": weights(1, maps)[0],
+                  "w2": weights(classes, width), "b2": weights(1, classes)[0]}, rank=4)

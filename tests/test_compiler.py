@@ -162,11 +162,47 @@ def test_trailing_activation_becomes_exact_tail() -> None:
 
 
 def test_unsupported_operator_is_named_with_a_suggestion() -> None:
-    model = g.build([helper.make_node("MaxPool", ["x"], ["y"], name="pool1",
-                                      kernel_shape=[2, 2])],
-                    4, {"y": 4}, {}, rank=4)
-    with pytest.raises(Unsupported, match=r"node 'pool1': operator MaxPool .*AveragePool"):
+    model = g.build([helper.make_node("Exp", ["x"], ["y"], name="exp1")], 4, {"y": 4}, {})
+    with pytest.raises(Unsupported, match=r"node 'exp1': operator Exp .*use a bounded "
+                                          r"activation"):
         compile_model(model, g.calibration(4))
+
+
+@pytest.mark.parametrize(("activation", "op", "pool", "rounds", "last_units"), [
+    ("Relu", "MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}, 2, 18),
+    # windows of 4 (corners), 6 (edges) and 9 values (the 32 inner ones take a 4th
+    # round): padding never takes part
+    ("", "MaxPool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, 4, 32),
+    ("Tanh", "MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2]}, 4, 8),
+    ("", "GlobalMaxPool", {}, 6, 2)])
+def test_max_pool_is_a_tournament_of_pairwise_maxima(
+        activation: str, op: str, pool: dict[str, list[int]], rounds: int, last_units: int
+        ) -> None:
+    """A window of k values is ceil(log2 k) rounds of max(a, b) = (a + b)/2 + |a - b|/2,
+    every pair of a round in one |.| stage; a monotone activation before the pool is
+    evaluated once per window, after it. Rows anywhere in the domain stay inside every
+    fitted range and agree with onnxruntime within the measured error."""
+    model = g.max_pool_cnn(pool, activation=activation, op=op)
+    rows = g.calibration(36)
+    compiled = compile_model(model, rows, error_target=0.05)
+    assert [name for name, _error in compiled.layer_errors] == [
+        f"abs at 'pool, round {r} of {rounds}'" for r in range(1, rounds + 1)] + (
+        [f"{activation.lower()} at 'pool'"] if activation else [])
+    assert compiled.plan.stages[-1].units == last_units
+    held_out = np.random.default_rng(5).uniform(-1.5, 1.5, (1000, 36))  # the domain
+    assert compiled.plan.range_excess(held_out).max() <= 1.0
+    reference = run_model(model, held_out, "logits", ())
+    assert np.abs(compiled.plan.simulate(held_out) - reference).max() <= max(
+        2 * compiled.approximation_error, 1e-6)
+    assert compiled.approximation_error <= 0.05
+
+
+def test_a_max_pool_asked_for_its_indices_is_refused() -> None:
+    model = g.build([helper.make_node("MaxPool", ["x"], ["y", "where"], name="pool1",
+                                      kernel_shape=[2, 2])],
+                    4, {"y": 9, "where": 9}, {}, rank=4)
+    with pytest.raises(Unsupported, match=r"'pool1' \(MaxPool\): its Indices output"):
+        compile_model(model, g.calibration(16))
 
 
 def test_unknown_operator_is_named() -> None:

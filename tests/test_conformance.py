@@ -33,12 +33,13 @@ EXACT = [
     "test_LogSoftmax", "test_softmax_lastdim",
 ]
 APPROXIMATED = ["test_ELU", "test_LeakyReLU", "test_LeakyReLU_with_negval", "test_SELU",
-                "test_Softplus", "test_operator_clip"]
+                "test_Softplus", "test_operator_clip",
+                # windows of 4: two rounds of max(a, b) = (a + b)/2 + |a - b|/2; a minute
+                # (depth 13, 40 inputs); test_engine's max pool test runs in CI
+                pytest.param("test_MaxPool1d_stride", marks=pytest.mark.slow)]
 # test_GLU (a * sigmoid(b), a product of two encrypted halves) compiles, but onnxruntime
 # has no kernel for its opset-6 double Mul to compare against
 REFUSED = {
-    "test_MaxPool2d": "MaxPool cannot be evaluated under encryption; use AveragePool",
-    "test_MaxPool3d_stride": "use AveragePool instead",
     "test_PoissonNLLLLoss_no_reduce": "Exp .*no bounded range",
     "test_operator_sqrt": "Sqrt .*no bounded range",
     "test_operator_index": "mixes rows",

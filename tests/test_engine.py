@@ -396,3 +396,9 @@ def test_dense_sums_are_the_bytes_openfhe_computes_term_by_term(
         assert calls == [40, 3]  # the hidden layer, then the output layer
     decrypted = np.array([engine.decrypt_vector(cc, secret, ct, len(rows)) for ct in dense]).T
     assert np.abs(decrypted - plan.simulate(rows)).max() < 1e-3
+
+
+def test_max_pool_evaluates_encrypted() -> None:
+    """MaxPool's rounds of |a - b| (two for 2x2 windows) after a ReLU moved past it."""
+    model = g.max_pool_cnn({"kernel_shape": [2, 2], "strides": [2, 2]}, side=4, maps=1)
+    assert _encrypted_error(model, g.calibration(16)[:64]) < 1e-3
