@@ -2,10 +2,14 @@
 torch.onnx.export into examples/models/ (the exported files are checked in, so neither
 the catalog nor the tests need PyTorch).
 
-    python examples/torch_models.py        # any Python with torch, numpy, scipy, sklearn
+    python examples/torch_models.py [NAME ...]   # any Python with torch, numpy, scipy, sklearn
+
+trains every model, or only those named.
 
 * digits_square_mlp: 64-32-10 MLP with x*x activations (exact under CKKS)
 * digits_cnn: 8x8 digits, conv 3x3 (4 maps) + batch norm + square + average pool + dense
+* digits_relu_cnn: 8x8 digits, conv 3x3 (4 maps) + ReLU + max pool 2x2 + dense (the
+  standard shape; max pooling is rounds of |a - b| under encryption)
 * digits_bident (not made here): `gimme-seller bident train --base mlp --shape 64 --merge mul
   --asymmetric --activation square --epochs 60` on the digits split of examples/datasets.py
 * cryptonets: 28x28 (upsampled digits), the CryptoNets shape: conv 5x5 stride 2 (5 maps),
@@ -42,6 +46,11 @@ def digits_cnn() -> nn.Module:
                          nn.AvgPool2d(2), nn.Flatten(), nn.Linear(64, 10))
 
 
+def digits_relu_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(64, 10))
+
+
 def cryptonets() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 5, 5, stride=2, padding=1), Square(), nn.Flatten(),
                          nn.Linear(5 * 13 * 13, 100), Square(), nn.Linear(100, 10))
@@ -76,10 +85,22 @@ def train(name: str, body: nn.Module, side: int, shape: tuple[int, ...], epochs:
                       external_data=False)
 
 
+MODELS = {  # name: (body, image side, per-row shape, epochs)
+    "digits_square_mlp": (square_mlp, 8, (64,), 60),
+    "digits_cnn": (digits_cnn, 8, (1, 8, 8), 60),
+    "digits_relu_cnn": (digits_relu_cnn, 8, (1, 8, 8), 60),
+    "cryptonets": (cryptonets, 28, (1, 28, 28), 30),
+}
+
+
 def main() -> None:
-    train("digits_square_mlp", square_mlp(), 8, (64,), epochs=60)
-    train("digits_cnn", digits_cnn(), 8, (1, 8, 8), epochs=60)
-    train("cryptonets", cryptonets(), 28, (1, 28, 28), epochs=30)
+    names = sys.argv[1:] or list(MODELS)
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; known: {list(MODELS)}")
+    for name in names:
+        body, side, shape, epochs = MODELS[name]
+        train(name, body(), side, shape, epochs)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from common.errors import Unsupported
 from common.he.plan import (
     INPUT_RANGE,
     HEPlan,
+    SERIES_DEPTHS,
     OutputStage,
     PolyStage,
     Weights,
@@ -189,7 +190,8 @@ def compile_model(
     Each approximated activation gets the smallest Chebyshev degree whose error on the
     seller's rows is within a local bound; the bound is tightened until the error on
     the model's compared output meets `error_target` (when it never does: the loosest
-    bound within 5% of the least error). `degree` fixes every degree;
+    bound within 5% of the least error). A plan that meets the target is then made
+    shallower where the target allows (`_shallower`). `degree` fixes every degree;
     `degrees` fixes them one by one (to compile a variant of a model to the same depth).
     """
     model = parse_model(model_bytes, "the model")
@@ -199,17 +201,53 @@ def compile_model(
     bounds: Sequence[float | None] = (None,) if fixed else LOCAL_TOLERANCES
     tried: list[CompiledModel] = []
     reference: FloatArray | None = None
-    for bound in bounds:
-        tracer = _Tracer(model, rows, box, degree, bound, degrees)
+
+    def attempt(bound: float | None, fixed_degrees: Sequence[int] | None) -> CompiledModel:
+        nonlocal reference
+        tracer = _Tracer(model, rows, box, degree, bound, fixed_degrees)
         plan, tail = tracer.run()
         if reference is None:
             reference = run_model(model_bytes, rows, tail.probability_output, tail.class_labels)
-        compiled = _measure(plan, tail, tracer, rows, reference)
-        if not tracer.layer_errors or compiled.approximation_error <= error_target:
-            return compiled
+        return _measure(plan, tail, tracer, rows, reference)
+
+    for bound in bounds:
+        compiled = attempt(bound, degrees)
+        if not compiled.fits or compiled.approximation_error <= error_target:
+            return compiled if fixed else _shallower(
+                compiled, error_target, lambda chosen: attempt(None, chosen))
         tried.append(compiled)
     # none meets the target: the cheapest (loosest bound) of those near the best
     return _cheapest_near_best(tried, [c.approximation_error for c in tried])
+
+
+# per multiplicative depth, the most accurate degree: the Chebyshev basis T_1..T_2^k, then
+# the top of each band of OpenFHE's series (SERIES_DEPTHS)
+DEPTH_LADDER = (2, 4, 8, 16, MAX_BASIS_DEGREE) + tuple(
+    min(top, DEGREES[-1]) for top, _levels in SERIES_DEPTHS if top > MAX_BASIS_DEGREE)
+
+
+def _shallower(compiled: CompiledModel, error_target: float,
+               recompile: Callable[[list[int]], CompiledModel]) -> CompiledModel:
+    """The same model in fewer levels where the error target allows: one local bound for
+    every activation over-serves some (a ReLU after a max pool needs less than the pool's
+    |a - b|), so each pass moves one activation a level down the ladder, the one whose
+    move costs the least error while the target holds, until none can move. A level less
+    is CKKS work and key bytes saved on every trial, and sometimes a smaller ring."""
+    best = compiled
+    while True:
+        chosen = [fit.degree for fit in best.fits]
+        moves = []
+        for i, current in enumerate(chosen):
+            lower = [step for step in DEPTH_LADDER if step < current]
+            if not lower:
+                continue
+            trial = recompile([*chosen[:i], lower[-1], *chosen[i + 1:]])
+            if (trial.approximation_error <= error_target
+                    and trial.plan.depth() < best.plan.depth()):
+                moves.append(trial)
+        if not moves:
+            return best
+        best = min(moves, key=lambda c: c.approximation_error)
 
 
 def _summary(labels: Sequence[str]) -> str:
