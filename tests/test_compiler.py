@@ -197,6 +197,26 @@ def test_max_pool_is_a_tournament_of_pairwise_maxima(
     assert compiled.approximation_error <= 0.05
 
 
+def test_a_plan_that_meets_its_target_is_made_shallower(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """One local bound gives every activation the precision of the most demanding one;
+    once the target is met, activations move down the depth ladder until no single move
+    keeps the target and saves a level."""
+    model, rows = g.max_pool_cnn({"kernel_shape": [2, 2], "strides": [2, 2]}), g.calibration(36)
+    shallow = compile_model(model, rows, error_target=0.1)
+    monkeypatch.setattr(compiler, "_shallower", lambda compiled, *args: compiled)
+    uniform = compile_model(model, rows, error_target=0.1)
+    assert shallow.plan.depth() < uniform.plan.depth()
+    assert shallow.approximation_error <= 0.1
+    chosen = [fit.degree for fit in shallow.fits]
+    for i, degree in enumerate(chosen):
+        lower = [step for step in compiler.DEPTH_LADDER if step < degree]
+        if lower:
+            trial = compile_model(model, rows, degrees=[*chosen[:i], lower[-1], *chosen[i + 1:]])
+            assert (trial.approximation_error > 0.1
+                    or trial.plan.depth() >= shallow.plan.depth())
+
+
 def test_a_max_pool_asked_for_its_indices_is_refused() -> None:
     model = g.build([helper.make_node("MaxPool", ["x"], ["y", "where"], name="pool1",
                                       kernel_shape=[2, 2])],
