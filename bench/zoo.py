@@ -101,6 +101,9 @@ class Kind:
     description: str
     build: Callable[[Path, str], Built]  # (cache directory, torch interpreter or "")
     max_error: float | None = None  # the listing's, where not catalog.py's default
+    # how the batch is encrypted: slot-per-sample, or feature-packed for models too wide
+    # for a ciphertext per unit (the trial's planner would choose it)
+    packing: str = "slot-per-sample"
 
 
 def split(dataset: str) -> Split:
@@ -147,7 +150,7 @@ def _sklearn(name: str, dataset: str, make: Callable[[], Any], expect: str,
 
 
 def _torch(name: str, dataset: str, expect: str, description: str,
-           max_error: float | None = None) -> Kind:
+           max_error: float | None = None, packing: str = "slot-per-sample") -> Kind:
     def build(cache: Path, torch_python: str) -> Built:
         import onnx
 
@@ -176,7 +179,8 @@ def _torch(name: str, dataset: str, expect: str, description: str,
         model.ir_version = min(model.ir_version, MAX_IR_VERSION)
         return Built(model.SerializeToString(), x_train, x_test, y_test)
 
-    return Kind(name, "torch", dataset, False, expect, description, build, max_error)
+    return Kind(name, "torch", dataset, False, expect, description, build, max_error,
+                packing)
 
 
 class NoTorch(Exception):
@@ -276,12 +280,13 @@ def _kinds() -> list[Kind]:
         _torch("torch-relu-mlp", "digits", MATCH, "MLP 64-32-10 ReLU (x/16 inside)"),
         _torch("torch-square-mlp", "digits", MATCH, "MLP 64-32-10 x*x (x/16 inside)"),
         _torch("torch-relu-cnn-avgpool", "digits", MATCH,
-               "8x8 conv 3x3 (4 maps) + ReLU + AvgPool 2 + dense 10"),
+               "8x8 conv 3x3 (4 maps) + ReLU + AvgPool 2 + dense 10, feature-packed",
+               packing="feature-packed"),
         # max pooling is 2 rounds of |a - b| and a ReLU: max_error 0.3 on the logits (up
         # to ~18) fits N=2^15, as examples/build.py lists digits-relu-cnn
         _torch("torch-relu-cnn-maxpool", "digits", MATCH,
-               "8x8 conv 3x3 (4 maps) + ReLU + MaxPool 2 + dense 10, max_error 0.3",
-               max_error=0.3),
+               "8x8 conv 3x3 (4 maps) + ReLU + MaxPool 2 + dense 10, max_error 0.3, "
+               "feature-packed", max_error=0.3, packing="feature-packed"),
         _torch("torch-tanh-mlp-norm", "breast_cancer", MATCH,
                "(x - mean) / std inside, MLP 30-16-2 tanh"),
         _torch("torch-residual-relu", "digits", MATCH,
@@ -315,11 +320,15 @@ class Result:
     depth: int = 0
     ring: int = 0
     compile_s: float = 0.0
-    evaluate_s: float = 0.0  # one batch (the cost is the same for 1 row or N/2)
+    evaluate_s: float = 0.0  # one batch (the cost is the same for 1 row or a full one)
     slots: int = 0
+    packing: str = ""
+    batch_rows: int = 0  # rows a full batch holds: N/2, or one packed ciphertext's
     features: int = 0
+    input_ciphertexts: int = 0  # of one batch: one per feature, or one packed
     ciphertext_bytes: int = 0
     relin_key_bytes: int = 0
+    rotation_key_bytes: int = 0  # feature-packed only
     computation_error: float = 0.0  # max |decrypted - plan| before the seller's finish
     flooding_std: float = 0.0  # circuit privacy's noise, from computation_error
     clipped_values: int = 0
@@ -328,16 +337,18 @@ class Result:
     finished: bool = False  # False: what a child had measured when it was stopped
 
     @property
-    def ms_per_row(self) -> float | None:  # at a full batch of N/2 rows
-        return 1e3 * self.evaluate_s / self.slots if self.slots and self.evaluate_s else None
+    def ms_per_row(self) -> float | None:  # at a full batch
+        return (1e3 * self.evaluate_s / self.batch_rows if self.batch_rows and self.evaluate_s
+                else None)
 
     @property
     def upload_bytes(self) -> int:  # input ciphertexts of one batch (keys aside)
-        return self.features * self.ciphertext_bytes
+        return self.input_ciphertexts * self.ciphertext_bytes
 
     @property
     def bytes_per_row(self) -> float | None:  # at a full batch
-        return self.upload_bytes / self.slots if self.slots and self.ciphertext_bytes else None
+        return (self.upload_bytes / self.batch_rows if self.batch_rows and self.ciphertext_bytes
+                else None)
 
     @property
     def as_expected(self) -> bool:
@@ -375,7 +386,7 @@ def _trade(kind: Kind, built: Built, rows: int, workers: int, result: Result,
            save: Callable[[Result], None]) -> None:
     from common.deeplock import check_lockable
     from common.he import engine
-    from common.he.packing import SLOT_PER_SAMPLE, Packing
+    from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE, Packing, pack_plan
     from common.he.params import new_key_tag
     from common.he.plan import APPROXIMATING_KINDS, model_scores
     from common.onnx_io import run_model
@@ -397,9 +408,12 @@ def _trade(kind: Kind, built: Built, rows: int, workers: int, result: Result,
     result.depth, result.ring, result.slots = (params.multiplicative_depth,
                                                params.ring_dimension, params.slots)
     result.features = plan.input_count
+    packed = pack_plan(plan) if kind.packing == FEATURE_PACKED else None
+    layout = packed.layout(params.slots) if packed else Packing(SLOT_PER_SAMPLE, params.slots)
+    result.packing, result.batch_rows = layout.kind, layout.rows_per_ciphertext
     save(result)
     tail = compiled.tail
-    test = built.rows[:min(rows, params.slots)]
+    test = built.rows[:min(rows, result.batch_rows)]
     if any(s.kind in APPROXIMATING_KINDS for s in plan.stages):  # offers declare a domain
         low, high = input_domain(spec, built.calibration)
         clipped = np.clip(test, np.array(low), np.array(high))
@@ -416,17 +430,22 @@ def _trade(kind: Kind, built: Built, rows: int, workers: int, result: Result,
     tag = new_key_tag()
     secret, public = engine.generate_keys(cc, tag)
     result.relin_key_bytes = len(engine.serialize_relin_key(tag))
-    layout = Packing(SLOT_PER_SAMPLE, params.slots)
+    if packed:
+        result.rotation_key_bytes = len(engine.generate_rotation_keys(
+            cc, secret, packed.rotation_indices(params.slots)))
     inputs = [engine.encrypt_vector(cc, public, v) for v in layout.encode(plan.encoded(test))]
+    result.input_ciphertexts = len(inputs)
     result.ciphertext_bytes = len(engine.ciphertext_bytes(inputs[0]))
     save(result)
     _stage("evaluating")
     start = time.perf_counter()
-    scores = engine.evaluate(cc, plan, inputs, lambda done, total: None, workers)
+    scores = (engine.evaluate_packed(cc, packed, inputs, lambda done, total: None, workers)
+              if packed else engine.evaluate(cc, plan, inputs, lambda done, total: None,
+                                             workers))
     result.evaluate_s = time.perf_counter() - start
     save(result)
     _stage("finishing and opening")
-    count = len(scores)
+    count = packed.scores if packed else len(scores)
     raw = layout.decode([np.array(engine.decrypt_vector(cc, secret, ct, params.slots))
                          for ct in scores], len(test), count)
     computation_error = float(np.abs(raw - plan.simulate(test)).max())
@@ -649,7 +668,8 @@ def _cells(r: Result) -> list[str]:
     return [
         r.name, r.dataset, outcome, fmt(r.agreement, ".1%") if ran else "",
         error if ran else "", str(r.depth) if r.depth else "",
-        f"2^{r.ring.bit_length() - 1}" if r.ring else "",
+        (f"2^{r.ring.bit_length() - 1}" + (" packed" if r.packing == "feature-packed" else ""))
+        if r.ring else "",
         _figure(r.compile_s) if r.compile_s else "",
         _figure(r.evaluate_s) if timed else "", _figure(r.ms_per_row) if timed else "",
         f"{r.upload_bytes / 1e6:.0f}" if r.ciphertext_bytes else "",
@@ -681,9 +701,10 @@ def summary(results: Sequence[Result]) -> str:
 
 NOTES = ("top-1: agreement with onnxruntime on the held-out rows; max err: max |HE - "
          "onnxruntime| on the compared output (a regression: relative to the targets' "
-         "spread); eval s: one batch (up to N/2 rows cost the same); ms/row and KB/row: at a "
-         "full batch of N/2 rows; input MB: the input ciphertexts of one batch (keys aside); "
-         "✗: not the outcome expected")
+         "spread); N: the ring (packed: feature-packed, rows strided in one ciphertext, "
+         "rotation keys extra); eval s: one batch (N/2 rows, or one packed ciphertext's: a "
+         "part-filled batch costs the same); ms/row and KB/row: at a full batch; input MB: "
+         "the input ciphertexts of one batch (keys aside); ✗: not the outcome expected")
 
 
 def markdown(results: Sequence[Result]) -> str:

@@ -74,6 +74,14 @@ DEGREES = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 48, 64, 96, 128,
 # up to this degree an activation adds T_1..T_D to the basis; above, one Paterson-Stockmeyer
 # series entry per unit (common.he.plan: "series"), which kinks on wide ranges need
 MAX_BASIS_DEGREE = 32
+# ... and while the stage's basis entries (units x degree) stay this few: slot-per-sample
+# holds every one as a ciphertext at once (a max pool's 128 units at degree 32 needed
+# ~45 GB at N=2^15 and aborted the self-test); a series holds one per unit
+MAX_BASIS_ENTRIES = 1024
+
+
+def _is_series(degree: int, units: int) -> bool:
+    return degree > MAX_BASIS_DEGREE or degree * units > MAX_BASIS_ENTRIES
 # per-activation error bounds tried, loosest first, until the end-to-end target holds
 LOCAL_TOLERANCES = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 PROBE_CHUNK = 1024
@@ -220,10 +228,10 @@ def compile_model(
     return _cheapest_near_best(tried, [c.approximation_error for c in tried])
 
 
-# per multiplicative depth, the most accurate degree: the Chebyshev basis T_1..T_2^k, then
-# the top of each band of OpenFHE's series (SERIES_DEPTHS)
-DEPTH_LADDER = (2, 4, 8, 16, MAX_BASIS_DEGREE) + tuple(
-    min(top, DEGREES[-1]) for top, _levels in SERIES_DEPTHS if top > MAX_BASIS_DEGREE)
+# per multiplicative depth, the most accurate degrees: a Chebyshev basis T_1..T_2^k (up to
+# MAX_BASIS_DEGREE) and the top of each band of OpenFHE's series (SERIES_DEPTHS)
+DEPTH_LADDER = tuple(sorted({2, 4, 8, 16, MAX_BASIS_DEGREE} | {
+    min(top, DEGREES[-1]) for top, _levels in SERIES_DEPTHS}))
 
 
 def _shallower(compiled: CompiledModel, error_target: float,
@@ -238,13 +246,13 @@ def _shallower(compiled: CompiledModel, error_target: float,
         chosen = [fit.degree for fit in best.fits]
         moves = []
         for i, current in enumerate(chosen):
-            lower = [step for step in DEPTH_LADDER if step < current]
-            if not lower:
-                continue
-            trial = recompile([*chosen[:i], lower[-1], *chosen[i + 1:]])
-            if (trial.approximation_error <= error_target
-                    and trial.plan.depth() < best.plan.depth()):
-                moves.append(trial)
+            # the highest step a level down (a basis and a series differ by one level)
+            for step in reversed([step for step in DEPTH_LADDER if step < current]):
+                trial = recompile([*chosen[:i], step, *chosen[i + 1:]])
+                if trial.plan.depth() < best.plan.depth():
+                    if trial.approximation_error <= error_target:
+                        moves.append(trial)
+                    break
         if not moves:
             return best
         best = min(moves, key=lambda c: c.approximation_error)
@@ -553,7 +561,7 @@ class _Tracer:
         name = f"{activation.name} at {origin!r}"
         self.layer_errors.append((name, error))
         self.fits.append(Fit(name, degree, error, worst, widening))
-        series = degree > MAX_BASIS_DEGREE
+        series = _is_series(degree, z.features)
         label = (f"{name}: Chebyshev {'series ' if series else ''}degree {degree} (max error "
                  f"{error:.1e}; guaranteed ranges {widening:.1f}x the rows')")
         stage_weights = as_weights(sparse.diags_array(norm.sign / norm.half) @ weights)
@@ -593,7 +601,8 @@ class _Tracer:
         """Chebyshev interpolants of every unit's function on its interval: the fixed degree,
         or the smallest whose error on the seller's rows is within the local bound (when
         none is, the smallest within 5% of the least error). A series (degree above
-        MAX_BASIS_DEGREE) is one polynomial for all units where `shared` gives one."""
+        MAX_BASIS_DEGREE, or a basis too big) is one polynomial for all units where `shared`
+        gives one."""
         if self.fixed_degrees is not None:
             if not self.fixed_degrees:
                 raise Unsupported("more approximated activations than fixed degrees")
@@ -603,7 +612,7 @@ class _Tracer:
         bound = self.local_bound
         tried: list[_Fitted] = []
         for degree in degrees:
-            norm = shared if shared is not None and degree > MAX_BASIS_DEGREE else own
+            norm = shared if shared is not None and _is_series(degree, pre.shape[1]) else own
             nodes = np.polynomial.chebyshev.chebpts1(degree + 1)
             samples = activation.evaluate(norm.mid + np.outer(nodes, norm.half)) / norm.scale
             if norm is shared:
