@@ -50,8 +50,8 @@ from scipy import sparse
 from common.errors import Unsupported
 from common.he.plan import (
     INPUT_RANGE,
-    HEPlan,
     SERIES_DEPTHS,
+    HEPlan,
     OutputStage,
     PolyStage,
     Weights,
