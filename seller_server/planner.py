@@ -1,5 +1,6 @@
 """CKKS parameter choice: the smallest ring meeting the security level for the plan's
-depth, then the most precise scale, then the smallest relinearization key."""
+depth with at most MAX_KEY_DIGITS key-switching digits (where one does), then the most
+precise scale, then the smallest relinearization key."""
 
 from __future__ import annotations
 
@@ -8,12 +9,18 @@ import math
 
 from common.errors import Unsupported
 from common.he import engine
-from common.he.params import CkksParams
+from common.he.params import MAX_LOG_QP, CkksParams
 
 SCALE_BITS = (40, 36, 33)
 MAX_FIRST_MOD_BITS = 60
 # bits above the scale kept in the first modulus: room for |scores| plus decryption noise
 FIRST_MOD_HEADROOM = 12
+# near a ring's limit only many key-switching digits fit its modulus, and every key grows
+# with them: at depth 20-23, N=2^15 took 21-24 digits and 253-327 MB per key, against
+# 63-69 MB at N=2^16 with 2 (a feature-packed max-pool CNN's 22 rotation keys ran out of
+# memory); capped, N=2^15 holds depth 20-21 at a 2^33 scale (11 digits), 22 goes to 2^16
+MAX_KEY_DIGITS = 12
+MAX_RING = max(MAX_LOG_QP[128])  # the largest ring the security table (and an offer) has
 
 
 def choose_params(depth: int, security_bits: int, max_abs_score: float,
@@ -23,7 +30,7 @@ def choose_params(depth: int, security_bits: int, max_abs_score: float,
     security_bits 0 (tests only) takes `insecure_ring` with no security check at all.
     """
     magnitude_bits = max(math.ceil(math.log2(max_abs_score + 1.0)), 0)
-    best: tuple[tuple[int, int, int], CkksParams] | None = None
+    best: tuple[tuple[bool, int, int, int], CkksParams] | None = None
     for scale in SCALE_BITS:
         first = scale + magnitude_bits + FIRST_MOD_HEADROOM
         if first > MAX_FIRST_MOD_BITS:
@@ -41,7 +48,9 @@ def choose_params(depth: int, security_bits: int, max_abs_score: float,
             except RuntimeError:
                 continue  # OpenFHE cannot spread the towers over this many digits
             candidate = dataclasses.replace(candidate, ring_dimension=ring)
-            rank = (ring, -scale, relin_key_bytes_estimate(candidate))
+            if ring > MAX_RING:
+                continue
+            rank = (digits > MAX_KEY_DIGITS, ring, -scale, relin_key_bytes_estimate(candidate))
             if best is None or rank < best[0]:
                 best = (rank, candidate)
     if best is None:

@@ -19,7 +19,7 @@ from common.he.template import learn_template
 from common.tabular import FloatArray
 from common.trust import check_security
 from seller_server.compiler import compile_model
-from seller_server.planner import choose_params
+from seller_server.planner import MAX_KEY_DIGITS, choose_params, relin_key_bytes_estimate
 from tests import onnx_graphs as g
 from tests.he_run import encrypted_scores
 
@@ -127,6 +127,16 @@ def test_planner_picks_the_smallest_secure_ring() -> None:
         assert engine.derive_security_bits(params) >= 128
         halved = dataclasses.replace(params, ring_dimension=ring // 2)
         assert engine.derive_security_bits(halved) == 0
+
+
+def test_a_ring_near_its_limit_is_not_taken_with_huge_keys() -> None:
+    """Depth 22 fits N=2^15 only with 23 key-switching digits (~300 MB per key, every
+    rotation key too); N=2^16 takes 2 digits and a quarter of the bytes."""
+    params = choose_params(22, 128, 10.0)
+    assert params.ring_dimension == 65536
+    assert params.num_large_digits <= MAX_KEY_DIGITS
+    assert relin_key_bytes_estimate(params) < 100e6
+    assert engine.derive_security_bits(params) >= 128
 
 
 def test_security_is_rederived_not_read_from_the_claim() -> None:
