@@ -57,6 +57,7 @@ import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
 
 from common.guarded import worker_environment  # noqa: E402
+from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE  # noqa: E402
 
 if TYPE_CHECKING:
     from seller_server.catalog import ListingSpec
@@ -103,7 +104,7 @@ class Kind:
     max_error: float | None = None  # the listing's, where not catalog.py's default
     # how the batch is encrypted: slot-per-sample, or feature-packed for models too wide
     # for a ciphertext per unit (the trial's planner would choose it)
-    packing: str = "slot-per-sample"
+    packing: str = SLOT_PER_SAMPLE
 
 
 def split(dataset: str) -> Split:
@@ -150,7 +151,7 @@ def _sklearn(name: str, dataset: str, make: Callable[[], Any], expect: str,
 
 
 def _torch(name: str, dataset: str, expect: str, description: str,
-           max_error: float | None = None, packing: str = "slot-per-sample") -> Kind:
+           max_error: float | None = None, packing: str = SLOT_PER_SAMPLE) -> Kind:
     def build(cache: Path, torch_python: str) -> Built:
         import onnx
 
@@ -281,12 +282,12 @@ def _kinds() -> list[Kind]:
         _torch("torch-square-mlp", "digits", MATCH, "MLP 64-32-10 x*x (x/16 inside)"),
         _torch("torch-relu-cnn-avgpool", "digits", MATCH,
                "8x8 conv 3x3 (4 maps) + ReLU + AvgPool 2 + dense 10, feature-packed",
-               packing="feature-packed"),
+               packing=FEATURE_PACKED),
         # max pooling is 2 rounds of |a - b| and a ReLU: max_error 0.3 on the logits (up
-        # to ~18) fits N=2^15, as examples/build.py lists digits-relu-cnn
+        # to ~18), as examples/build.py lists digits-relu-cnn (0.01 needs depth ~31)
         _torch("torch-relu-cnn-maxpool", "digits", MATCH,
                "8x8 conv 3x3 (4 maps) + ReLU + MaxPool 2 + dense 10, max_error 0.3, "
-               "feature-packed", max_error=0.3, packing="feature-packed"),
+               "feature-packed", max_error=0.3, packing=FEATURE_PACKED),
         _torch("torch-tanh-mlp-norm", "breast_cancer", MATCH,
                "(x - mean) / std inside, MLP 30-16-2 tanh"),
         _torch("torch-residual-relu", "digits", MATCH,
@@ -386,7 +387,7 @@ def _trade(kind: Kind, built: Built, rows: int, workers: int, result: Result,
            save: Callable[[Result], None]) -> None:
     from common.deeplock import check_lockable
     from common.he import engine
-    from common.he.packing import FEATURE_PACKED, SLOT_PER_SAMPLE, Packing, pack_plan
+    from common.he.packing import Packing, pack_plan
     from common.he.params import new_key_tag
     from common.he.plan import APPROXIMATING_KINDS, model_scores
     from common.onnx_io import run_model
@@ -668,7 +669,7 @@ def _cells(r: Result) -> list[str]:
     return [
         r.name, r.dataset, outcome, fmt(r.agreement, ".1%") if ran else "",
         error if ran else "", str(r.depth) if r.depth else "",
-        (f"2^{r.ring.bit_length() - 1}" + (" packed" if r.packing == "feature-packed" else ""))
+        (f"2^{r.ring.bit_length() - 1}" + (" packed" if r.packing == FEATURE_PACKED else ""))
         if r.ring else "",
         _figure(r.compile_s) if r.compile_s else "",
         _figure(r.evaluate_s) if timed else "", _figure(r.ms_per_row) if timed else "",

@@ -75,13 +75,9 @@ DEGREES = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 48, 64, 96, 128,
 # series entry per unit (common.he.plan: "series"), which kinks on wide ranges need
 MAX_BASIS_DEGREE = 32
 # ... and while the stage's basis entries (units x degree) stay this few: slot-per-sample
-# holds every one as a ciphertext at once (a max pool's 128 units at degree 32 needed
-# ~45 GB at N=2^15 and aborted the self-test); a series holds one per unit
+# holds every one as a ciphertext at once (a max pool's 128 units at degree 32: 4096
+# ciphertexts of ~11 MB at N=2^15, and the self-test aborted); a series holds one per unit
 MAX_BASIS_ENTRIES = 1024
-
-
-def _is_series(degree: int, units: int) -> bool:
-    return degree > MAX_BASIS_DEGREE or degree * units > MAX_BASIS_ENTRIES
 # per-activation error bounds tried, loosest first, until the end-to-end target holds
 LOCAL_TOLERANCES = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 PROBE_CHUNK = 1024
@@ -256,6 +252,11 @@ def _shallower(compiled: CompiledModel, error_target: float,
         if not moves:
             return best
         best = min(moves, key=lambda c: c.approximation_error)
+
+
+def _is_series(degree: int, units: int) -> bool:
+    """Whether an activation of `degree` over `units` units is a series stage."""
+    return degree > MAX_BASIS_DEGREE or degree * units > MAX_BASIS_ENTRIES
 
 
 def _summary(labels: Sequence[str]) -> str:

@@ -16,9 +16,10 @@ MAX_FIRST_MOD_BITS = 60
 # bits above the scale kept in the first modulus: room for |scores| plus decryption noise
 FIRST_MOD_HEADROOM = 12
 # near a ring's limit only many key-switching digits fit its modulus, and every key grows
-# with them: at depth 20-23, N=2^15 took 21-24 digits and 253-327 MB per key, against
-# 63-69 MB at N=2^16 with 2 (a feature-packed max-pool CNN's 22 rotation keys ran out of
-# memory); capped, N=2^15 holds depth 20-21 at a 2^33 scale (11 digits), 22 goes to 2^16
+# with them: at depth 20-23, N=2^15 took 21-24 digits and 253-327 MB per key (by
+# relin_key_bytes_estimate), against 63-69 MB at N=2^16 with 2 (a feature-packed max-pool
+# CNN's 22 rotation keys ran out of memory); capped, N=2^15 holds depth 20-21 at a 2^33
+# scale (11 digits), 22 goes to 2^16
 MAX_KEY_DIGITS = 12
 MAX_RING = max(MAX_LOG_QP[128])  # the largest ring the security table (and an offer) has
 
